@@ -1,0 +1,215 @@
+"""The patch engine: applies LoRA deltas to a host's weights in place, exactly and transactionally.
+
+Two users share the arithmetic in `patch_weight`:
+  * `PatchEngine` patches a plain mapping of live tensors (a diffusers UNet, a transformers CLIP, any
+    nn.Module's state dict): it keeps one backup per patched tensor, recomputes from that backup on every
+    change (so there is no drift, ever), and restores bit-exactly.
+  * ComfyUI's ModelPatcher, which keeps its own backups and calls our weight adapter with an fp32 copy of
+    the weight (nodes/_patches.py): there only `patch_weight` runs.
+
+Semantics (docs/ARCHITECTURE.md): for patches [(m1, s1), (m2, s2), ...] on W, in order,
+W_i = W_{i-1} + s_i * D_i(W_{i-1}), computed in fp32 on W's device and cast back once. Consecutive
+low-rank patches are fused into one matmul over their concatenated ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from . import adapters
+from .errors import LoraCoreError, LoraValueError
+from .types import ModuleLora
+
+
+@dataclass(frozen=True)
+class WeightPatch:
+    """One adapter aimed at one host tensor. `strength` already includes any block factor."""
+
+    module: ModuleLora
+    strength: float
+    target: str = "weight"  # "weight": the module's weight; "bias": its diff_b / b_norm
+
+
+def check_strength(value: float, what: str) -> float:
+    """Strengths must be finite numbers; NaN or inf would poison every patched weight."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise LoraValueError(f"{what} must be a number, got {value!r}.") from None
+    if not math.isfinite(value):
+        raise LoraValueError(f"{what} is {value}; use a finite number such as 1.0 (0 disables the LoRA).")
+    return value
+
+
+def _flat_view(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _fuse_lowrank(weight: torch.Tensor, run: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """Add sum_i s_i * up_i @ down_i to `weight` (fp32, in place) with a single matmul over all ranks."""
+    if len(run) == 1:
+        up, down, strength = run[0]
+        _flat_view(weight).addmm_(up, down, alpha=strength)
+        return
+    ups = torch.cat([up * strength for up, _, strength in run], dim=1)
+    downs = torch.cat([down for _, down, _ in run], dim=0)
+    _flat_view(weight).addmm_(ups, downs)
+
+
+def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str = "") -> torch.Tensor:
+    """Apply `patches` to `weight` in place and return it.
+
+    `weight` must be a floating tensor the caller allows us to overwrite, normally an fp32 working copy on
+    the weight's device. Patches with strength 0 are skipped (a factor of 0 skips the key).
+    """
+    lowrank_run: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def flush() -> None:
+        if lowrank_run:
+            _fuse_lowrank(weight, lowrank_run)
+            lowrank_run.clear()
+
+    for patch in patches:
+        if patch.strength == 0.0:
+            continue
+        if patch.target == "bias":
+            flush()
+            delta = adapters.bias_delta(patch.module, weight)
+            if delta is not None:
+                weight.add_(delta.to(weight.device, weight.dtype), alpha=patch.strength)
+            continue
+        factors = adapters.lowrank_factors(patch.module, weight.shape)
+        if factors is not None:
+            up, down = factors
+            lowrank_run.append((up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype),
+                                patch.strength))
+            continue
+        flush()
+        delta = adapters.delta(patch.module, weight)
+        weight.add_(delta.to(weight.dtype), alpha=patch.strength)
+    flush()
+    return weight
+
+
+def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPatch]) -> None:
+    """Cheap checks (shapes, strengths) run for every key before any weight is touched."""
+    for patch in patches:
+        check_strength(patch.strength, f"strength for {patch.module.name}")
+        if patch.target == "weight":
+            adapters.validate(patch.module, tensor.shape, key)
+        elif patch.module.bias_diff is not None and patch.module.bias_diff.numel() != tensor.numel():
+            from .errors import LoraMatchError
+
+            raise LoraMatchError(
+                f"{patch.module.name}: bias delta has {patch.module.bias_diff.numel()} values but {key} has "
+                f"{tensor.numel()}; the LoRA was made for a different model.")
+
+
+def _signature(patches: Sequence[WeightPatch]) -> tuple:
+    return tuple((id(p.module), p.strength, p.target) for p in patches)
+
+
+class PatchEngine:
+    """Patches a mapping of live tensors (name -> Parameter/Tensor) in place.
+
+    * one backup per patched tensor, taken on first patch (on `backup_device`, default the tensor's own;
+      pinned CPU memory when `backup_device="cpu"` and the tensor is on a GPU);
+    * `apply(plan)` makes the tensors equal to backup + plan: keys whose patch list is unchanged are not
+      touched, changed keys are recomputed from their backup (no drift), keys no longer in the plan are
+      restored;
+    * all-or-nothing: every key is validated before any write, and a failure part-way restores each key
+      touched in that call to its previous state;
+    * `restore()` copies every backup back (bit-exact) and frees them.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], backup_device: Optional[str | torch.device] = None):
+        self.tensors = dict(tensors)
+        self.backup_device = torch.device(backup_device) if backup_device is not None else None
+        self._backups: dict[str, torch.Tensor] = {}
+        self._applied: dict[str, tuple[Sequence[WeightPatch], tuple]] = {}
+
+    @classmethod
+    def for_module(cls, module: torch.nn.Module, **kwargs) -> "PatchEngine":
+        return cls(dict(module.state_dict(keep_vars=True)), **kwargs)
+
+    @property
+    def patched_keys(self) -> set[str]:
+        return set(self._applied)
+
+    def backup_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise LoraCoreError(f"patch plan names {key!r}, which is not a tensor of this model.") from None
+
+    def _backup(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        saved = self._backups.get(key)
+        if saved is None:
+            device = self.backup_device or tensor.device
+            saved = torch.empty(tensor.shape, dtype=tensor.dtype, device=device,
+                                pin_memory=(device.type == "cpu" and tensor.device.type == "cuda"))
+            saved.copy_(tensor.detach())
+            self._backups[key] = saved
+        return saved
+
+    def _write(self, key: str, patches: Sequence[WeightPatch]) -> None:
+        tensor = self._tensor(key)
+        original = self._backup(key, tensor)
+        work = original.to(tensor.device, torch.float32, copy=True)
+        patch_weight(work, patches, key)
+        with torch.no_grad():
+            tensor.copy_(work)
+
+    def _restore_key(self, key: str) -> None:
+        with torch.no_grad():
+            self.tensors[key].copy_(self._backups[key])
+
+    def apply(self, plan: Mapping[str, Sequence[WeightPatch]]) -> dict[str, int]:
+        """Make the model equal to its original weights plus `plan`. Returns counts of what was done."""
+        plan = {key: list(patches) for key, patches in plan.items() if patches}
+        for key, patches in plan.items():
+            validate_patches(key, self._tensor(key), patches)
+
+        to_write = [k for k, p in plan.items() if k not in self._applied or self._applied[k][1] != _signature(p)]
+        to_restore = [k for k in self._applied if k not in plan]
+        previous = dict(self._applied)
+        done: list[str] = []
+        try:
+            for key in to_write:
+                self._write(key, plan[key])
+                done.append(key)
+            for key in to_restore:
+                self._restore_key(key)
+                done.append(key)
+        except BaseException:
+            self._rollback(done, previous)
+            raise
+        for key in to_write:
+            self._applied[key] = (plan[key], _signature(plan[key]))
+        for key in to_restore:
+            del self._applied[key]
+            del self._backups[key]
+        return {"written": len(to_write), "restored": len(to_restore), "unchanged": len(plan) - len(to_write)}
+
+    def _rollback(self, keys: Iterable[str], previous: Mapping[str, tuple]) -> None:
+        for key in keys:
+            if key in previous:
+                self._write(key, previous[key][0])
+            else:
+                self._restore_key(key)
+        for key in list(self._backups):
+            if key not in previous:
+                del self._backups[key]
+
+    def restore(self) -> None:
+        """Put every patched tensor back exactly as it was and drop the backups."""
+        for key in list(self._applied):
+            self._restore_key(key)
+        self._applied.clear()
+        self._backups.clear()
