@@ -1,0 +1,137 @@
+"""What every LoRA Core node needs from ComfyUI: LoRA names, the key map of a MODEL/CLIP pair, applying a plan.
+
+Kept in one private module so each node family file stays a thin adapter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Optional, Sequence
+
+import folder_paths
+
+from lora_core import api
+from lora_core.arch import bind_comfy_clip, bind_comfy_model, build_key_map
+from lora_core.errors import LoraFileError
+from lora_core.io import default_cache
+
+from ._patches import to_comfy_patches
+
+log = logging.getLogger("lora_core")
+
+NONE_NAMES = {"", "none", "None"}
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def resolve_lora_path(name: str) -> str:
+    """Accept every name form LORA_STACK producers use: the folder-relative name with either separator, an
+    absolute path, a basename, or a name without extension. Exact matches win; an ambiguous basename fails."""
+    if os.path.isabs(name):
+        if os.path.isfile(name):
+            return name
+        raise LoraFileError(f"LoRA file {name} does not exist. Check the path or put the file in models/loras.")
+    wanted = name.replace("\\", "/")
+    names = lora_names()
+    by_norm = {n.replace("\\", "/"): n for n in names}
+    if wanted in by_norm:
+        return folder_paths.get_full_path_or_raise("loras", by_norm[wanted])
+    stem = lambda n: os.path.splitext(n)[0] if n.lower().endswith(LORA_EXTENSIONS) else n  # noqa: E731
+    candidates = [n for norm, n in by_norm.items()
+                  if stem(norm) == stem(wanted) or os.path.basename(norm) == os.path.basename(wanted)
+                  or stem(os.path.basename(norm)) == stem(os.path.basename(wanted))]
+    if len(candidates) == 1:
+        return folder_paths.get_full_path_or_raise("loras", candidates[0])
+    if len(candidates) > 1:
+        raise LoraFileError(f"LoRA name {name!r} is ambiguous: it matches {sorted(candidates)}. "
+                            f"Use the path relative to models/loras.")
+    raise LoraFileError(f"LoRA {name!r} is not in models/loras ({len(names)} files found there). "
+                        f"Copy the file into models/loras or fix the name.")
+
+
+def load_lora(name: str):
+    """Read (or fetch from the shared RAM cache) the LoRA file behind a node's name."""
+    return default_cache.get(resolve_lora_path(name))
+
+
+class HostModels:
+    """The MODEL and CLIP a node was given, with the key map and tensor shapes lora_core needs."""
+
+    _key_maps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model, clip=None):
+        self.model = model
+        self.clip = clip
+        self.model_shapes = _shapes(model.model) if model is not None else {}
+        self.clip_shapes = _shapes(clip.cond_stage_model) if clip is not None else {}
+        self.key_map = self._key_map()
+
+    def _key_map(self):
+        """Build (once per model/CLIP pair) the map from every LoRA naming style to this host's tensors."""
+        owner = self.model.model if self.model is not None else self.clip.cond_stage_model
+        clip_id = id(self.clip.cond_stage_model) if self.clip is not None else None
+        cached = self._key_maps.get(owner)
+        if cached is not None and cached[0] == clip_id:
+            return cached[1]
+        bindings = []
+        if self.model is not None:
+            unet_config = getattr(getattr(self.model.model, "model_config", None), "unet_config", None)
+            bindings.append(bind_comfy_model(self.model_shapes, unet_config))
+        if self.clip is not None:
+            bindings.append(bind_comfy_clip(self.clip_shapes))
+        key_map = build_key_map(*bindings)
+        self._key_maps[owner] = (clip_id, key_map)
+        return key_map
+
+    @property
+    def shapes(self) -> dict:
+        return {**self.model_shapes, **self.clip_shapes}
+
+    def components(self, include_clip: bool = True) -> tuple[str, ...]:
+        present = set(self.key_map.components)
+        if self.model is None:
+            present.discard("unet")
+        if self.clip is None or not include_clip:
+            present -= {"te1", "te2"}
+        return tuple(sorted(present))
+
+    def plan(self, requests: Sequence[api.LoraRequest]) -> api.Plan:
+        return api.plan_stack(requests, self.key_map, self.shapes, self.components())
+
+    def apply(self, plan: api.Plan):
+        """Clones of MODEL and CLIP carrying the plan as ComfyUI patches (one patch per tensor)."""
+        model, clip = self.model, self.clip
+        model_plan = {k: v for k, v in plan.patches.items() if k in self.model_shapes}
+        clip_plan = {k: v for k, v in plan.patches.items() if k in self.clip_shapes}
+        loaded_keys: set = set()
+        if model is not None and model_plan:
+            model = model.clone()
+            added = model.add_patches(to_comfy_patches(model_plan, loaded_keys), 1.0)
+            _check_added(added, model_plan, "MODEL")
+        if clip is not None and clip_plan:
+            clip = clip.clone()
+            added = clip.add_patches(to_comfy_patches(clip_plan, loaded_keys), 1.0)
+            _check_added(added, clip_plan, "CLIP")
+        return model, clip
+
+
+def _shapes(module) -> dict:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def _check_added(added, plan, what: str) -> None:
+    missing = set(plan) - set(added)
+    if missing:
+        # ModelPatcher skips keys silently; we do not.
+        raise RuntimeError(f"LoRA Core: ComfyUI refused patches for {len(missing)} {what} tensors, e.g. "
+                           f"{sorted(missing)[:3]}")
+
+
+def log_report(plan: api.Plan) -> str:
+    text = plan.text()
+    log.info("LoRA Core\n%s", text)
+    return text
