@@ -15,7 +15,7 @@ import torch
 
 from . import adapters
 from .engine import WeightPatch, check_strength
-from .errors import LoraMatchError
+from .errors import LoraMatchError, LoraValueError
 from .formats import ParsedLora, parse_modules
 from .io import lora_metadata_summary
 from .types import LoraFile, ModuleLora
@@ -219,3 +219,53 @@ def plan_stack(requests: Sequence[LoraRequest], key_map, shapes: Mapping[str, to
             merged.setdefault(key, []).extend(items)
         reports.append(report)
     return Plan(merged, reports)
+
+
+class LoraPatcher:
+    """LoRA on a plain PyTorch / diffusers model, without ComfyUI.
+
+        patcher = LoraPatcher(unet=pipe.unet, text_encoder=pipe.text_encoder)
+        report = patcher.apply([LoraRequest(read_lora_file("style.safetensors"), 0.8, 0.8)])
+        ...                       # sample
+        patcher.restore()         # bit-exact
+
+    `apply` replaces whatever was applied before (only changed tensors are recomputed, from one backup);
+    it validates everything first and patches all-or-nothing.
+    """
+
+    PREFIXES = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+
+    def __init__(self, unet: Optional[torch.nn.Module] = None, text_encoder: Optional[torch.nn.Module] = None,
+                 text_encoder_2: Optional[torch.nn.Module] = None, backup_device=None):
+        from .arch import bind_diffusers_unet, bind_transformers_clip, build_key_map
+        from .engine import PatchEngine
+
+        tensors: dict[str, torch.Tensor] = {}
+        bindings = []
+        for component, module in (("unet", unet), ("te1", text_encoder), ("te2", text_encoder_2)):
+            if module is None:
+                continue
+            prefix = self.PREFIXES[component]
+            state = module.state_dict(keep_vars=True)
+            tensors.update({prefix + k: v for k, v in state.items()})
+            shapes = {k: v.shape for k, v in state.items()}
+            if component == "unet":
+                bindings.append(bind_diffusers_unet(shapes, key_prefix=prefix))
+            else:
+                bindings.append(bind_transformers_clip(shapes, component, key_prefix=prefix))
+        if not bindings:
+            raise LoraValueError("LoraPatcher needs at least one of unet, text_encoder, text_encoder_2.")
+        self.key_map = build_key_map(*bindings)
+        self.shapes = {k: v.shape for k, v in tensors.items()}
+        self.engine = PatchEngine(tensors, backup_device=backup_device)
+
+    def plan(self, requests: Sequence[LoraRequest]) -> Plan:
+        return plan_stack(requests, self.key_map, self.shapes, self.key_map.components)
+
+    def apply(self, requests: Sequence[LoraRequest]) -> Plan:
+        plan = self.plan(requests)
+        self.engine.apply(plan.patches)
+        return plan
+
+    def restore(self) -> None:
+        self.engine.restore()

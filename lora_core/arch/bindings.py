@@ -134,8 +134,11 @@ def bind_comfy_model(host_params: HostParams, unet_config: Optional[dict] = None
     return binding
 
 
-def bind_diffusers_unet(host_params: HostParams, arch: Optional[ArchSpec] = None) -> HostBinding:
-    """Bind a diffusers `UNet2DConditionModel` state dict (`down_blocks.0.resnets.0.conv1.weight`)."""
+def bind_diffusers_unet(host_params: HostParams, arch: Optional[ArchSpec] = None,
+                        key_prefix: str = "") -> HostBinding:
+    """Bind a diffusers `UNet2DConditionModel` state dict (`down_blocks.0.resnets.0.conv1.weight`).
+
+    `key_prefix` namespaces the host keys (e.g. "unet.") when several modules share one tensor mapping."""
     keys, shapes = _keys_and_shapes(host_params)
     spec = spec_from_diffusers_keys(keys, shapes)
     if spec is None:
@@ -144,10 +147,11 @@ def bind_diffusers_unet(host_params: HostParams, arch: Optional[ArchSpec] = None
     binding = HostBinding("diffusers_unet", arch or detect_arch(host_params), spec)
 
     def host_of(m):
-        return next((d for d in m.diffusers if d + ".weight" in keyset), None)
+        found = next((d for d in m.diffusers if d + ".weight" in keyset), None)
+        return key_prefix + found if found is not None else None
 
     _bind_unet(binding, spec, host_of)
-    _note_unbound(binding, [k for k in keys if k.endswith(".weight")])
+    _note_unbound(binding, [key_prefix + k for k in keys if k.endswith(".weight")])
     return binding
 
 
@@ -203,8 +207,10 @@ def guess_te_family(host_params: HostParams) -> Optional[TextEncoderSpec]:
 
 
 def bind_transformers_clip(host_params: HostParams, component: str = "te1",
-                           family: Optional[TextEncoderSpec] = None) -> HostBinding:
+                           family: Optional[TextEncoderSpec] = None, key_prefix: str = "") -> HostBinding:
     """Bind a transformers `CLIPTextModel` / `CLIPTextModelWithProjection` state dict as `component`.
+
+    `key_prefix` namespaces the host keys (e.g. "text_encoder_2.") so two encoders can share one mapping.
 
     `family` (CLIP_L / OPENCLIP_H / OPENCLIP_G) names the encoder for ComfyUI-style aliases
     (`text_encoders.clip_l.transformer.…`); it is guessed from shapes / layer count when omitted.
@@ -220,15 +226,15 @@ def bind_transformers_clip(host_params: HostParams, component: str = "te1",
             continue
         path = canonical_te_path(k[:-len(".weight")])
         if path.startswith("text_model.") or path == "text_projection":
-            _add_te_target(binding, component, path, k)
-            bound.add(k)
+            _add_te_target(binding, component, path, key_prefix + k)
+            bound.add(key_prefix + k)
     if not bound:
         raise LoraMatchError("transformers CLIP state dict has no `text_model.*.weight` key: not a CLIPTextModel")
     family = family or guess_te_family(host_params)
     if family is not None:
         binding.te_specs[component] = family
     _count_te_layers(binding)
-    _note_unbound(binding, [k for k in keys if k.endswith(".weight") and k not in bound])
+    _note_unbound(binding, [key_prefix + k for k in keys if k.endswith(".weight") and key_prefix + k not in bound])
     return binding
 
 

@@ -1,0 +1,49 @@
+"""Load this repository as a ComfyUI custom-node pack, the way ComfyUI does, from inside a test.
+
+`import nodes` in a ComfyUI process means ComfyUI's own nodes.py, so the pack is imported by path under a
+package name of its own; its node modules are then `lora_core_pack.nodes.<family>`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from tests.comfy_host import REPO, import_comfy
+
+PACK_NAME = "lora_core_pack"
+
+
+def load_pack():
+    """Import the pack (after the real ComfyUI) and return its top-level module."""
+    import_comfy()
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+def node_module(family: str):
+    """A node family module of the pack, e.g. node_module("loader")."""
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.nodes.{family}")
+
+
+@contextlib.contextmanager
+def loras_folder(path: Path):
+    """Point ComfyUI's `loras` folder at `path` for the duration of a test."""
+    import folder_paths
+
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(path)], saved[1])
+    folder_paths.filename_list_cache.clear()
+    try:
+        yield Path(path)
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = saved
+        folder_paths.filename_list_cache.clear()
