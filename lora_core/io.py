@@ -1,0 +1,649 @@
+"""Reading, validating, caching and saving LoRA files; the metadata summary users see.
+
+Safety first: `.safetensors` files are opened with safetensors (memory-mapped, no code), `.pt/.ckpt/.bin/.pth`
+files only through `torch.load(weights_only=True)`, which refuses to run pickled code. Every failure is a
+`LoraFileError` that names the file, says what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from .errors import LoraFileError, LoraValueError
+from .types import LoraFile
+
+log = logging.getLogger("lora_core")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".pt", ".ckpt", ".bin", ".pth")
+LORA_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
+
+# Key fragments that only adapter files carry (kohya, diffusers/PEFT, LyCORIS, ComfyUI). A file with none of
+# them is not a LoRA. Kept here (not imported from formats.py) because io sits below formats in the layering.
+_ADAPTER_MARKERS = ("lora", "hada_", "lokr_", "oft_blocks", "oft_diag", "lycoris_")
+_ADAPTER_SUFFIXES = (
+    ".alpha", ".dora_scale", ".diff", ".diff_b", ".w_norm", ".b_norm", ".set_weight", ".on_input",
+    ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".rescale", ".lambda_layer", ".reshape_weight",
+)
+# Prefixes of full-checkpoint state dicts (LDM/SGM single files and their parts).
+_CHECKPOINT_PREFIXES = (
+    "model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.",
+    "diffusion_model.", "model_ema.", "text_encoders.", "vae.",
+)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_lora_file(path: PathLike) -> LoraFile:
+    """Read and validate a LoRA file. Raises LoraFileError naming the path, the cause and the fix."""
+    path_str = os.fspath(path)
+    _check_is_readable_file(path_str)
+    extension = os.path.splitext(path_str)[1].lower()
+    if extension in SAFETENSORS_EXTENSIONS:
+        tensors, metadata = _read_safetensors(path_str)
+    elif extension in PICKLE_EXTENSIONS:
+        tensors, metadata = _read_pickle(path_str)
+    else:
+        raise LoraFileError(
+            f"{path_str}: unknown LoRA file extension {extension or '(none)'!r}. LoRA files end in "
+            f"{', '.join(LORA_EXTENSIONS)}; rename the file if it is one, or pick a LoRA file.")
+    _validate_tensors(path_str, tensors)
+    return LoraFile(path=path_str, tensors=tensors, metadata=metadata)
+
+
+def _check_is_readable_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise LoraFileError(f"{path}: LoRA file does not exist. Check the path, or put the file in models/loras.")
+    if os.path.isdir(path):
+        raise LoraFileError(f"{path}: this is a directory, not a LoRA file. Pick a .safetensors file inside it.")
+    if os.path.getsize(path) == 0:
+        raise LoraFileError(f"{path}: the file is empty (0 bytes), probably a failed download or copy. "
+                            f"Download or copy it again.")
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # safe_open memory-maps the file; get_tensor builds each tensor from the mapped bytes.
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise LoraFileError(_explain_safetensors_error(path, error)) from error
+    except (OSError, ValueError, RuntimeError) as error:
+        raise LoraFileError(f"{path}: could not read the safetensors file ({error}). The file is damaged; "
+                            f"download or copy it again.") from error
+    return tensors, metadata
+
+
+def _explain_safetensors_error(path: str, error: Exception) -> str:
+    text = str(error)
+    size = os.path.getsize(path)
+    if "incomplete" in text.lower() or "not fully covered" in text.lower() or "too small" in text.lower() \
+            or "out of bounds" in text.lower():
+        cause = f"the file is truncated or incomplete ({size} bytes; {text})"
+    elif "header" in text.lower() or "deserializ" in text.lower() or "utf" in text.lower():
+        cause = f"the safetensors header is corrupt, so this is not a valid .safetensors file ({text})"
+    else:
+        cause = f"safetensors could not read it ({text})"
+    return f"{path}: {cause}. Download or copy the file again (an interrupted download is the usual cause)."
+
+
+def _read_pickle(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch wraps every failure in "Weights only load failed"; a refused GLOBAL/REDUCE means the file
+        # asked to import or call Python code, anything else is damage.
+        detail = _weights_only_detail(str(error))
+        if any(word in detail.lower() for word in ("global", "reduce", "unsupported class", "build")):
+            raise LoraFileError(
+                f"{path}: refused to load: the file contains pickled code or Python objects, not just tensors, "
+                f"and running it could harm this computer. Get a .safetensors version of this LoRA, or "
+                f"convert it on a machine you trust. Detail: {detail}") from error
+        raise LoraFileError(f"{path}: the file is corrupt or not a PyTorch file ({detail}). Download it again "
+                            f"or pick another file.") from error
+    except Exception as error:  # noqa: BLE001 - torch's unpickler raises anything on garbage bytes
+        raise LoraFileError(f"{path}: the file is truncated or corrupt and torch could not read it "
+                            f"({type(error).__name__}: {error}). Download or copy it again.") from error
+    return _unwrap_state_dict(path, loaded)
+
+
+def _weights_only_detail(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Unsupported", "Trying to", "Can only", "Unsupported global")):
+            return line
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            return rest or (lines[index + 1] if index + 1 < len(lines) else line)
+    return lines[-1] if lines else text
+
+
+def _unwrap_state_dict(path: str, loaded: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Accept a flat {key: tensor} dict or a training checkpoint holding one under `state_dict`."""
+    if not isinstance(loaded, Mapping):
+        raise LoraFileError(f"{path}: the file holds a {type(loaded).__name__}, not a dict of tensors, so it "
+                            f"is not a LoRA. Pick a LoRA file.")
+    metadata: dict[str, str] = {}
+    if isinstance(loaded.get("state_dict"), Mapping):
+        # Siblings such as epoch / global_step are training bookkeeping: keep simple ones as metadata.
+        for key, value in loaded.items():
+            if key != "state_dict" and isinstance(value, (str, int, float, bool)):
+                metadata[str(key)] = str(value)
+        loaded = loaded["state_dict"]
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise LoraFileError(
+                f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor, so this is not a LoRA "
+                f"state dict (it may be an embedding or a training state). Pick a LoRA file.")
+        tensors[str(key)] = value
+    return tensors, metadata
+
+
+def _validate_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    if not tensors:
+        raise LoraFileError(f"{path}: the file holds no tensors, so there is nothing to apply. "
+                            f"The file is empty or was saved wrongly; pick another LoRA file.")
+    _refuse_checkpoint(path, tensors.keys())
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if not _all_finite(tensor):
+            raise LoraFileError(
+                f"{path}: tensor {key!r} contains NaN or infinite values (first bad key), so the LoRA would "
+                f"destroy the image. The training diverged or the file is damaged; use another epoch or file.")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (RuntimeError, TypeError):  # dtypes without isfinite kernels (e.g. float8)
+        return bool(torch.isfinite(tensor.to(torch.float32)).all())
+
+
+def looks_like_checkpoint(keys) -> bool:
+    """True for full model checkpoints: no adapter key at all, and checkpoint prefixes or plain weights."""
+    keys = list(keys)
+    if not keys or any(_is_adapter_key(key) for key in keys):
+        return False
+    if any(key.startswith(_CHECKPOINT_PREFIXES) for key in keys):
+        return True
+    plain = sum(key.endswith((".weight", ".bias", "running_mean", "running_var")) for key in keys)
+    return plain == len(keys)
+
+
+def _is_adapter_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(marker in lowered for marker in _ADAPTER_MARKERS) or lowered.endswith(_ADAPTER_SUFFIXES)
+
+
+def _refuse_checkpoint(path: str, keys) -> None:
+    if looks_like_checkpoint(keys):
+        example = next(iter(keys))
+        raise LoraFileError(
+            f"{path}: this looks like a full checkpoint (model weights such as {example!r}), not a LoRA; it has "
+            f"no LoRA keys (lora_up/lora_down, lora_A/lora_B, hada_, lokr_, ...). Load it with a checkpoint "
+            f"loader (Load Checkpoint / Load Diffusion Model), not a LoRA loader.")
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def save_lora_file(path: PathLike, tensors: Mapping[str, torch.Tensor],
+                   metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> str:
+    """Atomically write a .safetensors LoRA file; returns its absolute path.
+
+    The data goes to a temporary file in the same folder, is fsync'ed and then renamed over the target, so
+    the target is either the old file or the complete new one. Without `overwrite` an existing file is never
+    replaced. Metadata values are stored as strings: numbers/bools are converted with str(), dicts/lists with
+    JSON; anything else is refused.
+    """
+    path_str = os.path.abspath(os.fspath(path))
+    if os.path.splitext(path_str)[1].lower() != ".safetensors":
+        raise LoraFileError(f"{path_str}: LoRA files are saved as .safetensors only (safe to share, fast to "
+                            f"load). Use a file name ending in .safetensors.")
+    folder = os.path.dirname(path_str)
+    if not os.path.isdir(folder):
+        raise LoraFileError(f"{path_str}: the folder {folder} does not exist. Create it or pick another folder.")
+    if os.path.isdir(path_str):
+        raise LoraFileError(f"{path_str}: a directory with this name exists. Pick another file name.")
+    if os.path.exists(path_str) and not overwrite:
+        raise LoraFileError(f"{path_str}: file already exists and overwrite is off. Pick another name or allow "
+                            f"overwriting.")
+    prepared = _prepare_tensors(path_str, tensors)
+    string_metadata = _stringify_metadata(path_str, metadata)
+    _write_atomically(path_str, prepared, string_metadata, overwrite)
+    return path_str
+
+
+def _prepare_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not tensors:
+        raise LoraValueError(f"{path}: nothing to save: the tensor dict is empty.")
+    prepared: dict[str, torch.Tensor] = {}
+    seen_storage: set = set()
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise LoraValueError(f"{path}: tensor key {key!r} is a {type(key).__name__}; keys must be strings.")
+        if not isinstance(value, torch.Tensor):
+            raise LoraValueError(f"{path}: value of {key!r} is a {type(value).__name__}, not a torch.Tensor. "
+                                 f"Only tensors can be saved in a LoRA file.")
+        tensor = value.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (views of one buffer): give each its own copy.
+        storage = (tensor.untyped_storage().data_ptr(), tensor.dtype)
+        if tensor.numel() and storage in seen_storage:
+            tensor = tensor.clone()
+        elif tensor.numel():
+            seen_storage.add(storage)
+        prepared[key] = tensor
+    return prepared
+
+
+def _stringify_metadata(path: str, metadata: Optional[Mapping[str, Any]]) -> Optional[dict[str, str]]:
+    if not metadata:
+        return None
+    result: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise LoraValueError(f"{path}: metadata key {key!r} is not a string.")
+        if isinstance(value, str):
+            result[key] = value
+        elif value is None or isinstance(value, (bool, int, float)):
+            result[key] = str(value)  # kohya's convention: None -> "None", True -> "True"
+        elif isinstance(value, (dict, list, tuple)):
+            try:
+                result[key] = json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise LoraValueError(f"{path}: metadata {key!r} cannot be stored as JSON ({error}). "
+                                     f"Pass a string.") from error
+        else:
+            raise LoraValueError(f"{path}: metadata {key!r} is a {type(value).__name__}; metadata values must be "
+                                 f"strings (or numbers, bools, lists, dicts that convert to one).")
+    return result
+
+
+def _write_atomically(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]],
+                      overwrite: bool) -> None:
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(path)
+    handle, temp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        save_file(tensors, temp_path, metadata=metadata)
+        with open(temp_path, "rb+") as written:
+            os.fsync(written.fileno())
+        if overwrite:
+            os.replace(temp_path, path)
+        else:
+            _link_without_clobbering(temp_path, path)
+        _fsync_folder(folder)
+    except LoraFileError:
+        raise
+    except Exception as error:
+        raise LoraFileError(f"{path}: saving failed ({type(error).__name__}: {error}); nothing was written. "
+                            f"Check free disk space and folder permissions.") from error
+    finally:
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
+
+
+def _link_without_clobbering(temp_path: str, path: str) -> None:
+    """Put the file in place only if no file appeared meanwhile (os.link fails on an existing target)."""
+    try:
+        os.link(temp_path, path)
+    except FileExistsError as error:
+        raise LoraFileError(f"{path}: file already exists and overwrite is off. Pick another name or allow "
+                            f"overwriting.") from error
+    except OSError:
+        # File systems without hard links (some network/FAT mounts): check, then rename.
+        if os.path.exists(path):
+            raise LoraFileError(f"{path}: file already exists and overwrite is off. Pick another name or allow "
+                                f"overwriting.")
+        os.replace(temp_path, path)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable; not possible on every OS, so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def lora_file_bytes(lora: LoraFile) -> int:
+    return sum(t.numel() * t.element_size() for t in lora.tensors.values())
+
+
+class LoraFileCache:
+    """A thread-safe LRU of read LoRA files, bounded by total tensor bytes.
+
+    Entries are keyed by (realpath, size, mtime_ns), so a file changed on disk is read again and its old
+    entry dropped. A file larger than the whole budget is returned but not kept. Callers share the cached
+    LoraFile: they must not modify its tensors in place.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise LoraValueError(f"LoraFileCache: max_bytes must be >= 0, got {max_bytes}.")
+        self.max_bytes = int(max_bytes)
+        self._entries: "OrderedDict[tuple, tuple[LoraFile, int]]" = OrderedDict()
+        self._key_by_path: dict[str, tuple] = {}
+        self._lock = threading.RLock()
+        self.total_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, path: PathLike) -> LoraFile:
+        path_str = os.fspath(path)
+        key = self._key(path_str)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[0]
+            self.misses += 1
+        lora = read_lora_file(path_str)  # outside the lock: other files stay servable meanwhile
+        self._insert(key, lora)
+        return lora
+
+    def _key(self, path: str) -> tuple:
+        _check_is_readable_file(path)
+        stat = os.stat(path)
+        return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+    def _insert(self, key: tuple, lora: LoraFile) -> None:
+        size = lora_file_bytes(lora)
+        with self._lock:
+            stale = self._key_by_path.get(key[0])
+            if stale is not None and stale != key:
+                self._drop(stale)
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = (lora, size)
+            self._key_by_path[key[0]] = key
+            self.total_bytes += size
+            while self.total_bytes > self.max_bytes and self._entries:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.total_bytes -= entry[1]
+            if self._key_by_path.get(key[0]) == key:
+                del self._key_by_path[key[0]]
+
+    def __contains__(self, path: PathLike) -> bool:
+        try:
+            key = self._key(os.fspath(path))
+        except LoraFileError:
+            return False
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._key_by_path.clear()
+            self.total_bytes = 0
+
+
+def _cache_budget_bytes() -> int:
+    raw = os.environ.get("LORA_CORE_CACHE_MB", "2048")
+    try:
+        megabytes = float(raw)
+        if megabytes < 0 or not math.isfinite(megabytes):
+            raise ValueError
+    except ValueError:
+        log.warning("LoRA Core: LORA_CORE_CACHE_MB=%r is not a number of megabytes >= 0; using 2048.", raw)
+        megabytes = 2048.0
+    return int(megabytes * 1024 * 1024)
+
+
+default_cache = LoraFileCache(_cache_budget_bytes())
+
+
+# --------------------------------------------------------------------------------------------- metadata
+
+# kohya ss_base_model_version values and modelspec.architecture prefixes -> a readable base model name.
+_BASE_MODEL_NAMES = (
+    ("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("sd_v1", "SD1.x"), ("stable-diffusion-v1", "SD1.x"),
+    ("sd_v2", "SD2.x"), ("stable-diffusion-v2", "SD2.x"), ("sd3", "SD3"), ("stable-diffusion-3", "SD3"),
+    ("flux", "Flux.1"), ("chroma", "Chroma"), ("lumina", "Lumina 2"), ("hunyuan", "HunyuanImage"),
+)
+# Cross-attention context width (in-features of attn2.to_k) per UNet family.
+_CONTEXT_WIDTH_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+TOP_TAGS = 5
+
+
+def lora_metadata_summary(lora_file: LoraFile) -> dict:
+    """What users want to know about a LoRA, from its header (`ss_*`, `modelspec.*`) and its keys.
+
+    Always present: `base_model` (e.g. "SDXL", "" when unknown), `base_model_source` ("metadata", "keys" or
+    ""), `trigger_words` (list). Other keys appear only when the file says something: `architecture`,
+    `base_model_version`, `title`, `output_name`, `description`, `author`, `rank`, `alpha`, `network_module`,
+    `algorithm`, `network_args`, `top_tags` ([tag, count] pairs), `class_tokens`, `sd_model_name`, `resolution`,
+    `steps`, `epochs`, `num_train_images`, `learning_rate`, `unet_lr`, `text_encoder_lr`, `optimizer`,
+    `lr_scheduler`, `clip_skip`, `mixed_precision`, `seed`, `noise_offset`, `min_snr_gamma`,
+    `prediction_type`, `trained_at`, `training_comment`, `hash`, `tags`, `usage_hint`, `license`.
+    """
+    meta = lora_file.metadata or {}
+    summary: dict = {}
+    base, source = _base_model(meta, lora_file.tensors)
+    summary["base_model"] = base
+    summary["base_model_source"] = source
+    _copy_present(summary, meta, {
+        "architecture": "modelspec.architecture", "base_model_version": "ss_base_model_version",
+        "output_name": "ss_output_name", "description": "modelspec.description", "author": "modelspec.author",
+        "network_module": "ss_network_module", "sd_model_name": "ss_sd_model_name",
+        "optimizer": "ss_optimizer", "lr_scheduler": "ss_lr_scheduler", "mixed_precision": "ss_mixed_precision",
+        "prediction_type": "modelspec.prediction_type", "training_comment": "ss_training_comment",
+        "tags": "modelspec.tags", "usage_hint": "modelspec.usage_hint", "license": "modelspec.license",
+    })
+    title = _present(meta.get("modelspec.title")) or _present(meta.get("ss_output_name"))
+    if title:
+        summary["title"] = title
+    resolution = _present(meta.get("ss_resolution")) or _present(meta.get("modelspec.resolution"))
+    if resolution:
+        summary["resolution"] = resolution
+    for out_key, meta_key in (("rank", "ss_network_dim"), ("steps", "ss_steps"), ("epochs", "ss_epoch"),
+                              ("num_train_images", "ss_num_train_images"), ("clip_skip", "ss_clip_skip"),
+                              ("seed", "ss_seed")):
+        value = _number(meta.get(meta_key), integer=True)
+        if value is not None:
+            summary[out_key] = value
+    for out_key, meta_key in (("alpha", "ss_network_alpha"), ("learning_rate", "ss_learning_rate"),
+                              ("unet_lr", "ss_unet_lr"), ("text_encoder_lr", "ss_text_encoder_lr"),
+                              ("noise_offset", "ss_noise_offset"), ("min_snr_gamma", "ss_min_snr_gamma")):
+        value = _number(meta.get(meta_key))
+        if value is not None:
+            summary[out_key] = value
+    if summary.get("rank") is None and _present(meta.get("ss_network_dim")):
+        summary["rank"] = meta["ss_network_dim"]  # e.g. "Dynamic" after resize_lora
+    network_args = _json(meta.get("ss_network_args"))
+    if isinstance(network_args, dict) and network_args:
+        summary["network_args"] = network_args
+    algorithm = _algorithm(meta, network_args)
+    if algorithm:
+        summary["algorithm"] = algorithm
+    trained_at = _timestamp(meta.get("ss_training_finished_at")) or _present(meta.get("modelspec.date"))
+    if trained_at:
+        summary["trained_at"] = trained_at
+    file_hash = _present(meta.get("sshs_model_hash")) or _present(meta.get("modelspec.hash_sha256"))
+    if file_hash:
+        summary["hash"] = file_hash
+    top_tags = _top_tags(meta)
+    if top_tags:
+        summary["top_tags"] = top_tags
+    class_tokens = _class_tokens(meta)
+    if class_tokens:
+        summary["class_tokens"] = class_tokens
+    summary["trigger_words"] = _trigger_words(meta, class_tokens, top_tags)
+    return summary
+
+
+def _present(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value if value and value not in ("None", "null") else None
+
+
+def _copy_present(summary: dict, meta: Mapping[str, str], fields: Mapping[str, str]) -> None:
+    for out_key, meta_key in fields.items():
+        value = _present(meta.get(meta_key))
+        if value is not None:
+            summary[out_key] = value
+
+
+def _number(value: Optional[str], integer: bool = False):
+    value = _present(value)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    return int(number) if integer and number.is_integer() else number
+
+
+def _json(value: Optional[str]):
+    value = _present(value)
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def _timestamp(value: Optional[str]) -> Optional[str]:
+    number = _number(value)
+    if number is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(number))
+
+
+def _algorithm(meta: Mapping[str, str], network_args) -> Optional[str]:
+    if isinstance(network_args, dict) and network_args.get("algo"):
+        algo = str(network_args["algo"])
+        return algo + ("+dora" if str(network_args.get("dora_wd", "")).lower() == "true" else "")
+    module = _present(meta.get("ss_network_module"))
+    if module is None:
+        return None
+    known = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft",
+             "networks.lora_fa": "lora-fa", "lycoris.kohya": "lycoris"}
+    return known.get(module, module.rsplit(".", 1)[-1])
+
+
+def _base_model(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    for meta_key in ("modelspec.architecture", "ss_base_model_version"):
+        value = _present(meta.get(meta_key))
+        if value:
+            lowered = value.lower()
+            for prefix, name in _BASE_MODEL_NAMES:
+                if lowered.startswith(prefix):
+                    return name, "metadata"
+            return value.split("/")[0], "metadata"
+    if _present(meta.get("ss_v2")) == "True":
+        return "SD2.x", "metadata"
+    return _base_model_from_keys(tensors)
+
+
+def _base_model_from_keys(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    keys = list(tensors)
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_te1_")) for k in keys):
+        return "SDXL", "keys"
+    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+        return "Flux.1", "keys"
+    for key, tensor in tensors.items():
+        # The down factor of a cross-attention key projection has the context width as its input size.
+        if ("attn2_to_k" in key or "attn2.to_k" in key) and ("down" in key or "lora_A" in key) \
+                and tensor.ndim == 2:
+            name = _CONTEXT_WIDTH_NAMES.get(int(tensor.shape[1]))
+            if name:
+                return name, "keys"
+    return "", ""
+
+
+def _top_tags(meta: Mapping[str, str], limit: int = 20) -> list:
+    frequency = _json(meta.get("ss_tag_frequency"))
+    if not isinstance(frequency, dict):
+        return []
+    counts: dict[str, int] = {}
+    for folder_tags in frequency.values():
+        if not isinstance(folder_tags, dict):
+            continue
+        for tag, count in folder_tags.items():
+            tag = str(tag).strip()
+            if tag and isinstance(count, (int, float)):
+                counts[tag] = counts.get(tag, 0) + int(count)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [[tag, count] for tag, count in ranked[:limit]]
+
+
+def _class_tokens(meta: Mapping[str, str]) -> list[str]:
+    """Class tokens: the dataset's trigger, from ss_datasets subsets or kohya's `N_token` folder names."""
+    tokens: list[str] = []
+    datasets = _json(meta.get("ss_datasets"))
+    if isinstance(datasets, list):
+        for dataset in datasets:
+            for subset in (dataset or {}).get("subsets", []) if isinstance(dataset, dict) else []:
+                token = subset.get("class_tokens") if isinstance(subset, dict) else None
+                if isinstance(token, str) and token.strip():
+                    tokens.append(token.strip())
+    dirs = _json(meta.get("ss_dataset_dirs"))
+    if isinstance(dirs, dict):
+        for folder in dirs:
+            head, _, token = str(folder).partition("_")
+            if head.isdigit() and token.strip():
+                tokens.append(token.strip())
+    return _unique(tokens)
+
+
+def _trigger_words(meta: Mapping[str, str], class_tokens: list[str], top_tags: list) -> list[str]:
+    """Explicit triggers first (modelspec.trigger_phrase), then class tokens, then the most frequent tags."""
+    words: list[str] = []
+    phrase = _present(meta.get("modelspec.trigger_phrase"))
+    if phrase:
+        words.extend(part.strip() for part in phrase.split(",") if part.strip())
+    words.extend(class_tokens)
+    words.extend(tag for tag, _ in top_tags[:TOP_TAGS])
+    return _unique(words)
+
+
+def _unique(items) -> list:
+    seen: set = set()
+    return [x for x in items if not (x in seen or seen.add(x))]
