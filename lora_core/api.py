@@ -180,7 +180,7 @@ def plan_lora(request: LoraRequest, key_map, shapes: Mapping[str, torch.Size],
             continue
         factor = 1.0
         if request.block_weights is not None:
-            factor = request.block_weights.factor(target.block, target.kind)
+            factor = request.block_weights.factor(target.block, target.kind, target.path)
         if factor == 0.0:
             report.zero_factor += 1
             continue

@@ -119,24 +119,7 @@ def test_ldm_module_list_equals_real_comfy_model(models, kind):
 
 
 def _diffusers_unet(kind):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    common = dict(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=32, layers_per_block=2)
-    if kind == "sd15":
-        return UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                                    attention_head_dim=4, **common)
-    if kind == "sd2":
-        return UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
-                                    attention_head_dim=2, use_linear_projection=True, **common)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        **common)
+    return tm.diffusers_twin(kind)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd2", "sdxl"])

@@ -182,3 +182,38 @@ def comfy_clip_sdxl(layers_l: int = 3, layers_g: int = 3, hidden: int = 32, seed
     return _comfy_clip(sdxl.SDXLClipModel, sdxl.SDXLTokenizer,
                        {"clip_l": tiny_clip_config(hidden, layers_l), "clip_g": tiny_clip_config(hidden, layers_g, act="gelu")},
                        seed)
+
+
+# --- diffusers / transformers twins ------------------------------------------------------------
+
+def diffusers_twin(kind: str):
+    """The diffusers UNet2DConditionModel with the same structure and shapes as comfy_sd15/sd2/sdxl()
+    (weights differ): the host for diffusers-format writers whose LoRAs then apply to the ComfyUI model."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    common = dict(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=32, layers_per_block=2)
+    if kind == "sd15":
+        return UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                    attention_head_dim=4, **common)
+    if kind == "sd2":
+        return UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
+                                    attention_head_dim=2, use_linear_projection=True, **common)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        **common)
+
+
+def transformers_clip_twin(hidden: int = 32, layers: int = 2, act: str = "quick_gelu"):
+    """A transformers CLIPTextModel shaped like the tiny ComfyUI encoders above (same module shapes)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, projection_dim=hidden, hidden_act=act)
+    return CLIPTextModel(config).eval()
