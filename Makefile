@@ -20,6 +20,12 @@ host: $(STAMP)
 	PY=$(PY) HOST_DIR=$(HOST_DIR) ./scripts/setup_host.sh
 
 setup: $(STAMP) host
+	@# Browser tests drive Debian's chromium (never a downloaded browser build) with Playwright.
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing Debian's chromium for tests/test_browser.py"; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q tests
