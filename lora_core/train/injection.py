@@ -1,0 +1,267 @@
+"""Trainable low-rank side paths hooked onto the Linear/Conv2d modules of a model that already exists.
+
+No second copy of the base weights is made: each target module keeps its weight; its `forward` is
+replaced (on the instance) by `original(x) + up(down(x)) * alpha / rank * multiplier`, the way kohya's
+LoRAModule does it. `LoRANetwork.restore()` puts the original forwards back exactly.
+
+Naming follows kohya: `lora_unet_<ldm path with _>`, `lora_te_<hf path with _>` (SD1/SD2 single
+encoder) or `lora_te1_` / `lora_te2_` (SDXL). Tensor keys append `.lora_down.weight`,
+`.lora_up.weight` and `.alpha`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from lora_core.errors import LoraFormatError, LoraValueError
+
+# UNet element kinds a user can choose to train (LoCon adds "resnet").
+UNET_KINDS = ("attn", "ff", "proj", "resnet")
+
+_ATTN_RE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FF_RE = re.compile(r"\.ff\.net\.(0\.proj|2)$")
+_PROJ_RE = re.compile(r"(^|\.)(proj_in|proj_out)$")
+# LDM (ComfyUI) and diffusers spellings of resnet / sampler convolutions, the modules LoCon adds.
+_RESNET_RE = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv"
+                        r"|conv1|conv2|time_emb_proj|conv_shortcut)$")
+_TE_RE = re.compile(r"(^|\.)layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def unet_kind(path: str) -> Optional[str]:
+    """Which trainable kind a UNet module path is (either LDM or diffusers naming), or None."""
+    if _ATTN_RE.search(path):
+        return "attn"
+    if _FF_RE.search(path):
+        return "ff"
+    if _PROJ_RE.search(path):
+        return "proj"
+    if _RESNET_RE.search(path) and not path.startswith(("conv_in", "conv_out", "out.", "input_blocks.0.")):
+        return "resnet"
+    return None
+
+
+@dataclass
+class Target:
+    """One module to adapt: its kohya name, the live module, component ("unet"/"te1"/"te2"), block id."""
+
+    name: str
+    module: nn.Module
+    component: str
+    block: str
+    kind: str
+
+
+def find_unet_targets(unet: nn.Module, kinds: Iterable[str] = ("attn", "ff", "proj"),
+                      blocks: Optional[Iterable[str]] = None,
+                      ldm_path_of: Optional[Callable[[str], Optional[str]]] = None,
+                      block_of: Optional[Callable[[str], str]] = None) -> list[Target]:
+    """Every Linear/Conv2d of `unet` whose kind is in `kinds` and whose block is in `blocks` (None = all).
+
+    `ldm_path_of` renames a module path to LDM naming (a diffusers UNet); None means the paths already are
+    LDM (ComfyUI's `model.model.diffusion_model`). `block_of` gives the block id of an LDM path.
+    """
+    kinds = set(kinds)
+    unknown = kinds - set(UNET_KINDS)
+    if unknown:
+        raise LoraValueError(f"Unknown UNet target kind(s) {sorted(unknown)}; choose from {list(UNET_KINDS)}.")
+    wanted_blocks = None if blocks is None else set(blocks)
+    if block_of is None:
+        from lora_core.arch import block_of_ldm_path as block_of
+    targets = []
+    for path, module in unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        kind = unet_kind(path)
+        if kind is None or kind not in kinds:
+            continue
+        ldm = ldm_path_of(path) if ldm_path_of is not None else path
+        name_path = ldm or path
+        block = block_of(ldm) if ldm else "OTHER"
+        if wanted_blocks is not None and block not in wanted_blocks:
+            continue
+        targets.append(Target("lora_unet_" + name_path.replace(".", "_"), module, "unet", block, kind))
+    return targets
+
+
+def find_te_targets(text_encoder: nn.Module, prefix: str = "lora_te", component: str = "te1") -> list[Target]:
+    """The q/k/v/out projections and MLP fc1/fc2 of every CLIP layer, named like kohya
+    (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`) whatever wrapper holds the encoder."""
+    targets = []
+    for path, module in text_encoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        match = _TE_RE.search(path)
+        if not match:
+            continue
+        layer, tail = match.group(2), match.group(3)
+        hf_path = f"text_model.encoder.layers.{layer}.{tail}"
+        block = "TE" + component[-1]
+        targets.append(Target(f"{prefix}_{hf_path.replace('.', '_')}", module, component, block, "te"))
+    return targets
+
+
+class LoRASidePath(nn.Module):
+    """down (kaiming-uniform, a=sqrt(5)) then up (zeros): the delta is exactly 0 at step 0, like kohya."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if rank < 1:
+            raise LoraValueError(f"rank must be >= 1, got {rank}.")
+        if isinstance(base, nn.Conv2d):
+            rank = min(rank, base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels)
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            rank = min(rank, base.in_features, base.out_features)
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        self.rank = rank
+        alpha = float(alpha) if alpha and alpha > 0 else float(rank)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.multiplier = 1.0
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn from our generator so a
+        # seed fixes the initial weights independently of the global RNG.
+        fan_in = self.down.weight[0].numel()
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            rand = torch.rand(self.down.weight.shape, generator=generator, dtype=torch.float32)
+            self.down.weight.copy_(rand * 2 * bound - bound)
+            self.up.weight.zero_()
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.down.weight.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
+        return self.up(self.down(x.to(dtype))) * (self.scale * self.multiplier)
+
+
+class LoRANetwork(nn.Module):
+    """The side paths of one training run, keyed by kohya module name."""
+
+    def __init__(self, targets: list[Target], rank: int, alpha: float, seed: int = 0,
+                 conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None):
+        super().__init__()
+        if not targets:
+            raise LoraValueError("No module matched the chosen targets/blocks: nothing to train. Widen the "
+                                 "target kinds or the block selection.")
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise LoraFormatError("Two target modules map to the same LoRA name; the model naming is ambiguous.")
+        generator = torch.Generator().manual_seed(int(seed))
+        self.targets = {t.name: t for t in targets}
+        self.paths = nn.ModuleDict()
+        for t in targets:
+            is_spatial_conv = isinstance(t.module, nn.Conv2d) and t.module.kernel_size != (1, 1)
+            r = conv_rank if (is_spatial_conv and conv_rank) else rank
+            a = conv_alpha if (is_spatial_conv and conv_alpha) else alpha
+            # ModuleDict keys cannot contain "."; kohya names have none.
+            self.paths[t.name] = LoRASidePath(t.module, r, a, generator)
+        self._originals: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ hooking
+    def inject(self) -> None:
+        """Replace each target's forward with original + side path (idempotent)."""
+        for name, target in self.targets.items():
+            if name in self._originals:
+                continue
+            module, path = target.module, self.paths[name]
+            self._originals[name] = module.__dict__.get("forward")
+            original = module.forward
+
+            def forward(x, *args, _original=original, _path=path, **kwargs):
+                out = _original(x, *args, **kwargs)
+                return out + _path(x).to(out.dtype)
+
+            module.forward = forward
+
+    def restore(self) -> None:
+        """Give every module back its own forward (the instance attribute we set is removed)."""
+        for name, previous in self._originals.items():
+            module = self.targets[name].module
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._originals.clear()
+
+    @property
+    def injected(self) -> bool:
+        return bool(self._originals)
+
+    def set_multiplier(self, value: float) -> None:
+        for path in self.paths.values():
+            path.multiplier = float(value)
+
+    # ------------------------------------------------------------------ parameters
+    def param_groups(self, unet_lr: float, te_lr: Optional[float] = None,
+                     block_lr: Optional[Mapping[str, float]] = None) -> list[dict]:
+        """One optimizer group per (component, block) so per-block LR factors and the TE LR apply.
+        Text-encoder modules are left out when `te_lr` is None (text encoder not trained)."""
+        block_lr = dict(block_lr or {})
+        groups: dict[tuple, dict] = {}
+        for name, target in self.targets.items():
+            if target.component != "unet" and te_lr is None:
+                continue
+            base = unet_lr if target.component == "unet" else te_lr
+            factor = block_lr.get(target.block, 1.0) if target.component == "unet" else 1.0
+            lr = base * factor
+            if lr == 0:
+                continue
+            key = (target.component, target.block)
+            group = groups.setdefault(key, {"params": [], "lr": lr, "name": f"{target.component}/{target.block}"})
+            group["params"].extend(self.paths[name].parameters())
+        return list(groups.values())
+
+    def trainable_names(self, train_te: bool) -> list[str]:
+        return [n for n, t in self.targets.items() if train_te or t.component == "unet"]
+
+    # ------------------------------------------------------------------ kohya state dict
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32,
+                         names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in (names if names is not None else self.paths.keys()):
+            path = self.paths[name]
+            out[f"{name}.lora_down.weight"] = path.down.weight.detach().to("cpu", dtype).clone()
+            out[f"{name}.lora_up.weight"] = path.up.weight.detach().to("cpu", dtype).clone()
+            out[f"{name}.alpha"] = path.alpha.detach().to("cpu", dtype).clone()
+        return out
+
+    def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str = "state") -> None:
+        """Load weights saved by `kohya_state_dict`; every module must be present with the same shapes."""
+        missing = [n for n in self.paths if f"{n}.lora_down.weight" not in tensors]
+        if missing:
+            raise LoraFormatError(f"{source}: no weights for {len(missing)} modules of this run (e.g. {missing[:3]}). "
+                                  f"The saved run used other targets/blocks/algorithm: use the same settings to "
+                                  f"continue, or start a new run.")
+        with torch.no_grad():
+            for name, path in self.paths.items():
+                for part in ("down", "up"):
+                    saved = tensors[f"{name}.lora_{part}.weight"]
+                    param = getattr(path, part).weight
+                    if tuple(saved.shape) != tuple(param.shape):
+                        raise LoraFormatError(f"{source}: {name}.lora_{part}.weight has shape {tuple(saved.shape)}, "
+                                              f"this run needs {tuple(param.shape)} (different rank?). Use the same "
+                                              f"rank to continue, or start a new run.")
+                    param.copy_(saved.to(param.dtype))
+                if f"{name}.alpha" in tensors:
+                    path.alpha.copy_(tensors[f"{name}.alpha"].to(path.alpha.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The weight delta this side path adds (for merging / checks): up @ down * scale."""
+        path = self.paths[name]
+        down, up = path.down.weight.float(), path.up.weight.float()
+        if down.ndim == 2:
+            return up @ down * path.scale
+        # conv: up is 1x1 -> delta[o, i, kh, kw] = sum_r up[o, r] down[r, i, kh, kw]
+        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * path.scale

@@ -1,0 +1,447 @@
+"""In-graph LoRA training nodes: a dataset node and a train node that trains the MODEL/CLIP already in the
+graph (no second copy of the base weights) and returns them with the LoRA applied.
+
+Public contract (saved workflows store widgets by position): node ids, input names and widget order below
+never change; new inputs go at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import lora_core.train as lt
+from lora_core.errors import LoraValueError
+from lora_core.train.blocks import parse_block_list, parse_block_lr
+from lora_core.train.plot import loss_curve_rgb
+from lora_core.types import LoraFile
+
+log = logging.getLogger("lora_core")
+
+CATEGORY = "LoRA Core/Training"
+TARGET_CHOICES = {
+    "attn+ff+proj": ("attn", "ff", "proj"),
+    "attn+proj": ("attn", "proj"),
+    "attn+ff": ("attn", "ff"),
+    "attn": ("attn",),
+}
+RUN_MODES = ("new run", "continue")
+
+
+# ------------------------------------------------------------------------------------------ dataset node
+
+class LoRACoreTrainDataset:
+    """A folder of images with same-name .txt captions (or an IMAGE batch), ready for LoRACoreTrain."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "", "tooltip": "Folder of training images with same-name .txt "
+                                      "captions; absolute or relative to ComfyUI's input folder. Ignored when "
+                                      "images are connected."}),
+                "caption": ("STRING", {"default": "", "multiline": True, "tooltip": "Caption for images without a "
+                                       ".txt file (policy 'use caption widget'), or for connected images: one line "
+                                       "per image, or one line for all."}),
+                "missing_caption": (list(lt.CAPTION_POLICIES), {"default": "error", "tooltip": "What to do when an "
+                                    "image has no .txt caption."}),
+                "repeats": ("INT", {"default": 10, "min": 1, "max": 10000, "tooltip": "Times each image appears per epoch."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Training "
+                                       "resolution (bucket area = resolution^2)."}),
+                "bucketing": ("BOOLEAN", {"default": True, "tooltip": "Aspect-ratio buckets; off = centre-crop every "
+                                          "image to a square."}),
+                "bucket_step": ("INT", {"default": 64, "min": 8, "max": 256, "step": 8}),
+                "min_bucket": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 8}),
+                "max_bucket": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8}),
+                "shuffle_caption": ("BOOLEAN", {"default": False, "tooltip": "Shuffle comma-separated tags each step."}),
+                "keep_tokens": ("INT", {"default": 1, "min": 0, "max": 100, "tooltip": "Leading tags kept in place when "
+                                        "shuffling (e.g. the trigger word)."}),
+                "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                              "tooltip": "Probability to train a sample with an empty caption."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Train on these images instead of a folder."}),
+            },
+        }
+
+    RETURN_TYPES = ("LORA_CORE_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads training images and captions, with repeats, caption shuffle/dropout and aspect-ratio buckets."
+
+    def build(self, folder, caption, missing_caption, repeats, resolution, bucketing, bucket_step, min_bucket,
+              max_bucket, shuffle_caption, keep_tokens, caption_dropout, images=None):
+        options = lt.CaptionOptions(shuffle=shuffle_caption, keep_tokens=keep_tokens, dropout=caption_dropout)
+        buckets = dict(resolution=resolution, repeats=repeats, bucketing=bucketing, bucket_step=bucket_step,
+                       min_bucket=min_bucket, max_bucket=max_bucket)
+        if images is not None:
+            lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
+            dataset = lt.from_images([img.movedim(-1, 0)[:3] for img in images], lines, caption_options=options,
+                                     **buckets)
+        else:
+            dataset = lt.load_folder(_resolve_folder(folder), missing_caption=missing_caption, default_caption=caption,
+                                     captions=options, **buckets)
+        return dataset, _dataset_summary(dataset)
+
+
+def _resolve_folder(folder: str) -> str:
+    folder = (folder or "").strip().strip('"')
+    if not folder:
+        raise LoraValueError("No dataset folder given: type the path of a folder of images (or connect images).")
+    if os.path.isabs(folder):
+        return folder
+    import folder_paths
+
+    return os.path.join(folder_paths.get_input_directory(), folder)
+
+
+def _dataset_summary(dataset) -> str:
+    buckets = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(dataset.bucket_counts().items()))
+    return (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
+            f"buckets {buckets}")
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI backend
+
+class ComfyBackend:
+    """lora_core.train's backend interface over a ComfyUI ModelPatcher: calls `diffusion_model` directly in
+    the model's own prediction space (EPS or V_PREDICTION) with DDPM timesteps from its model_sampling."""
+
+    def __init__(self, model, clip=None, train_text_encoder: bool = False):
+        import comfy.model_sampling as ms
+
+        self.patcher = model
+        self.base = model.model
+        self.unet = self.base.diffusion_model
+        sampling = self.base.model_sampling
+        if isinstance(sampling, ms.V_PREDICTION):
+            self.prediction_type = "v_prediction"
+        elif isinstance(sampling, ms.EPS):
+            self.prediction_type = "epsilon"
+        else:
+            raise LoraValueError(f"Training supports eps- and v-prediction models (SD1.x/SD2.x/SDXL); this model "
+                                 f"uses {type(sampling).__name__}.")
+        if not hasattr(sampling, "sigmas") or sampling.sigmas.ndim != 1:
+            raise LoraValueError("This model has no discrete DDPM schedule; training supports SD1.x/SD2.x/SDXL.")
+        sigmas = sampling.sigmas.detach().float().cpu()
+        self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+        self.clip = clip
+        self.train_text_encoder = train_text_encoder
+        self.device = torch.device(model.load_device)
+        self.adm = getattr(self.base, "adm_channels", 0) or 0
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def denoise(self, noisy, timesteps, cond):
+        dtype = self.compute_dtype()
+        context = cond["context"].to(self.device, dtype)
+        y = None
+        if self.adm:
+            height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+            y = self.base.encode_adm(pooled_output=cond["pooled_output"].to(self.device), width=width, height=height,
+                                     target_width=width, target_height=height, crop_w=0, crop_h=0).to(self.device, dtype)
+        return self.unet(noisy.to(dtype), timesteps.float(), context=context, y=y, transformer_options={})
+
+    def modules(self):
+        mods = [self.unet]
+        if self.clip is not None:
+            mods.append(self.clip.cond_stage_model)
+        return mods
+
+    def checkpoint_modules(self):
+        return list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks)
+
+    def encode_images(self, images: torch.Tensor, vae) -> torch.Tensor:
+        latents = vae.encode(images.movedim(1, -1)[..., :3].float())
+        return self.base.process_latent_in(latents)
+
+    def encode_text(self, captions: list[str]) -> dict:
+        conds, pooled = [], []
+        for caption in captions:
+            tokens = self.clip.tokenize(caption)
+            out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            conds.append(out["cond"])
+            if out.get("pooled_output") is not None:
+                pooled.append(out["pooled_output"])
+        result = {"context": lt.cat_cond(conds)}
+        if pooled and len(pooled) == len(conds):
+            result["pooled_output"] = torch.cat(pooled, 0)
+        return result
+
+
+def te_targets_of_clip(clip) -> list:
+    """LoRA targets in a ComfyUI CLIP, named like kohya: lora_te (single encoder) or lora_te1/lora_te2 (SDXL)."""
+    model = clip.cond_stage_model
+    encoders = [name for name in ("clip_l", "clip_h", "clip_g") if getattr(model, name, None) is not None]
+    if not encoders:
+        raise LoraValueError(f"Cannot train this text encoder ({type(model).__name__}); only CLIP-L/OpenCLIP-H/G are "
+                             f"supported. Turn train_text_encoder off.")
+    targets = []
+    for name in encoders:
+        if len(encoders) == 1:
+            prefix, component = "lora_te", "te1"
+        else:
+            prefix, component = ("lora_te1", "te1") if name == "clip_l" else ("lora_te2", "te2")
+        targets += lt.find_te_targets(getattr(model, name), prefix, component)
+    return targets
+
+
+class _OutOfPlaceClipLayers:
+    """ComfyUI's CLIP layers add their residuals in place (`x += ...`), which autograd rejects once the
+    layer-norm input is needed for backward. While the text encoder trains, each layer's residual adds run
+    out of place (same maths); the layers' own forwards are put back afterwards."""
+
+    PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+
+    def __init__(self, clip, enabled: bool):
+        self.layers = []
+        if enabled and clip is not None:
+            self.layers = [m for m in clip.cond_stage_model.modules() if all(hasattr(m, p) for p in self.PARTS)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            def forward(x, mask=None, optimized_attention=None, _layer=layer):
+                x = x + _layer.self_attn(_layer.layer_norm1(x), mask, optimized_attention)
+                return x + _layer.mlp(_layer.layer_norm2(x))
+
+            layer.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        return False
+
+
+def model_arch(model) -> str:
+    """SD1 / SD2 / SDXL from the model's config (for metadata)."""
+    config_name = type(getattr(model.model, "model_config", None)).__name__.upper()
+    if "SDXL" in config_name or "VEGA" in config_name or "SSD1B" in config_name or "KOALA" in config_name:
+        return "SDXL"
+    if config_name.startswith("SD2"):
+        return "SD2"
+    return "SD1"
+
+
+def model_block_ids(model) -> list[str]:
+    from lora_core.arch import UNetSpec
+
+    config = getattr(model.model, "model_config", None)
+    return list(UNetSpec.from_comfy_config(config.unet_config).block_ids())
+
+
+# ------------------------------------------------------------------------------------------ train node
+
+class LoRACoreTrain:
+    """Train a LoRA/LoCon on the MODEL (and optionally CLIP) already in the graph."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        lr = {"min": 0.0, "max": 1.0, "step": 1e-6, "round": False}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL). It is adapted in place "
+                                    "during training and restored afterwards: no second copy is made."}),
+                "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
+                "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),
+                "dataset": ("LORA_CORE_DATASET", {"tooltip": "From 'LoRA Training Dataset'."}),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name in models/loras (subfolders "
+                                           "allowed), without extension."}),
+                "run": (list(RUN_MODES), {"default": "new run", "tooltip": "'continue' resumes <output_name>.state.pt "
+                                          "for `steps` more steps (chunked training)."}),
+                "steps": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimizer steps in this run."}),
+                "algorithm": (["LoRA", "LoCon"], {"default": "LoRA", "tooltip": "LoRA: attention/FF/proj layers. LoCon: "
+                              "also the resnet and up/down-sampler convolutions."}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
+                "alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 512.0, "step": 0.5,
+                                    "tooltip": "Scale = alpha/rank (0 = rank)."}),
+                "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj"}),
+                "blocks": ("STRING", {"default": "", "tooltip": "Train only these blocks, e.g. 'IN04-IN08, M00, OUT03'. "
+                                      "Empty = all."}),
+                "block_lr": ("STRING", {"default": "", "tooltip": "Per-block LR factors, e.g. 'IN04=0.5, OUT00-OUT02=2'."}),
+                "unet_lr": ("FLOAT", {"default": 1e-4, **lr}),
+                "train_text_encoder": ("BOOLEAN", {"default": False}),
+                "text_encoder_lr": ("FLOAT", {"default": 5e-5, **lr}),
+                "optimizer": (list(lt.OPTIMIZERS), {"default": "AdamW"}),
+                "lr_scheduler": (list(lt.SCHEDULERS), {"default": "constant"}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
+                "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+                "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
+                                            "tooltip": "0 = off."}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "mixed_precision": (list(lt.PRECISIONS), {"default": "auto", "tooltip": "auto: bf16 (or fp16) on GPU, "
+                                    "fp32 on CPU."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False}),
+                "cache_latents": ("BOOLEAN", {"default": True}),
+                "cache_text_encoder_outputs": ("BOOLEAN", {"default": True}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip": "Also save a step file every N "
+                                       "steps (0 = only at the end)."}),
+                "keep_last": ("INT", {"default": 3, "min": 0, "max": 1000, "tooltip": "Step files kept (0 = all)."}),
+                "save_precision": (["fp16", "bf16", "fp32"], {"default": "fp16"}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of another run."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Trains a kohya-format LoRA/LoCon on the connected model, saves it to models/loras with ss_*/"
+                   "modelspec metadata and a resumable state, and returns the model with the LoRA applied.")
+
+    def train(self, model, clip, vae, dataset, output_name, run, steps, algorithm, rank, alpha, unet_targets, blocks,
+              block_lr, unet_lr, train_text_encoder, text_encoder_lr, optimizer, lr_scheduler, warmup_steps,
+              batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
+              gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
+              save_precision, overwrite):
+        import comfy.model_management as mm
+        import folder_paths
+
+        if run not in RUN_MODES:
+            raise LoraValueError(f"run must be one of {list(RUN_MODES)}, got {run!r}.")
+        if unet_targets not in TARGET_CHOICES:
+            raise LoraValueError(f"unet_targets must be one of {list(TARGET_CHOICES)}, got {unet_targets!r}.")
+        valid_blocks = model_block_ids(model)
+        kinds = TARGET_CHOICES[unet_targets] + (("resnet",) if algorithm == "LoCon" else ())
+        config = lt.TrainConfig(
+            steps=steps, batch_size=batch_size, grad_accum=grad_accumulation, seed=seed, algorithm=algorithm,
+            rank=rank, alpha=alpha, unet_kinds=kinds, blocks=parse_block_list(blocks, valid_blocks),
+            block_lr=parse_block_lr(block_lr, valid_blocks), unet_lr=unet_lr, train_text_encoder=train_text_encoder,
+            text_encoder_lr=text_encoder_lr, optimizer=optimizer, scheduler=lr_scheduler, warmup_steps=warmup_steps,
+            min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
+            cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
+            save_dtype=save_precision, overwrite=overwrite)
+        config.validate()
+        output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
+
+        # ComfyUI runs nodes under inference_mode; autograd needs it off.
+        with torch.inference_mode(False):
+            result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm)
+            if result.interrupted:
+                log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
+                            result.step, result.final_path)
+                mm.throw_exception_if_processing_interrupted()
+
+        from lora_core.io import read_lora_file
+
+        lora = read_lora_file(result.final_path)
+        new_model, new_clip = apply_lora(model, clip, lora, output.name)
+        curve = _curve_image(result.losses, output.name)
+        lora_name = os.path.relpath(result.final_path, output.folder)
+        report = (f"Trained {output.name}: steps {result.step} (this run {result.steps_done}, "
+                  f"{result.steps_per_second:.2f} steps/s), {len(trainer.train_names)} modules, rank {rank}, "
+                  f"alpha {alpha}; last-20 mean loss {sum(result.losses[-20:]) / max(1, len(result.losses[-20:])):.4f}; "
+                  f"saved {result.final_path}")
+        log.info("LoRA Core: %s", report)
+        return new_model, new_clip, lora, curve, lora_name, report
+
+
+def _train(model, clip, vae, dataset, config, output, resume, mm):
+    import comfy.utils
+
+    backend = ComfyBackend(model, clip, config.train_text_encoder)
+    mm.load_models_gpu([model], force_full_load=True)
+    lt.unlock_inference_params(backend.unet)
+    targets = lt.find_unet_targets(backend.unet, config.unet_kinds, config.blocks)
+    if config.train_text_encoder:
+        if clip is None:
+            raise LoraValueError("train_text_encoder is on but no CLIP is connected.")
+        mm.load_models_gpu([clip.patcher], force_full_load=True)
+        lt.unlock_inference_params(clip.cond_stage_model)
+        targets += te_targets_of_clip(clip)
+    network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed)
+    trainer = lt.LoraTrainer(backend, network, dataset, config,
+                             encode_images=lambda images: backend.encode_images(images, vae),
+                             encode_text=backend.encode_text if clip is not None else None,
+                             output=output, arch=model_arch(model),
+                             checkpoint_modules=backend.checkpoint_modules())
+    if resume:
+        trainer.resume(output.state)
+    elif os.path.exists(output.state) and not config.overwrite:
+        raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run to "
+                             f"'continue' to resume it, pick another output name, or allow overwriting.")
+    pbar = comfy.utils.ProgressBar(config.steps)
+    first = trainer.step
+    every = max(1, config.steps // 20)
+
+    def on_step(step, end, loss):
+        done = step - first
+        preview = None
+        if done % max(every * 5, 50) == 0 or step == end:
+            try:
+                from PIL import Image
+
+                preview = ("PNG", Image.fromarray(loss_curve_rgb(trainer.losses, output.name)), 512)
+            except Exception:  # a preview is a nicety; never fail training for it
+                preview = None
+        pbar.update_absolute(done, config.steps, preview)
+        if done % every == 0 or step == end:
+            recent = trainer.losses[-every:]
+            log.info("LoRA Core train %s: step %d/%d loss %.5f (avg %.5f)", output.name, step, end, loss,
+                     sum(recent) / len(recent))
+
+    with _OutOfPlaceClipLayers(clip, config.train_text_encoder):
+        result = trainer.run(should_stop=mm.processing_interrupted, on_step=on_step)
+    return result, trainer
+
+
+def apply_lora(model, clip, lora: LoraFile, name: str):
+    """MODEL/CLIP clones carrying the trained LoRA, through LoRA Core's loader path (core's as a fallback)."""
+    try:
+        from lora_core.api import LoraRequest
+
+        from .loader import apply_requests
+    except ImportError:  # pragma: no cover - the loader ships with the pack
+        import comfy.sd
+
+        return comfy.sd.load_lora_for_models(model, clip, dict(lora.tensors), 1.0, 1.0)
+    new_model, new_clip, _ = apply_requests(model, clip, [LoraRequest(lora, 1.0, 1.0, name=name)])
+    return new_model, new_clip
+
+
+def _curve_image(losses, title) -> torch.Tensor:
+    rgb = loss_curve_rgb(losses, title)
+    return torch.from_numpy(rgb).float().div(255.0)[None]
+
+
+class LoRACoreApplyTrained:
+    """Apply a LORA_CORE_LORA value (from LoRACoreTrain) to a MODEL/CLIP at chosen strengths."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+        return {"required": {"model": ("MODEL",), "lora": ("LORA_CORE_LORA",),
+                             "strength_model": ("FLOAT", strength), "strength_clip": ("FLOAT", strength)},
+                "optional": {"clip": ("CLIP",)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies a trained LoRA value at any strength (e.g. to compare strengths after training)."
+
+    def apply(self, model, lora, strength_model, strength_clip, clip=None):
+        from lora_core.api import LoraRequest
+
+        from .loader import apply_requests
+
+        return apply_requests(model, clip, [LoraRequest(lora, strength_model, strength_clip,
+                                                        name=os.path.basename(lora.path or "trained"))])
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoRACoreTrainDataset": LoRACoreTrainDataset,
+    "LoRACoreTrain": LoRACoreTrain,
+    "LoRACoreApplyTrained": LoRACoreApplyTrained,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoRACoreTrainDataset": "LoRA Training Dataset (LoRA Core)",
+    "LoRACoreTrain": "Train LoRA (LoRA Core)",
+    "LoRACoreApplyTrained": "Apply Trained LoRA (LoRA Core)",
+}
