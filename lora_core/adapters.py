@@ -486,6 +486,12 @@ def bias_delta(module: ModuleLora, bias: torch.Tensor) -> torch.Tensor | None:
     return module.bias_diff.to(device=bias.device, dtype=F32, copy=True).reshape(bias.shape)
 
 
+def natural_shape(module: ModuleLora) -> tuple[int, ...]:
+    """The shape of the delta an adapter produces, from its own tensors (for file-only work without a model).
+    For adapters that need W (GLoRA, (IA)^3, OFT) it is the shape of their defining tensor."""
+    return _natural_shape_fits(module, ())[1]
+
+
 def _natural_shape_fits(module: ModuleLora, weight_shape) -> tuple[bool, tuple[int, ...]]:
     """(fits, the shape the adapter produces or needs) from shapes alone."""
     algo = module.algo

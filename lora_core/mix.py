@@ -383,7 +383,7 @@ def _natural_shape(module: ModuleLora) -> Optional[tuple[int, ...]]:
         return None
     # adapters computes this for its own shape checks; an empty weight shape never fits, so only the
     # adapter's shape comes back.
-    _, shape = adapters._natural_shape_fits(module, ())
+    shape = adapters.natural_shape(module)
     return tuple(int(s) for s in shape)
 
 

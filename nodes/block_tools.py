@@ -45,7 +45,7 @@ TE_BLOCK_PREFIX = "TE"
 def _natural_shape(module) -> Optional[tuple]:
     """The shape a weight-independent adapter produces, from its own tensors (no model needed)."""
     try:
-        return tuple(adapters._natural_shape_fits(module, (0,))[1])
+        return tuple(adapters.natural_shape(module))
     except Exception:
         return None
 
