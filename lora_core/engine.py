@@ -108,8 +108,46 @@ def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPat
                 f"{tensor.numel()}; the LoRA was made for a different model.")
 
 
+def _tensor_identity(tensor) -> tuple:
+    if not isinstance(tensor, torch.Tensor):
+        return (tensor,)
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, str(tensor.device))
+
+
+def _module_identity(module: ModuleLora) -> tuple:
+    """What makes two ModuleLoras the same patch: the same tensor storage (not the same Python object), so a
+    plan rebuilt from the same file (parse_modules makes new ModuleLora objects each time) is recognised and
+    unchanged keys are not recomputed. The engine keeps the applied plan alive, so a storage address cannot
+    be reused by other data while it is compared against."""
+    tensors = tuple(sorted((role, _tensor_identity(t)) for role, t in module.tensors.items()))
+    return (module.name, module.algo, module.alpha, tensors, _tensor_identity(module.dora_scale),
+            _tensor_identity(module.bias_diff), tuple(sorted(module.flags.items())))
+
+
 def _signature(patches: Sequence[WeightPatch]) -> tuple:
-    return tuple((id(p.module), p.strength, p.target) for p in patches)
+    return tuple((_module_identity(p.module), p.strength, p.target) for p in patches)
+
+
+def _single_lowrank_run(patches: Sequence[WeightPatch], weight: torch.Tensor):
+    """(ups, downs, alpha) with strengths folded in when every active patch is a weight-independent low-rank one
+    (the common kohya/PEFT stack), so the engine can write backup + ups @ downs in one pass; else None."""
+    ups, downs = [], []
+    for patch in patches:
+        if patch.strength == 0.0:
+            continue
+        if patch.target != "weight":
+            return None
+        factors = adapters.lowrank_factors(patch.module, weight.shape)
+        if factors is None:
+            return None
+        up, down = factors
+        ups.append((up.to(weight.device, weight.dtype), patch.strength))
+        downs.append(down.to(weight.device, weight.dtype))
+    if not ups:
+        return None
+    if len(ups) == 1:  # same arithmetic as _fuse_lowrank, so both paths give identical bits
+        return ups[0][0], downs[0], ups[0][1]
+    return torch.cat([up * strength for up, strength in ups], dim=1), torch.cat(downs, dim=0), 1.0
 
 
 class PatchEngine:
@@ -159,11 +197,25 @@ class PatchEngine:
         return saved
 
     def _write(self, key: str, patches: Sequence[WeightPatch]) -> None:
+        """tensor := backup + patches, computed in fp32 and written once.
+
+        fp32 tensors are patched in place (no working copy); when the whole list is one low-rank run the
+        backup is read and the tensor written in a single addmm, the bandwidth floor. Other dtypes go
+        through one fp32 working copy and are rounded once."""
         tensor = self._tensor(key)
         original = self._backup(key, tensor)
-        work = original.to(tensor.device, torch.float32, copy=True)
-        patch_weight(work, patches, key)
         with torch.no_grad():
+            if tensor.dtype == torch.float32 and tensor.is_contiguous():
+                run = _single_lowrank_run(patches, tensor)
+                if run is not None and original.device == tensor.device:
+                    ups, downs, alpha = run
+                    torch.addmm(_flat_view(original), ups, downs, alpha=alpha, out=_flat_view(tensor))
+                    return
+                tensor.copy_(original)
+                patch_weight(tensor, patches, key)
+                return
+            work = original.to(tensor.device, torch.float32, copy=True)
+            patch_weight(work, patches, key)
             tensor.copy_(work)
 
     def _restore_key(self, key: str) -> None:
@@ -182,11 +234,13 @@ class PatchEngine:
         done: list[str] = []
         try:
             for key in to_write:
+                # Listed before the write: an fp32 tensor is patched in place, so a failure inside
+                # patch_weight leaves it half-written and it must be rolled back too.
+                done.append(key)
                 self._write(key, plan[key])
-                done.append(key)
             for key in to_restore:
-                self._restore_key(key)
                 done.append(key)
+                self._restore_key(key)
         except BaseException:
             self._rollback(done, previous)
             raise
@@ -201,7 +255,7 @@ class PatchEngine:
         for key in keys:
             if key in previous:
                 self._write(key, previous[key][0])
-            else:
+            elif key in self._backups:  # a failure before the backup was taken changed nothing
                 self._restore_key(key)
         for key in list(self._backups):
             if key not in previous:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (H200): engine tests on CUDA, then the quick benchmark on CUDA (fp16).
+# Usage: bash bench/gpu_check.sh        (results under $OUT when set, else bench/results; < 5 minutes)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+OUTDIR=${OUT:-bench/results}
+mkdir -p "$OUTDIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1 || true
+# tests first: they take seconds and tell whether the CUDA fast paths are exact
+timeout 120 "$PY" -m pytest -q tests/test_engine.py 2>&1 | tee "$OUTDIR/test_engine_cuda.txt" | tail -5
+tests_rc=${PIPESTATUS[0]}
+# the GPU bench: SD1.5, ranks 8/32, 1 and 4 LoRAs, all five implementations, CUDA-event timing
+timeout 420 "$PY" -m bench --device cuda --quick --out "$OUTDIR" 2>&1 | grep -v -i "warning\|autocast" \
+  | tee "$OUTDIR/bench_cuda.log" | tail -30
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc (results in $OUTDIR)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
