@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import folder_paths
 
 from lora_core import api
-from lora_core.arch import bind_comfy_clip, bind_comfy_model, build_key_map
+from lora_core.arch import bind_comfy_clip, bind_comfy_model, bind_layout, build_key_map
 from lora_core.errors import LoraFileError
 from lora_core.io import default_cache
 
@@ -83,6 +83,10 @@ class HostModels:
             bindings.append(bind_comfy_model(self.model_shapes, unet_config))
         if self.clip is not None:
             bindings.append(bind_comfy_clip(self.clip_shapes))
+        elif bindings and bindings[0].arch is not None:
+            # No CLIP connected: still recognise the architecture's text-encoder names, so a LoRA's text-encoder
+            # modules are reported as "not applied: no CLIP connected" instead of counting as mismatches.
+            bindings.append(_text_encoder_layout(bindings[0].arch))
         key_map = build_key_map(*bindings)
         self._key_maps[owner] = (clip_id, key_map)
         return key_map
@@ -117,6 +121,19 @@ class HostModels:
             added = clip.add_patches(to_comfy_patches(clip_plan, loaded_keys), 1.0)
             _check_added(added, clip_plan, "CLIP")
         return model, clip
+
+
+def _text_encoder_layout(arch):
+    """The full-size text-encoder part of an architecture's layout binding (names only, no tensors)."""
+    binding = bind_layout(arch)
+    binding.unet = None
+    binding.diffusers = {}
+    for table in (binding.targets, binding.kinds, binding.blocks):
+        for key in [k for k in table if k[0] == "unet"]:
+            del table[key]
+    for key in [k for k in binding.params if k[0] == "unet"]:
+        del binding.params[key]
+    return binding
 
 
 def _shapes(module) -> dict:

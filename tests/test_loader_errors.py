@@ -157,3 +157,15 @@ def test_good_file_still_loads_after_errors(host, loras):
     new_model, new_clip, report = load(model, clip, "ok.safetensors")
     assert new_model is not model and len(new_model.patches) == 1
     assert "applied modules: unet 1" in report
+
+
+def test_model_only_load_reports_text_encoder_modules_as_not_applied(host, loras):
+    model, clip = host
+    state = good_lora(model)
+    for layer in range(2):
+        state.update(kohya_pair(32, 32, name=f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1"))
+        state.update(kohya_pair(32, 32, name=f"lora_te_text_model_encoder_layers_{layer}_self_attn_q_proj"))
+    save_file(state, str(loras / "with_te.safetensors"))
+    new_model, report = node_module("loader").LoRACoreLoaderModelOnly().load(model, "with_te.safetensors", 1.0)
+    assert len(new_model.patches) == 1
+    assert "not applied: te1 4 (no CLIP connected)" in report and "unmatched" not in report, report

@@ -512,6 +512,9 @@ class LoraTrainer:
     @staticmethod
     def _unfreeze(flags: list) -> None:
         for p, flag in flags:
-            p.requires_grad_(flag)
+            # ComfyUI creates weights under inference mode; those can never carry gradients again, so their
+            # flag stays off rather than raising "Setting requires_grad=True on inference tensor".
+            if p.requires_grad != flag and not (flag and p.is_inference()):
+                p.requires_grad_(flag)
 
     _end_step = 0
