@@ -35,20 +35,8 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def conditioned(model):
-    """tiny_models seeds GroupNorm weights (named in_layers.0/out.0, without 'norm') at 0.02, which crushes
-    every activation; a base model worth fine-tuning has norm weights near 1."""
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for module in model.model.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(1 + 0.02 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.zero_()
-    return model
-
-
 def tiny_sd15():
-    return conditioned(tm.comfy_sd15())
+    return tm.comfy_sd15()
 
 
 class ComfyUNetBackend:

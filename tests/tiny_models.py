@@ -86,13 +86,16 @@ def unet_config_sdxl(model_channels: int = 32, channel_mult=(1, 2, 2),
 def seed_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter deterministically: matrices ~ N(0, 1/fan_in), norm weights ~ 1, the rest small."""
     gen = torch.Generator().manual_seed(seed)
+    # Norm layers are found by type: LDM names many of them without "norm" (in_layers.0, out_layers.0, out.0).
+    norm_weights = {f"{prefix}.weight" if prefix else "weight" for prefix, m in module.named_modules()
+                    if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda item: item[0]):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim >= 2:
                 fan_in = p[0].numel()
                 value = noise / fan_in ** 0.5
-            elif name.endswith("weight") and "norm" in name:
+            elif name in norm_weights or (name.endswith("weight") and "norm" in name):
                 value = 1.0 + 0.02 * noise
             else:
                 value = 0.02 * noise
