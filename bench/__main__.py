@@ -1,7 +1,7 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL.
 
     python -m bench [--quick] [--device cpu|cuda] [--arch sd15,sdxl] [--ranks 8,32,128] [--stack 1,4,8]
-                    [--impls core,nodes,engine,lorapatcher,diffusers] [--out bench/results] [--threads N]
+                    [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)] [--out bench/results] [--threads N]
 
 Compares, in one run and on the same machine: ComfyUI core, our nodes inside ComfyUI's ModelPatcher, the
 standalone PatchEngine (on the ComfyUI modules), diffusers `fuse_lora`, and our LoraPatcher on the diffusers
@@ -196,14 +196,16 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
             "floor_bytes": floor_bytes, "floor_s_h200": floor_bytes / HBM_BYTES_PER_S}
     results["archs"][arch] = meta
     case_list = [(r, n) for r in args.ranks for n in args.stack]
-    comfy_impls = [i for i in ("core", "nodes", "engine") if i in args.impls]
+    comfy_impls = [i for i in ("core", "nodes", "engine", "engine-batched", "engine-perweight") if i in args.impls]
     diffusers_impls = [i for i in ("lorapatcher", "diffusers") if i in args.impls]
 
     if comfy_impls:
         log(f"[{arch}] building ComfyUI model + CLIP ({meta['dtype']}, {device})")
         env = C.ComfyEnv(*M.comfy_models(arch, dtype, device), device)
         makers = {"core": lambda: C.CoreImpl(env), "nodes": lambda: C.NodesImpl(env),
-                  "engine": lambda: C.EngineImpl(env)}
+                  "engine": lambda: C.EngineImpl(env),
+                  "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
+                  "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
         for rank, n in case_list:
             loras = [factory.make(i, rank) for i in range(n)]
             reference = Reference(loras, sample)

@@ -10,7 +10,9 @@ target module so the runner can measure errors against an fp64 reference.
               Block change: per-key strengths through `add_patches` (how block-weight packs drive core).
 * nodes       LoRA Core's nodes: one plan for the stack (HostModels.plan) turned into our weight adapter inside
               ComfyUI's ModelPatcher (HostModels.apply), patched/unpatched by ModelPatcher like core.
-* engine      lora_core standalone: PatchEngine over the same ComfyUI modules' tensors.
+* engine      lora_core standalone: PatchEngine over the same ComfyUI modules' tensors (same-shape batching
+              on its default: on for CUDA weights, off on CPU).
+* engine-batched / engine-perweight   the same with batching forced on / off (opt-in A/B of the batched path).
 * diffusers   `load_lora_weights` per LoRA (adapter names), `set_adapters`, `fuse_lora` / `unfuse_lora`.
 * lorapatcher lora_core's diffusers entry point (`LoraPatcher`) on the same diffusers model.
 """
@@ -198,13 +200,15 @@ class EngineImpl:
 
     name = "engine"
 
-    def __init__(self, env: ComfyEnv, backup_device=None):
+    def __init__(self, env: ComfyEnv, backup_device=None, batch_same_shape=None):
         from lora_core.engine import PatchEngine
 
+        if batch_same_shape is not None:
+            self.name = "engine-batched" if batch_same_shape else "engine-perweight"
         self.env = env
         self.host = _host_module().HostModels(env.patcher, env.clip)
         tensors = {**env.patcher.model.state_dict(keep_vars=True), **env.clip.cond_stage_model.state_dict(keep_vars=True)}
-        self.engine = PatchEngine(tensors, backup_device=backup_device)
+        self.engine = PatchEngine(tensors, backup_device=backup_device, batch_same_shape=batch_same_shape)
 
     def _plan(self, loras, strengths, out_factor=1.0):
         blocks = _out_blocks(self.host.key_map.arch.name, out_factor) if out_factor != 1.0 else None

@@ -9,10 +9,12 @@ OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1 || true
 # tests first: they take seconds and tell whether the CUDA fast paths are exact
-timeout 120 "$PY" -m pytest -q tests/test_engine.py 2>&1 | tee "$OUTDIR/test_engine_cuda.txt" | tail -5
+timeout 120 "$PY" -m pytest -q tests/test_engine.py tests/test_engine_batches.py 2>&1 | tee "$OUTDIR/test_engine_cuda.txt" | tail -5
 tests_rc=${PIPESTATUS[0]}
-# the GPU bench: SD1.5, ranks 8/32, 1 and 4 LoRAs, all five implementations, CUDA-event timing
-timeout 420 "$PY" -m bench --device cuda --quick --out "$OUTDIR" 2>&1 | grep -v -i "warning\|autocast" \
+# the GPU bench: SD1.5, ranks 8/32, 1 and 4 LoRAs, all implementations plus the engine without same-shape
+# batching (the A/B of the batched path), CUDA-event timing
+timeout 420 "$PY" -m bench --device cuda --quick --impls core,nodes,engine,engine-perweight,lorapatcher,diffusers \
+  --out "$OUTDIR" 2>&1 | grep -v -i "warning\|autocast" \
   | tee "$OUTDIR/bench_cuda.log" | tail -30
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$tests_rc bench rc=$bench_rc (results in $OUTDIR)"

@@ -81,19 +81,27 @@ def test_fused_stack_equals_sequential_application(device, n_loras):
 
 
 def test_fused_stack_uses_one_matmul_per_weight(monkeypatch):
-    """Rank concatenation: one addmm per target weight, whatever the stack size."""
+    """Rank concatenation: one matmul per target weight, whatever the stack size, on the first patch (in place
+    on the pristine weight) and on a re-patch (one addmm from the backup)."""
     calls = []
-    real_addmm = torch.addmm
+    real_addmm, real_addmm_ = torch.addmm, torch.Tensor.addmm_
 
     def counting_addmm(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append(("addmm", args[1].shape))
         return real_addmm(*args, **kwargs)
 
+    def counting_addmm_(self, *args, **kwargs):
+        calls.append(("addmm_", args[0].shape))
+        return real_addmm_(self, *args, **kwargs)
+
     monkeypatch.setattr(torch, "addmm", counting_addmm)
-    tensors = make_tensors()
-    PatchEngine(tensors).apply(stack_plan(4, rank=3))
-    assert len(calls) == len(SHAPES)
-    assert all(shape[1] == 3 + 4 + 5 + 6 for shape in calls)  # ranks 3..6 concatenated
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting_addmm_)
+    engine = PatchEngine(make_tensors())
+    engine.apply(stack_plan(4, rank=3))
+    assert [c[0] for c in calls] == ["addmm_"] * len(SHAPES)
+    engine.apply(stack_plan(4, rank=3, strengths=[0.1, 0.2, 0.3, 0.4]))
+    assert [c[0] for c in calls[len(SHAPES):]] == ["addmm"] * len(SHAPES)
+    assert all(shape[1] == 3 + 4 + 5 + 6 for _, shape in calls)  # ranks 3..6 concatenated
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,3 +345,27 @@ def _check_pinned_cpu_backup_of_gpu_weights():
 if torch.cuda.is_available():  # pinned backups exist only for GPU weights; collected on GPU machines only
     def test_cpu_backup_of_gpu_weights_is_pinned_and_exact():
         _check_pinned_cpu_backup_of_gpu_weights()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_patch_in_place_and_repatch_from_backup_agree_and_restore_exactly(dtype):
+    """The first patch works on the pristine tensor itself, a re-patch recomputes from the backup: both give
+    the bits a fresh engine gives, the backup holds the original bits, and its memory is accounted and freed."""
+    g = _gen(3)
+    tensors = {"big.weight": torch.randn(1024, 768, generator=g).to(dtype), "small.weight": torch.randn(8, 8).to(dtype)}
+    originals = {k: t.clone() for k, t in tensors.items()}
+    plan = {k: [WeightPatch(lora_module(k, t.shape, 8, 21), 0.9)] for k, t in tensors.items()}
+    engine = PatchEngine(tensors)
+    engine.apply(plan)
+    assert engine.backup_bytes() == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert torch.equal(engine._backups["big.weight"], originals["big.weight"])
+    assert not torch.equal(tensors["big.weight"], originals["big.weight"])
+    changed = {k: [WeightPatch(p[0].module, -0.4)] for k, p in plan.items()}
+    engine.apply(changed)
+    fresh = {k: t.clone() for k, t in originals.items()}
+    PatchEngine(fresh).apply(changed)
+    for key in plan:
+        assert torch.equal(tensors[key], fresh[key]), key
+    engine.restore()
+    assert engine.backup_bytes() == 0
+    assert all(torch.equal(tensors[k], originals[k]) for k in tensors)
