@@ -15,16 +15,16 @@ HOST_DIR = Path(os.environ.get("LORA_CORE_COMFYUI", REPO / ".host" / "ComfyUI"))
 _imported = False
 
 
-def import_comfy():
-    """Put ComfyUI on sys.path with `--cpu` and import its core modules once. Returns the `comfy` package."""
+def import_comfy(cpu: bool = True):
+    """Put ComfyUI on sys.path with `--cpu` (unless `cpu=False`: GPU benchmarks want ComfyUI's real device
+    handling) and import its core modules once. Returns the `comfy` package."""
     global _imported
     if not _imported:
         if not (HOST_DIR / "comfy" / "model_patcher.py").exists():
             raise RuntimeError(f"ComfyUI host not found in {HOST_DIR}: run `make host` (or `make test`).")
         if str(HOST_DIR) not in sys.path:
             sys.path.insert(0, str(HOST_DIR))
-        if "--cpu" not in sys.argv:
-            sys.argv = [sys.argv[0], "--cpu"]
+        sys.argv = [sys.argv[0], "--cpu"] if cpu else [sys.argv[0]]
         import comfy.options
 
         comfy.options.enable_args_parsing()
