@@ -199,9 +199,11 @@ def _stack_to(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torc
 
 def _copy_all(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """dst[i] <- src[i] for many tensors in as few kernels as the backend allows."""
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(list(destinations), list(sources))
-    else:  # pragma: no cover - torch < 2.1
+    destinations, sources = list(destinations), list(sources)
+    same = {(t.device, t.dtype) for t in destinations + sources}
+    if hasattr(torch, "_foreach_copy_") and len(same) == 1:
+        torch._foreach_copy_(destinations, sources)
+    else:  # across devices (a GPU weight's pinned CPU backup) or dtypes, or torch < 2.1: one copy each
         for dst, src in zip(destinations, sources):
             dst.copy_(src)
 

@@ -134,3 +134,18 @@ def test_failure_after_batches_were_written_rolls_them_back(exploding_delta):
     assert all(torch.equal(tensors[k], before[k]) for k in SHAPES)
     engine.restore()
     assert all(torch.equal(tensors[k], v) for k, v in make_tensors().items())
+
+
+if torch.cuda.is_available():  # GPU weights with pinned CPU backups exist only on GPU machines (bench/gpu_check.sh)
+    def test_batched_gpu_weights_with_pinned_cpu_backups_restore_exactly():
+        tensors = make_tensors("cuda", torch.float16)
+        originals = {k: t.clone() for k, t in tensors.items()}
+        engine = PatchEngine(tensors, backup_device="cpu")   # batching is on by default for CUDA weights
+        engine.apply(make_plan([1.0, 0.5]))
+        assert all(b.device.type == "cpu" and b.is_pinned() for b in engine._backups.values())
+        engine.apply(make_plan([0.2, 0.5]))
+        fresh = {k: t.clone() for k, t in originals.items()}
+        PatchEngine(fresh).apply(make_plan([0.2, 0.5]))
+        assert all(torch.equal(tensors[k], fresh[k]) for k in SHAPES)
+        engine.restore()
+        assert all(torch.equal(tensors[k], originals[k]) for k in SHAPES)
