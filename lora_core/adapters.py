@@ -69,8 +69,12 @@ def _opt_role(module: ModuleLora, role: str) -> Optional[torch.Tensor]:
     return module.tensors.get(role)
 
 
-def _f32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.to(device=device, dtype=F32)
+def _f32(tensor: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    # Move first, widen second: torch converts a CPU->GPU copy on the CPU, which would send twice the bytes
+    # of an fp16 factor over PCIe and spend CPU time on the conversion.
+    if device is not None and tensor.device != torch.device(device):
+        tensor = tensor.to(device)
+    return tensor.to(dtype=F32)
 
 
 def _rank_scale(alpha: Optional[float], rank: int) -> float:
@@ -463,16 +467,18 @@ def is_additive(module: ModuleLora) -> bool:
     return module.algo in _ADDITIVE and module.dora_scale is None
 
 
-def lowrank_factors(module: ModuleLora, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor] | None:
+def lowrank_factors(module: ModuleLora, weight_shape: torch.Size,
+                    device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(up2d, down2d) in fp32 with alpha/rank folded into up2d, ``(up2d @ down2d).reshape(weight_shape)``
     equal to delta; None unless the module is a plain (non-DoRA) LoRA/LoCon whose delta fits weight_shape.
-    A Tucker `mid` is folded into down2d. Tensors stay on the module's device."""
+    A Tucker `mid` is folded into down2d. On `device` (default: the module's own): the factors travel in
+    their file dtype and are widened to fp32 there, so a GPU patch moves half the bytes of an fp16 LoRA."""
     if module.algo != "lora" or module.dora_scale is not None:
         return None
     shape = _lora_shape(module)
     if shape[0] != weight_shape[0] or _numel(shape) != _numel(weight_shape):
         return None
-    return _lora_factors_on(module, None)
+    return _lora_factors_on(module, device)
 
 
 def bias_delta(module: ModuleLora, bias: torch.Tensor) -> torch.Tensor | None:

@@ -81,7 +81,7 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
             if delta is not None:
                 weight.add_(delta.to(weight.device, weight.dtype), alpha=patch.strength)
             continue
-        factors = adapters.lowrank_factors(patch.module, weight.shape)
+        factors = adapters.lowrank_factors(patch.module, weight.shape, weight.device)
         if factors is not None:
             up, down = factors
             lowrank_run.append((up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype),
@@ -137,7 +137,7 @@ def _single_lowrank_run(patches: Sequence[WeightPatch], weight: torch.Tensor):
             continue
         if patch.target != "weight":
             return None
-        factors = adapters.lowrank_factors(patch.module, weight.shape)
+        factors = adapters.lowrank_factors(patch.module, weight.shape, weight.device)
         if factors is None:
             return None
         up, down = factors
