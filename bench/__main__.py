@@ -1,11 +1,16 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL.
 
-    python -m bench [--quick] [--device cpu|cuda] [--arch sd15,sdxl] [--ranks 8,32,128] [--stack 1,4,8]
+    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl] [--ranks 8,32,128] [--stack 1,4,8]
                     [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)] [--out bench/results] [--threads N]
 
 Compares, in one run and on the same machine: ComfyUI core, our nodes inside ComfyUI's ModelPatcher, the
 standalone PatchEngine (on the ComfyUI modules), diffusers `fuse_lora`, and our LoraPatcher on the diffusers
 model. Writes bench/results/bench-<device>-<time>.json and .md (or under $OUT when set). Not a test.
+
+Default (`make bench`): SD1.5 over ranks 8/32/128 and 1/4/8 LoRAs with every implementation, and SDXL with
+rank 32, 1 and 4 LoRAs; on a CPU the SDXL part runs the ComfyUI implementations only (a second, diffusers copy
+of SDXL does not fit next to it in a small machine's memory, and the full grid takes hours on a CPU).
+About 20 minutes on a 2-core CPU. `--full` runs the whole grid for both architectures.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ SAMPLE_TARGETS = 10
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="SD1.5 only, ranks 8/32, 1 and 4 LoRAs")
+    p.add_argument("--full", action="store_true", help="the whole grid for SDXL too, also on a CPU")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--arch", default=None, help="comma list of sd15, sdxl")
     p.add_argument("--ranks", default=None, help="comma list, default 8,32,128")
     p.add_argument("--stack", default=None, help="comma list of LoRA counts, default 1,4,8")
-    p.add_argument("--impls", default="core,nodes,engine,lorapatcher,diffusers")
+    p.add_argument("--impls", default=None, help="default core,nodes,engine,lorapatcher,diffusers")
     p.add_argument("--dtype", default=None, help="model dtype: fp32, bf16, fp16 (default: CPU fp32 for SD1.5 "
                                                  "and bf16 for SDXL; GPU fp16)")
     p.add_argument("--no-forward", action="store_true", help="skip the sampling-speed check")
@@ -42,10 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1, help="run each case N times, keep the fastest of each phase "
                                                          "(a shared CPU is noisy)")
     args = p.parse_args(argv)
+    # SDXL on a CPU gets a smaller case unless the grid was asked for (see the module docstring)
+    args.light_sdxl = (args.device == "cpu" and not args.full and args.ranks is None and args.stack is None
+                       and args.impls is None)
     args.arch = (args.arch or ("sd15" if args.quick else "sd15,sdxl")).split(",")
     args.ranks = [int(r) for r in (args.ranks or ("8,32" if args.quick else "8,32,128")).split(",")]
     args.stack = [int(n) for n in (args.stack or ("1,4" if args.quick else "1,4,8")).split(",")]
-    args.impls = args.impls.split(",")
+    args.impls = (args.impls or "core,nodes,engine,lorapatcher,diffusers").split(",")
     return args
 
 
@@ -195,9 +204,12 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
             "patched_params": sum(t.out_features * t.in_features for t in targets),
             "floor_bytes": floor_bytes, "floor_s_h200": floor_bytes / HBM_BYTES_PER_S}
     results["archs"][arch] = meta
-    case_list = [(r, n) for r in args.ranks for n in args.stack]
-    comfy_impls = [i for i in ("core", "nodes", "engine", "engine-batched", "engine-perweight") if i in args.impls]
-    diffusers_impls = [i for i in ("lorapatcher", "diffusers") if i in args.impls]
+    ranks, stack, impls = args.ranks, args.stack, args.impls
+    if arch == "sdxl" and args.light_sdxl:
+        ranks, stack, impls = [32], [1, 4], [i for i in impls if i in ("core", "nodes", "engine")]
+    case_list = [(r, n) for r in ranks for n in stack]
+    comfy_impls = [i for i in ("core", "nodes", "engine", "engine-batched", "engine-perweight") if i in impls]
+    diffusers_impls = [i for i in ("lorapatcher", "diffusers") if i in impls]
 
     if comfy_impls:
         log(f"[{arch}] building ComfyUI model + CLIP ({meta['dtype']}, {device})")
@@ -216,7 +228,7 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
                 log(summary(row))
             del reference
         if not args.no_forward and "engine" in comfy_impls:
-            loras = [factory.make(0, 32 if 32 in args.ranks else args.ranks[0])]
+            loras = [factory.make(0, 32 if 32 in ranks else ranks[0])]
             results["forward"][arch] = comfy_forward_check(env, loras, clock, device, dtype)
             log(f"[{arch}] forward: {results['forward'][arch]}")
         del env, makers   # the lambdas hold the env too: one implementation's model alive at a time
