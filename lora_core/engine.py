@@ -111,7 +111,7 @@ def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPat
 def _tensor_identity(tensor) -> tuple:
     if not isinstance(tensor, torch.Tensor):
         return (tensor,)
-    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, str(tensor.device))
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
 def _module_identity(module: ModuleLora) -> tuple:
@@ -339,11 +339,10 @@ class PatchEngine:
     def apply(self, plan: Mapping[str, Sequence[WeightPatch]]) -> dict[str, int]:
         """Make the model equal to its original weights plus `plan`. Returns counts of what was done."""
         plan = {key: list(patches) for key, patches in plan.items() if patches}
-        for key, patches in plan.items():
-            validate_patches(key, self._tensor(key), patches)
-
         signatures = {k: _signature(p) for k, p in plan.items()}
         to_write = [k for k in plan if k not in self._applied or self._applied[k][1] != signatures[k]]
+        for key in to_write:  # an unchanged key was validated when it was written, with the same tensors
+            validate_patches(key, self._tensor(key), plan[key])
         to_restore = [k for k in self._applied if k not in plan]
         previous = dict(self._applied)
         done: list[str] = []
