@@ -230,7 +230,7 @@ class EngineImpl:
         return {"restore": restore}
 
     def held_bytes(self) -> int:
-        return self.engine.backup_bytes()
+        return self.engine.backup_bytes() + self.engine.factor_bytes()
 
     def side_branches(self) -> int:
         modules = list(self.env.patcher.model.modules()) + list(self.env.clip.cond_stage_model.modules())
@@ -355,7 +355,7 @@ class LoraPatcherImpl:
         return {"restore": restore}
 
     def held_bytes(self) -> int:
-        return self.patcher.engine.backup_bytes()
+        return self.patcher.engine.backup_bytes() + self.patcher.engine.factor_bytes()
 
     def side_branches(self) -> int:
         return sum(bool(m._forward_hooks) or bool(m._forward_pre_hooks) or hasattr(m, "base_layer")

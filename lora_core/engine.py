@@ -128,26 +128,30 @@ def _signature(patches: Sequence[WeightPatch]) -> tuple:
     return tuple((_module_identity(p.module), p.strength, p.target) for p in patches)
 
 
-def _single_lowrank_run(patches: Sequence[WeightPatch], weight: torch.Tensor):
-    """(ups, downs, alpha) with strengths folded in when every active patch is a weight-independent low-rank one
-    (the common kohya/PEFT stack), so the engine can write backup + ups @ downs in one pass; else None."""
-    ups, downs = [], []
-    for patch in patches:
-        if patch.strength == 0.0:
-            continue
-        if patch.target != "weight":
-            return None
-        factors = adapters.lowrank_factors(patch.module, weight.shape, weight.device)
-        if factors is None:
-            return None
-        up, down = factors
-        ups.append((up.to(weight.device, weight.dtype), patch.strength))
-        downs.append(down.to(weight.device, weight.dtype))
-    if not ups:
-        return None
-    if len(ups) == 1:  # same arithmetic as _fuse_lowrank, so both paths give identical bits
-        return ups[0][0], downs[0], ups[0][1]
-    return torch.cat([up * strength for up, strength in ups], dim=1), torch.cat(downs, dim=0), 1.0
+@dataclass
+class _LowRank:
+    """A key's active patches as one rank-concatenated product, kept between applies so a strength change
+    reuses the prepared factors: W + (ups * column strengths) @ downs."""
+
+    idents: tuple              # module identities of the active patches, strengths excluded
+    ups: torch.Tensor          # (out, R) fp32, alpha/rank folded in, on the weight's device
+    downs: torch.Tensor        # (R, in) fp32
+    ranks: tuple[int, ...]     # the rank of each LoRA, in column order
+
+    def nbytes(self) -> int:
+        return (self.ups.numel() + self.downs.numel()) * 4
+
+    def column_strengths(self, strengths: Sequence[float]) -> torch.Tensor:
+        """(..., R): each LoRA's strength repeated over its columns; `strengths` is (k,) or (G, k)."""
+        values = torch.tensor(strengths, dtype=torch.float32)
+        return torch.repeat_interleave(values, torch.tensor(self.ranks), dim=-1).to(self.ups.device)
+
+    def scaled(self, strengths: Sequence[float]) -> tuple[torch.Tensor, float]:
+        """(ups, alpha) for one addmm. One LoRA keeps its strength as alpha (no extra pass); a stack scales each
+        LoRA's columns: the same fp32 products as patch_weight's `up * strength`, so both give identical bits."""
+        if len(self.ranks) == 1:
+            return self.ups, strengths[0]
+        return self.ups * self.column_strengths(strengths), 1.0
 
 
 def _backup_buffer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -164,32 +168,6 @@ def _backup_buffer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------- same-shape batches
 
 BATCH_BYTES = 256 << 20   # fp32 working set of one batched GEMM: bounds the temporary memory of a batch
-
-
-@dataclass
-class _Member:
-    key: str
-    ups: torch.Tensor    # (out, R) fp32, strengths and alpha/rank folded in, on the factors' device
-    downs: torch.Tensor  # (R, in) fp32
-
-
-def _lowrank_member(key: str, patches: Sequence[WeightPatch], shape: torch.Size) -> Optional[_Member]:
-    """The key's patches as one rank-concatenated product, or None when they are not all plain low-rank ones."""
-    ups, downs = [], []
-    for patch in patches:
-        if patch.strength == 0.0:
-            continue
-        factors = adapters.lowrank_factors(patch.module, shape) if patch.target == "weight" else None
-        if factors is None:
-            return None
-        ups.append(factors[0] * patch.strength)
-        downs.append(factors[1])
-    if not ups:
-        return None
-    if len(ups) == 1:
-        return _Member(key, ups[0], downs[0])
-    device = ups[0].device
-    return _Member(key, torch.cat([u.to(device) for u in ups], dim=1), torch.cat([d.to(device) for d in downs]))
 
 
 def _stack_to(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -232,6 +210,7 @@ class PatchEngine:
         self.batch_same_shape = batch_same_shape
         self._backups: dict[str, torch.Tensor] = {}
         self._applied: dict[str, tuple[Sequence[WeightPatch], tuple]] = {}
+        self._lowranks: dict[str, _LowRank] = {}   # per patched key, while its modules stay the same
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, **kwargs) -> "PatchEngine":
@@ -243,6 +222,34 @@ class PatchEngine:
 
     def backup_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+    def factor_bytes(self) -> int:
+        """Memory of the prepared low-rank factors kept for re-patching (fp32 copies of the LoRAs' factors)."""
+        return sum(entry.nbytes() for entry in self._lowranks.values())
+
+    def _lowrank(self, key: str, patches: Sequence[WeightPatch], signature: tuple,
+                 tensor: torch.Tensor) -> Optional[tuple[_LowRank, list[float]]]:
+        """(factors, strengths) when every active patch of `key` is a plain low-rank one, else None. The fp32
+        factors on the weight's device are prepared once per set of modules and reused while only strengths
+        change (a strength or block-vector change then costs no conversion and no host-to-device copy)."""
+        active = [(patch, ident) for patch, (ident, _, _) in zip(patches, signature) if patch.strength != 0.0]
+        if not active or any(patch.target != "weight" for patch, _ in active):
+            return None
+        idents = tuple(ident for _, ident in active)
+        strengths = [patch.strength for patch, _ in active]
+        cached = self._lowranks.get(key)
+        if cached is not None and cached.idents == idents and cached.ups.device == tensor.device:
+            return cached, strengths
+        factors = [adapters.lowrank_factors(patch.module, tensor.shape, tensor.device) for patch, _ in active]
+        if any(f is None for f in factors):
+            return None
+        if len(factors) == 1:
+            ups, downs = factors[0]
+        else:
+            ups, downs = torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors])
+        entry = _LowRank(idents, ups, downs, tuple(f[1].shape[0] for f in factors))
+        self._lowranks[key] = entry
+        return entry, strengths
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
@@ -258,62 +265,71 @@ class PatchEngine:
             self._backups[key] = saved
         return saved
 
-    def _write(self, key: str, patches: Sequence[WeightPatch], pristine: bool = False) -> None:
+    def _write(self, key: str, patches: Sequence[WeightPatch], signature: tuple, pristine: bool = False) -> None:
         """tensor := backup + patches, computed in fp32 and written once.
 
-        fp32 tensors are patched in place (no working copy): a `pristine` one (still equal to its backup)
-        directly, otherwise in a single addmm that reads the backup and writes the tensor when the whole list
-        is one low-rank run. Other dtypes go through one fp32 working copy and are rounded once; a pristine
-        tensor is its own source, so a GPU weight with a CPU backup is not read back over PCIe."""
+        A plain low-rank stack is one addmm: on an fp32 tensor in place when it is `pristine` (still equal to
+        its backup), else reading the backup and writing the tensor in one pass. Other dtypes go through one
+        fp32 working copy and are rounded once; a pristine tensor is its own source, so a GPU weight with a CPU
+        backup is not read back over PCIe. Other adapters run through patch_weight, in order."""
         tensor = self._tensor(key)
         original = self._backup(key, tensor)
+        lowrank = self._lowrank(key, patches, signature, tensor)
         with torch.no_grad():
-            if tensor.dtype == torch.float32 and tensor.is_contiguous():
-                if pristine:
-                    patch_weight(tensor, patches, key)
+            fp32_in_place = tensor.dtype == torch.float32 and tensor.is_contiguous()
+            if lowrank is not None:
+                (entry, strengths), source = lowrank, tensor if pristine else original
+                ups, alpha = entry.scaled(strengths)
+                if fp32_in_place and source.device == tensor.device:
+                    if pristine:
+                        _flat_view(tensor).addmm_(ups, entry.downs, alpha=alpha)
+                    else:
+                        torch.addmm(_flat_view(original), ups, entry.downs, alpha=alpha, out=_flat_view(tensor))
                     return
-                run = _single_lowrank_run(patches, tensor)
-                if run is not None and original.device == tensor.device:
-                    ups, downs, alpha = run
-                    torch.addmm(_flat_view(original), ups, downs, alpha=alpha, out=_flat_view(tensor))
-                    return
-                tensor.copy_(original)
+                work = source.to(tensor.device, torch.float32, copy=True)
+                _flat_view(work).addmm_(ups, entry.downs, alpha=alpha)
+                tensor.copy_(work)
+                return
+            if fp32_in_place:
+                if not pristine:
+                    tensor.copy_(original)
                 patch_weight(tensor, patches, key)
                 return
             work = (tensor if pristine else original).to(tensor.device, torch.float32, copy=True)
             patch_weight(work, patches, key)
             tensor.copy_(work)
 
-    def _batches(self, keys: Sequence[str], plan: Mapping[str, Sequence[WeightPatch]]):
-        """Split `keys` into same-shape batches [(pristine, [members])] and the keys written one by one."""
-        groups: dict[tuple, list[_Member]] = {}
+    def _batches(self, keys: Sequence[str], plan: Mapping[str, Sequence[WeightPatch]], signatures: Mapping):
+        """Split `keys` into same-shape batches [(pristine, [(key, factors, strengths)])] and the keys written one
+        by one."""
+        groups: dict[tuple, list] = {}
         single: list[str] = []
         for key in keys:
             tensor = self._tensor(key)
             batch = self.batch_same_shape if self.batch_same_shape is not None else tensor.device.type == "cuda"
-            member = (_lowrank_member(key, plan[key], tensor.shape)
-                      if batch and tensor.is_floating_point() and tensor.is_contiguous() else None)
-            if member is None:
+            lowrank = (self._lowrank(key, plan[key], signatures[key], tensor)
+                       if batch and tensor.is_floating_point() and tensor.is_contiguous() else None)
+            if lowrank is None:
                 single.append(key)
                 continue
             pristine = key not in self._applied
-            group = (tuple(tensor.shape), tensor.dtype, tensor.device, pristine, member.ups.shape[1])
-            groups.setdefault(group, []).append(member)
+            group = (tuple(tensor.shape), tensor.dtype, tensor.device, pristine, lowrank[0].ranks)
+            groups.setdefault(group, []).append((key, *lowrank))
         batches = []
         for (shape, _, _, pristine, _), members in groups.items():
             if len(members) == 1:
-                single.append(members[0].key)
+                single.append(members[0][0])
                 continue
             per_batch = max(1, BATCH_BYTES // (4 * math.prod(shape)))
             batches += [(pristine, members[i:i + per_batch]) for i in range(0, len(members), per_batch)]
         return batches, single
 
-    def _write_batch(self, pristine: bool, members: Sequence[_Member]) -> None:
-        """tensor_i := backup_i + ups_i @ downs_i for same-shape tensors: one stack, one baddbmm, one cast and
-        one multi-tensor copy, whatever the number of weights. Same arithmetic as `_write` (fp32, one
-        rounding); the bits may differ from it in the last place where the batched GEMM sums in another
-        order."""
-        keys = [m.key for m in members]
+    def _write_batch(self, pristine: bool, members: Sequence[tuple[str, _LowRank, list[float]]]) -> None:
+        """tensor_i := backup_i + ups_i @ downs_i for same-shape tensors with the same ranks: a few stacks, one
+        column scaling, one baddbmm, one cast and one multi-tensor copy, whatever the number of weights. Same
+        arithmetic as `_write` (fp32, one rounding); the bits may differ from it in the last place where the
+        batched GEMM sums in another order."""
+        keys = [key for key, _, _ in members]
         lives = [self._tensor(k) for k in keys]
         first = lives[0]
         rows = first.shape[0]
@@ -325,9 +341,9 @@ class PatchEngine:
         sources = lives if pristine else [self._backups[k] for k in keys]
         with torch.no_grad():
             work = _stack_to([t.detach().reshape(rows, -1) for t in sources], first.device, torch.float32)
-            ups = _stack_to([m.ups for m in members], first.device, torch.float32)
-            downs = _stack_to([m.downs for m in members], first.device, torch.float32)
-            work.baddbmm_(ups, downs)
+            ups = torch.stack([entry.ups for _, entry, _ in members])
+            ups *= members[0][1].column_strengths([strengths for _, _, strengths in members]).unsqueeze(1)
+            work.baddbmm_(ups, torch.stack([entry.downs for _, entry, _ in members]))
             if first.dtype != torch.float32:
                 work = work.to(first.dtype)
             _copy_all([t.detach().view(rows, -1) for t in lives], work.unbind(0))
@@ -347,15 +363,15 @@ class PatchEngine:
         previous = dict(self._applied)
         done: list[str] = []
         try:
-            batches, single = self._batches(to_write, plan)
+            batches, single = self._batches(to_write, plan, signatures)
             for pristine, members in batches:
-                done.extend(m.key for m in members)
+                done.extend(key for key, _, _ in members)
                 self._write_batch(pristine, members)
             for key in single:
                 # Listed before the write: an fp32 tensor is patched in place, so a failure inside
                 # patch_weight leaves it half-written and it must be rolled back too.
                 done.append(key)
-                self._write(key, plan[key], pristine=key not in self._applied)
+                self._write(key, plan[key], signatures[key], pristine=key not in self._applied)
             for key in to_restore:
                 done.append(key)
                 self._restore_key(key)
@@ -367,17 +383,21 @@ class PatchEngine:
         for key in to_restore:
             del self._applied[key]
             del self._backups[key]
+            self._lowranks.pop(key, None)
         return {"written": len(to_write), "restored": len(to_restore), "unchanged": len(plan) - len(to_write)}
 
     def _rollback(self, keys: Iterable[str], previous: Mapping[str, tuple]) -> None:
         for key in keys:
             if key in previous:
-                self._write(key, previous[key][0])
+                self._write(key, *previous[key])
             elif key in self._backups:  # a failure before the backup was taken changed nothing
                 self._restore_key(key)
         for key in list(self._backups):
             if key not in previous:
                 del self._backups[key]
+        for key in list(self._lowranks):
+            if key not in previous:
+                del self._lowranks[key]
 
     def restore(self) -> None:
         """Put every patched tensor back exactly as it was and drop the backups."""
@@ -385,3 +405,4 @@ class PatchEngine:
             self._restore_key(key)
         self._applied.clear()
         self._backups.clear()
+        self._lowranks.clear()

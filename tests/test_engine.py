@@ -369,3 +369,42 @@ def test_first_patch_in_place_and_repatch_from_backup_agree_and_restore_exactly(
     engine.restore()
     assert engine.backup_bytes() == 0
     assert all(torch.equal(tensors[k], originals[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_strength_changes_reuse_prepared_factors_until_the_modules_change(monkeypatch, batch):
+    """fp32 factors are prepared once per set of modules: a strength or block change converts nothing, a new
+    module for one key re-prepares that key only, and their memory is reported and freed with the key."""
+    calls = []
+    real = adapters.lowrank_factors
+
+    def counting(module, shape, device=None):
+        calls.append(module.name)
+        return real(module, shape, device)
+
+    monkeypatch.setattr(adapters, "lowrank_factors", counting)
+    tensors = make_tensors()
+    originals = {k: t.clone() for k, t in tensors.items()}
+    engine = PatchEngine(tensors, batch_same_shape=batch)
+    plan = stack_plan(2)
+    engine.apply(plan)
+    assert len(calls) == 2 * len(SHAPES)
+    assert engine.factor_bytes() == sum(4 * sum(t.numel() for p in ps for t in p.module.tensors.values())
+                                        for ps in plan.values())
+    calls.clear()
+    changed = {k: [WeightPatch(p.module, s) for p, s in zip(ps, [0.3, -0.2])] for k, ps in plan.items()}
+    engine.apply(changed)
+    assert calls == []
+    fresh = {k: t.clone() for k, t in originals.items()}
+    PatchEngine(fresh, batch_same_shape=batch).apply(changed)
+    assert all(torch.equal(tensors[k], fresh[k]) for k in SHAPES)
+    calls.clear()
+    changed["a.weight"] = [WeightPatch(lora_module("new.a", SHAPES["a.weight"], 3, 99), 0.5)]
+    engine.apply(changed)
+    assert calls == ["new.a"]
+    changed.pop("b.weight")
+    engine.apply(changed)
+    assert "b.weight" not in engine._lowranks
+    engine.restore()
+    assert engine.factor_bytes() == 0 and engine.backup_bytes() == 0
+    assert all(torch.equal(tensors[k], originals[k]) for k in SHAPES)
