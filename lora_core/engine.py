@@ -124,10 +124,6 @@ def _module_identity(module: ModuleLora) -> tuple:
             _tensor_identity(module.bias_diff), tuple(sorted(module.flags.items())))
 
 
-def _signature(patches: Sequence[WeightPatch]) -> tuple:
-    return tuple((_module_identity(p.module), p.strength, p.target) for p in patches)
-
-
 @dataclass
 class _LowRank:
     """A key's active patches as one rank-concatenated product, kept between applies so a strength change
@@ -198,6 +194,9 @@ class PatchEngine:
     * all-or-nothing: every key is validated before any write, and a failure part-way restores each key
       touched in that call to its previous state;
     * `restore()` copies every backup back (bit-exact) and frees them.
+
+    Patches are compared by the storage of their modules' tensors, and a ModuleLora's identity is remembered
+    while it is applied: treat a ModuleLora as read-only once applied (a changed LoRA is a new ModuleLora).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], backup_device: Optional[str | torch.device] = None,
@@ -211,6 +210,9 @@ class PatchEngine:
         self._backups: dict[str, torch.Tensor] = {}
         self._applied: dict[str, tuple[Sequence[WeightPatch], tuple]] = {}
         self._lowranks: dict[str, _LowRank] = {}   # per patched key, while its modules stay the same
+        # id(module) -> (module, identity) for the modules of the applied plan: a plan rebuilt from the same parsed
+        # file (formats.parse_modules keeps its result) is compared without walking every module's tensors
+        self._identities: dict[int, tuple[ModuleLora, tuple]] = {}
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, **kwargs) -> "PatchEngine":
@@ -222,6 +224,17 @@ class PatchEngine:
 
     def backup_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+    def _signature(self, patches: Sequence[WeightPatch]) -> tuple:
+        return tuple((self._identity(p.module), p.strength, p.target) for p in patches)
+
+    def _identity(self, module: ModuleLora) -> tuple:
+        known = self._identities.get(id(module))
+        if known is not None and known[0] is module:
+            return known[1]
+        identity = _module_identity(module)
+        self._identities[id(module)] = (module, identity)
+        return identity
 
     def factor_bytes(self) -> int:
         """Memory of the prepared low-rank factors kept for re-patching (fp32 copies of the LoRAs' factors)."""
@@ -355,7 +368,7 @@ class PatchEngine:
     def apply(self, plan: Mapping[str, Sequence[WeightPatch]]) -> dict[str, int]:
         """Make the model equal to its original weights plus `plan`. Returns counts of what was done."""
         plan = {key: list(patches) for key, patches in plan.items() if patches}
-        signatures = {k: _signature(p) for k, p in plan.items()}
+        signatures = {k: self._signature(p) for k, p in plan.items()}
         to_write = [k for k in plan if k not in self._applied or self._applied[k][1] != signatures[k]]
         for key in to_write:  # an unchanged key was validated when it was written, with the same tensors
             validate_patches(key, self._tensor(key), plan[key])
@@ -384,6 +397,8 @@ class PatchEngine:
             del self._applied[key]
             del self._backups[key]
             self._lowranks.pop(key, None)
+        live = {id(p.module) for patches in plan.values() for p in patches}
+        self._identities = {i: known for i, known in self._identities.items() if i in live}
         return {"written": len(to_write), "restored": len(to_restore), "unchanged": len(plan) - len(to_write)}
 
     def _rollback(self, keys: Iterable[str], previous: Mapping[str, tuple]) -> None:
@@ -398,6 +413,8 @@ class PatchEngine:
         for key in list(self._lowranks):
             if key not in previous:
                 del self._lowranks[key]
+        live = {id(p.module) for patches, _ in previous.values() for p in patches}
+        self._identities = {i: known for i, known in self._identities.items() if i in live}
 
     def restore(self) -> None:
         """Put every patched tensor back exactly as it was and drop the backups."""
@@ -406,3 +423,4 @@ class PatchEngine:
         self._applied.clear()
         self._backups.clear()
         self._lowranks.clear()
+        self._identities.clear()

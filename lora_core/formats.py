@@ -165,7 +165,22 @@ def _group_keys(lora: LoraFile, unused: list) -> dict[str, _Group]:
 
 
 def parse_modules(lora: LoraFile) -> ParsedLora:
-    """Turn a LoraFile into ModuleLora objects keyed by the file's module prefix (see module docstring)."""
+    """Turn a LoraFile into ModuleLora objects keyed by the file's module prefix (see module docstring).
+
+    Parsed once per file: the result is kept on the LoraFile and returned again while its tensors and metadata
+    are the same objects, so a strength or block change does not re-parse, and the engine sees the same
+    ModuleLora objects again. The result is shared: treat it as read-only."""
+    fingerprint = (tuple((key, id(t), t.data_ptr(), t.shape) for key, t in lora.tensors.items()),
+                   tuple(lora.metadata.items()))
+    cached = lora.__dict__.get("_parsed")
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    parsed = _parse_modules(lora)
+    lora.__dict__["_parsed"] = (fingerprint, parsed)
+    return parsed
+
+
+def _parse_modules(lora: LoraFile) -> ParsedLora:
     unused: list[tuple[str, str]] = []
     groups = _group_keys(lora, unused)
     adapter_alphas = _alphas_from_adapter_metadata(lora.metadata)

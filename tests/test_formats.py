@@ -385,3 +385,21 @@ def test_consumed_keys_match_comfyui_core(unet):
             theirs |= set(getattr(adapter, "loaded_keys", ()))
         alpha_keys = {k for k in sd if k.endswith((".alpha", ".dora_scale"))}
         assert ours - alpha_keys == theirs - alpha_keys
+
+
+def test_a_file_is_parsed_once_while_its_tensors_stay_the_same():
+    """A strength change re-plans from the same LoraFile: the parse is reused (same ModuleLora objects, which the
+    engine recognises without walking their tensors); replacing a tensor or the metadata parses again."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_a_proj.lora_down.weight": torch.randn(4, 8, generator=g),
+               "lora_unet_a_proj.lora_up.weight": torch.randn(8, 4, generator=g),
+               "lora_unet_a_proj.alpha": torch.tensor(2.0)}
+    lora = LoraFile(None, dict(tensors), {"ss_network_dim": "4"})
+    first = parse_modules(lora)
+    assert parse_modules(lora) is first
+    lora.tensors["lora_unet_a_proj.alpha"] = torch.tensor(4.0)
+    second = parse_modules(lora)
+    assert second is not first and second.modules["lora_unet_a_proj"].alpha == 4.0
+    lora.metadata["lora_adapter_metadata"] = "{}"
+    assert parse_modules(lora) is not second
+    assert LoraFile(None, dict(tensors)) == LoraFile(None, dict(tensors))   # the cache is not a dataclass field
