@@ -124,6 +124,10 @@ def _module_identity(module: ModuleLora) -> tuple:
             _tensor_identity(module.bias_diff), tuple(sorted(module.flags.items())))
 
 
+def _modules_of(signature: tuple) -> tuple:
+    return tuple((identity, target) for identity, _, target in signature)
+
+
 @dataclass
 class _LowRank:
     """A key's active patches as one rank-concatenated product, kept between applies so a strength change
@@ -370,8 +374,15 @@ class PatchEngine:
         plan = {key: list(patches) for key, patches in plan.items() if patches}
         signatures = {k: self._signature(p) for k, p in plan.items()}
         to_write = [k for k in plan if k not in self._applied or self._applied[k][1] != signatures[k]]
-        for key in to_write:  # an unchanged key was validated when it was written, with the same tensors
-            validate_patches(key, self._tensor(key), plan[key])
+        for key in to_write:
+            # Unchanged keys were validated when written; a key whose modules are the same (only strengths
+            # differ) needs only its strengths checked.
+            applied = self._applied.get(key)
+            if applied is not None and _modules_of(applied[1]) == _modules_of(signatures[key]):
+                for patch in plan[key]:
+                    check_strength(patch.strength, f"strength for {patch.module.name}")
+            else:
+                validate_patches(key, self._tensor(key), plan[key])
         to_restore = [k for k in self._applied if k not in plan]
         previous = dict(self._applied)
         done: list[str] = []

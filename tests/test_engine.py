@@ -408,3 +408,17 @@ def test_strength_changes_reuse_prepared_factors_until_the_modules_change(monkey
     engine.restore()
     assert engine.factor_bytes() == 0 and engine.backup_bytes() == 0
     assert all(torch.equal(tensors[k], originals[k]) for k in SHAPES)
+
+
+def test_a_bad_strength_on_the_same_modules_is_refused_before_any_write():
+    """A strength-only change skips the shape checks (done when the modules were first applied), not the
+    strength check."""
+    tensors = make_tensors()
+    engine = PatchEngine(tensors)
+    plan = stack_plan(2)
+    engine.apply(plan)
+    before = {k: t.clone() for k, t in tensors.items()}
+    bad = {k: [WeightPatch(p.module, s) for p, s in zip(ps, [0.5, float("inf")])] for k, ps in plan.items()}
+    with pytest.raises(LoraValueError, match="inf"):
+        engine.apply(bad)
+    assert all(torch.equal(tensors[k], before[k]) for k in SHAPES)
