@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (H200): engine tests on CUDA, then the quick benchmark on CUDA (fp16).
-# Usage: bash bench/gpu_check.sh        (results under $OUT when set, else bench/results; < 5 minutes)
+# Usage: bash bench/gpu_check.sh        (results under $OUT when set, else bench/results; < 10 minutes)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,9 +13,13 @@ timeout 120 "$PY" -m pytest -q tests/test_engine.py tests/test_engine_batches.py
 tests_rc=${PIPESTATUS[0]}
 # the GPU bench: SD1.5, ranks 8/32, 1 and 4 LoRAs, all implementations plus the engine without same-shape
 # batching (the A/B of the batched path), CUDA-event timing
-timeout 420 "$PY" -m bench --device cuda --quick --impls core,nodes,engine,engine-perweight,lorapatcher,diffusers \
+timeout 360 "$PY" -m bench --device cuda --quick --impls core,nodes,engine,engine-perweight,lorapatcher,diffusers \
   --out "$OUTDIR" 2>&1 | grep -v -i "warning\|autocast" \
   | tee "$OUTDIR/bench_cuda.log" | tail -30
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc (results in $OUTDIR)"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+# a strength change on ComfyUI's real load path on the GPU: how much of it is the model's move off and back
+timeout 100 "$PY" -m bench.strength_change --device cuda --repeat 2 2>&1 | grep -v -i "warning\|autocast" \
+  | tee "$OUTDIR/strength_change_cuda.md" | tail -8
+change_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc strength_change rc=$change_rc (results in $OUTDIR)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$change_rc" -eq 0 ]
