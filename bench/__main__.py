@@ -254,6 +254,29 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
         C.free()
 
 
+def machine_name() -> str:
+    """The CPU as the OS names it (/proc/cpuinfo on Linux), its family/model numbers, and the memory size."""
+    name, family, model, mem_kb = platform.processor() or platform.machine(), "", "", 0
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and name in ("", platform.machine(), platform.processor()):
+                    name = value
+                elif key == "cpu family" and not family:
+                    family = value
+                elif key == "model" and not model:
+                    model = value
+        with open("/proc/meminfo") as info:
+            mem_kb = int(info.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    details = [f"family {family} model {model}"] if family else []
+    details += [f"{os.cpu_count()} CPUs"] + ([f"{mem_kb / 2**20:.0f} GB RAM"] if mem_kb else [])
+    return f"{name} ({', '.join(details)}), {platform.machine()}"
+
+
 def log(text: str) -> None:
     print(text, flush=True)
 
@@ -341,7 +364,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     clock = C.Clock(device)
     results = {"device": args.device, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "machine": machine_name(),
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "args": {k: v for k, v in vars(args).items()}, "archs": {}, "rows": [], "forward": {}}
     started = time.perf_counter()
