@@ -140,10 +140,38 @@ def _module_of_processor_form(module: str) -> str:
     return ".".join(parts)
 
 
+# A PEFT model's own state dict names its adapter in every key: `...q_proj.lora_A.<adapter>.weight`.
+_PEFT_NAMED = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
+
+
+def _peft_adapter_keys(keys: Iterable[str], unused: list) -> tuple[dict[str, str], set[str]]:
+    """(file key -> key without its PEFT adapter name, keys to leave out). One adapter is read from a file:
+    `default` when present, else the first one in the file; keys of other adapters are reported as unused."""
+    keys = list(keys)
+    named = {key: match for key in keys if (match := _PEFT_NAMED.search(key)) and match.group(2) != "default"}
+    if not named:
+        return {}, set()
+    adapters = list(dict.fromkeys(match.group(2) for match in named.values()))
+    has_default = any(".default.weight" in key for key in keys)
+    chosen = None if has_default else adapters[0]
+    renamed = {}
+    for key, match in named.items():
+        if match.group(2) == chosen:
+            renamed[key] = key[: match.start()] + f".{match.group(1)}.weight"
+        else:
+            unused.append((key, f"PEFT adapter '{match.group(2)}': this file holds several adapters and one LoRA is "
+                                f"read from it ('{chosen or 'default'}'); save each adapter as its own file to use "
+                                f"the others"))
+    return renamed, set(named) - set(renamed)
+
+
 def _group_keys(lora: LoraFile, unused: list) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}
+    renamed, other_adapters = _peft_adapter_keys(lora.tensors.keys(), unused)
     for key, tensor in lora.tensors.items():
-        split = split_key(key)
+        if key in other_adapters:
+            continue  # already reported
+        split = split_key(renamed.get(key, key))
         if split is None:
             unused.append((key, "unknown key: no LoRA/LyCORIS suffix this loader knows"))
             continue

@@ -403,3 +403,35 @@ def test_a_file_is_parsed_once_while_its_tensors_stay_the_same():
     lora.metadata["lora_adapter_metadata"] = "{}"
     assert parse_modules(lora) is not second
     assert LoraFile(None, dict(tensors)) == LoraFile(None, dict(tensors))   # the cache is not a dataclass field
+
+
+def _peft_model_state(adapters: list[str]) -> dict[str, torch.Tensor]:
+    """A PEFT model's own state dict (what `torch.save(peft_model.state_dict())` writes): adapter names in keys."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("to_q", torch.nn.Linear(8, 8))
+    for name in adapters:
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False)
+        model = inject_adapter_in_model(config, model, adapter_name=name)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_a_peft_adapter_with_its_own_name_is_read_like_default():
+    state = _peft_model_state(["style"])
+    assert any(".lora_A.style.weight" in k for k in state)
+    parsed = parse_modules(LoraFile(None, state))
+    assert list(parsed.modules) == ["to_q"] and parsed.unused == []
+    module = parsed.modules["to_q"]
+    assert torch.equal(module.tensors["down"], state["to_q.lora_A.style.weight"])
+    assert torch.equal(module.tensors["up"], state["to_q.lora_B.style.weight"])
+
+
+def test_a_file_with_several_peft_adapters_reads_the_first_and_reports_the_others():
+    state = _peft_model_state(["style", "detail"])
+    parsed = parse_modules(LoraFile(None, state))
+    assert torch.equal(parsed.modules["to_q"].tensors["down"], state["to_q.lora_A.style.weight"])
+    reported = dict(parsed.unused)
+    assert set(reported) == {"to_q.lora_A.detail.weight", "to_q.lora_B.detail.weight"}
+    assert all("PEFT adapter 'detail'" in why and "'style'" in why for why in reported.values())
