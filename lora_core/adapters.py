@@ -108,18 +108,24 @@ def _numel(shape) -> int:
 
 # ------------------------------------------------------------------------------------- low-rank (lora)
 
-def _lora_factors_on(module: ModuleLora, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up2d * alpha/rank, down2d) with a Tucker `mid` folded into down2d; up2d @ down2d = ΔW flattened."""
+def _lora_parts_on(module: ModuleLora, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up2d, down2d, alpha/rank) on `device` in the file's dtype (views of the file's tensors when already
+    there); a Tucker `mid` is folded into down2d, in fp32. up2d.float() * scale @ down2d.float() = ΔW flattened."""
     up, down, mid = _role(module, "up"), _role(module, "down"), _opt_role(module, "mid")
-    device = device if device is not None else up.device
-    up2d = _as_matrix(_f32(up, device))
-    down2d = _as_matrix(_f32(down, device))
+    device = torch.device(device) if device is not None else up.device
+    up2d = _as_matrix(up if up.device == device else up.to(device))
+    down2d = _as_matrix(down if down.device == device else down.to(device))
     if mid is not None:
         # ΔW[o, i, *k] = Σ_{m,n} up[o, m] mid[m, n, *k] down[n, i]: contract mid with down so the
         # result stays a rank-r product (out, r) @ (r, in * k).
-        down2d = torch.einsum("mn...,ni->mi...", _f32(mid, device), down2d).reshape(mid.shape[0], -1)
-    scale = _rank_scale(module.alpha, down.shape[0])
-    return up2d * scale, down2d
+        down2d = torch.einsum("mn...,ni->mi...", _f32(mid, device), down2d.to(F32)).reshape(mid.shape[0], -1)
+    return up2d, down2d, _rank_scale(module.alpha, down.shape[0])
+
+
+def _lora_factors_on(module: ModuleLora, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up2d * alpha/rank, down2d) in fp32 with a Tucker `mid` folded into down2d; up2d @ down2d = ΔW flattened."""
+    up2d, down2d, scale = _lora_parts_on(module, device)
+    return up2d.to(F32) * scale, down2d.to(F32)
 
 
 def _lora_shape(module: ModuleLora) -> tuple[int, ...]:
@@ -479,6 +485,19 @@ def lowrank_factors(module: ModuleLora, weight_shape: torch.Size,
     if shape[0] != weight_shape[0] or _numel(shape) != _numel(weight_shape):
         return None
     return _lora_factors_on(module, device)
+
+
+def lowrank_parts(module: ModuleLora, weight_shape: torch.Size,
+                  device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """What lowrank_factors is made of, before widening: (up2d, down2d, alpha/rank) in the file's dtype on
+    `device` (no copy when the file's tensors are already there), so they can be kept at the file's size and
+    widened when used: `up2d.float() * scale` and `down2d.float()` are exactly lowrank_factors' tensors."""
+    if module.algo != "lora" or module.dora_scale is not None:
+        return None
+    shape = _lora_shape(module)
+    if shape[0] != weight_shape[0] or _numel(shape) != _numel(weight_shape):
+        return None
+    return _lora_parts_on(module, device)
 
 
 def bias_delta(module: ModuleLora, bias: torch.Tensor) -> torch.Tensor | None:

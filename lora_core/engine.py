@@ -130,28 +130,53 @@ def _modules_of(signature: tuple) -> tuple:
 
 @dataclass
 class _LowRank:
-    """A key's active patches as one rank-concatenated product, kept between applies so a strength change
-    reuses the prepared factors: W + (ups * column strengths) @ downs."""
+    """A key's active patches as one rank-concatenated product, kept between applies so a strength change finds
+    its factors on the weight's device: W + ((up.float() * alpha/rank) * strength) @ down.float() per LoRA.
 
-    idents: tuple              # module identities of the active patches, strengths excluded
-    ups: torch.Tensor          # (out, R) fp32, alpha/rank folded in, on the weight's device
-    downs: torch.Tensor        # (R, in) fp32
-    ranks: tuple[int, ...]     # the rank of each LoRA, in column order
+    The factors stay in the file's dtype and are not concatenated ahead of time: on a CPU they are the file's
+    own tensors (no memory of their own), on a GPU one copy at the file's size. They are widened, scaled and
+    concatenated when used; those are the products patch_weight makes, so both paths give identical bits."""
 
-    def nbytes(self) -> int:
-        return (self.ups.numel() + self.downs.numel()) * 4
+    idents: tuple                  # module identities of the active patches, strengths excluded
+    ups: tuple[torch.Tensor, ...]  # per LoRA (out, r), file dtype, on the weight's device
+    downs: tuple[torch.Tensor, ...]  # per LoRA (r, in); a Tucker core folded in (fp32)
+    scales: tuple[float, ...]      # alpha/rank of each LoRA
+    owned_bytes: int               # memory that is not the file's own tensors (device copies, Tucker folds)
 
-    def column_strengths(self, strengths: Sequence[float]) -> torch.Tensor:
-        """(..., R): each LoRA's strength repeated over its columns; `strengths` is (k,) or (G, k)."""
-        values = torch.tensor(strengths, dtype=torch.float32)
-        return torch.repeat_interleave(values, torch.tensor(self.ranks), dim=-1).to(self.ups.device)
+    @classmethod
+    def build(cls, idents: tuple, parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+              modules: Sequence[ModuleLora]) -> "_LowRank":
+        def storage(t: torch.Tensor) -> int:
+            return t.untyped_storage().data_ptr()
 
-    def scaled(self, strengths: Sequence[float]) -> tuple[torch.Tensor, float]:
-        """(ups, alpha) for one addmm. One LoRA keeps its strength as alpha (no extra pass); a stack scales each
-        LoRA's columns: the same fp32 products as patch_weight's `up * strength`, so both give identical bits."""
-        if len(self.ranks) == 1:
-            return self.ups, strengths[0]
-        return self.ups * self.column_strengths(strengths), 1.0
+        owned = 0
+        for (up, down, _), module in zip(parts, modules):
+            for mine, theirs in ((up, module.tensors["up"]), (down, module.tensors["down"])):
+                if storage(mine) != storage(theirs):
+                    owned += mine.numel() * mine.element_size()
+        return cls(idents, tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts), owned)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(down.shape[0] for down in self.downs)
+
+    def per_column(self, values) -> torch.Tensor:
+        """(..., R): one value per LoRA (`values` (k,) or (G, k)) repeated over that LoRA's columns."""
+        values = torch.tensor(values, dtype=torch.float32)
+        return torch.repeat_interleave(values, torch.tensor(self.ranks), dim=-1).to(self.ups[0].device)
+
+    def wide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ups, downs) concatenated over the LoRAs, in fp32, unscaled."""
+        if len(self.ups) == 1:
+            return self.ups[0].float(), self.downs[0].float()
+        return (torch.cat([u.float() for u in self.ups], dim=1), torch.cat([d.float() for d in self.downs]))
+
+    def factors(self, strengths: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(ups, downs, alpha) in fp32 for one addmm. One LoRA keeps its strength as alpha (no extra pass)."""
+        ups, downs = self.wide()
+        if len(self.ups) == 1:
+            return ups * self.scales[0], downs, strengths[0]
+        return ups * self.per_column(self.scales) * self.per_column(strengths), downs, 1.0
 
 
 def _backup_buffer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -241,30 +266,27 @@ class PatchEngine:
         return identity
 
     def factor_bytes(self) -> int:
-        """Memory of the prepared low-rank factors kept for re-patching (fp32 copies of the LoRAs' factors)."""
-        return sum(entry.nbytes() for entry in self._lowranks.values())
+        """Memory of the low-rank factors kept for re-patching that the LoRA files do not already hold: copies on
+        another device than the files' and concatenated stacks (a single CPU LoRA's factors are its own)."""
+        return sum(entry.owned_bytes for entry in self._lowranks.values())
 
     def _lowrank(self, key: str, patches: Sequence[WeightPatch], signature: tuple,
                  tensor: torch.Tensor) -> Optional[tuple[_LowRank, list[float]]]:
-        """(factors, strengths) when every active patch of `key` is a plain low-rank one, else None. The fp32
-        factors on the weight's device are prepared once per set of modules and reused while only strengths
-        change (a strength or block-vector change then costs no conversion and no host-to-device copy)."""
+        """(factors, strengths) when every active patch of `key` is a plain low-rank one, else None. The factors
+        are gathered on the weight's device once per set of modules and reused while only strengths change (a
+        strength or block-vector change then re-checks no shapes and copies nothing to the device)."""
         active = [(patch, ident) for patch, (ident, _, _) in zip(patches, signature) if patch.strength != 0.0]
         if not active or any(patch.target != "weight" for patch, _ in active):
             return None
         idents = tuple(ident for _, ident in active)
         strengths = [patch.strength for patch, _ in active]
         cached = self._lowranks.get(key)
-        if cached is not None and cached.idents == idents and cached.ups.device == tensor.device:
+        if cached is not None and cached.idents == idents and cached.ups[0].device == tensor.device:
             return cached, strengths
-        factors = [adapters.lowrank_factors(patch.module, tensor.shape, tensor.device) for patch, _ in active]
-        if any(f is None for f in factors):
+        parts = [adapters.lowrank_parts(patch.module, tensor.shape, tensor.device) for patch, _ in active]
+        if any(p is None for p in parts):
             return None
-        if len(factors) == 1:
-            ups, downs = factors[0]
-        else:
-            ups, downs = torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors])
-        entry = _LowRank(idents, ups, downs, tuple(f[1].shape[0] for f in factors))
+        entry = _LowRank.build(idents, parts, [patch.module for patch, _ in active])
         self._lowranks[key] = entry
         return entry, strengths
 
@@ -296,15 +318,15 @@ class PatchEngine:
             fp32_in_place = tensor.dtype == torch.float32 and tensor.is_contiguous()
             if lowrank is not None:
                 (entry, strengths), source = lowrank, tensor if pristine else original
-                ups, alpha = entry.scaled(strengths)
+                ups, downs, alpha = entry.factors(strengths)
                 if fp32_in_place and source.device == tensor.device:
                     if pristine:
-                        _flat_view(tensor).addmm_(ups, entry.downs, alpha=alpha)
+                        _flat_view(tensor).addmm_(ups, downs, alpha=alpha)
                     else:
-                        torch.addmm(_flat_view(original), ups, entry.downs, alpha=alpha, out=_flat_view(tensor))
+                        torch.addmm(_flat_view(original), ups, downs, alpha=alpha, out=_flat_view(tensor))
                     return
                 work = source.to(tensor.device, torch.float32, copy=True)
-                _flat_view(work).addmm_(ups, entry.downs, alpha=alpha)
+                _flat_view(work).addmm_(ups, downs, alpha=alpha)
                 tensor.copy_(work)
                 return
             if fp32_in_place:
@@ -330,10 +352,12 @@ class PatchEngine:
                 single.append(key)
                 continue
             pristine = key not in self._applied
-            group = (tuple(tensor.shape), tensor.dtype, tensor.device, pristine, lowrank[0].ranks)
+            entry = lowrank[0]
+            group = (tuple(tensor.shape), tensor.dtype, tensor.device, pristine, entry.ranks,
+                     tuple(t.dtype for t in entry.ups + entry.downs))
             groups.setdefault(group, []).append((key, *lowrank))
         batches = []
-        for (shape, _, _, pristine, _), members in groups.items():
+        for (shape, _, _, pristine, *_), members in groups.items():
             if len(members) == 1:
                 single.append(members[0][0])
                 continue
@@ -358,9 +382,17 @@ class PatchEngine:
         sources = lives if pristine else [self._backups[k] for k in keys]
         with torch.no_grad():
             work = _stack_to([t.detach().reshape(rows, -1) for t in sources], first.device, torch.float32)
-            ups = torch.stack([entry.ups for _, entry, _ in members])
-            ups *= members[0][1].column_strengths([strengths for _, _, strengths in members]).unsqueeze(1)
-            work.baddbmm_(ups, torch.stack([entry.downs for _, entry, _ in members]))
+            # the same products as _LowRank.factors: widen, times alpha/rank, times strength, per column
+            if len(members[0][1].ups) == 1:
+                ups = torch.stack([entry.ups[0] for _, entry, _ in members]).float()
+                downs = torch.stack([entry.downs[0] for _, entry, _ in members]).float()
+            else:
+                wide = [entry.wide() for _, entry, _ in members]
+                ups, downs = torch.stack([w[0] for w in wide]), torch.stack([w[1] for w in wide])
+            columns = members[0][1].per_column   # every member of a batch has the same ranks
+            ups *= columns([entry.scales for _, entry, _ in members]).unsqueeze(1)
+            ups *= columns([strengths for _, _, strengths in members]).unsqueeze(1)
+            work.baddbmm_(ups, downs)
             if first.dtype != torch.float32:
                 work = work.to(first.dtype)
             _copy_all([t.detach().view(rows, -1) for t in lives], work.unbind(0))

@@ -373,24 +373,29 @@ def test_first_patch_in_place_and_repatch_from_backup_agree_and_restore_exactly(
 
 @pytest.mark.parametrize("batch", [False, True])
 def test_strength_changes_reuse_prepared_factors_until_the_modules_change(monkeypatch, batch):
-    """fp32 factors are prepared once per set of modules: a strength or block change converts nothing, a new
-    module for one key re-prepares that key only, and their memory is reported and freed with the key."""
+    """Factors are gathered once per set of modules: a strength or block change gathers nothing, a new module for
+    one key gathers that key only, a dropped key lets go of them; on the CPU they are the file's own tensors (no
+    memory of their own)."""
     calls = []
-    real = adapters.lowrank_factors
+    real = adapters.lowrank_parts
 
     def counting(module, shape, device=None):
         calls.append(module.name)
         return real(module, shape, device)
 
-    monkeypatch.setattr(adapters, "lowrank_factors", counting)
+    monkeypatch.setattr(adapters, "lowrank_parts", counting)
+    single = PatchEngine(make_tensors(), batch_same_shape=batch)
+    single.apply(stack_plan(1))
+    assert single.factor_bytes() == 0
+    single.restore()
+    calls.clear()
     tensors = make_tensors()
     originals = {k: t.clone() for k, t in tensors.items()}
     engine = PatchEngine(tensors, batch_same_shape=batch)
     plan = stack_plan(2)
     engine.apply(plan)
     assert len(calls) == 2 * len(SHAPES)
-    assert engine.factor_bytes() == sum(4 * sum(t.numel() for p in ps for t in p.module.tensors.values())
-                                        for ps in plan.values())
+    assert engine.factor_bytes() == 0
     calls.clear()
     changed = {k: [WeightPatch(p.module, s) for p, s in zip(ps, [0.3, -0.2])] for k, ps in plan.items()}
     engine.apply(changed)

@@ -143,6 +143,7 @@ if torch.cuda.is_available():  # GPU weights with pinned CPU backups exist only 
         engine = PatchEngine(tensors, backup_device="cpu")   # batching is on by default for CUDA weights
         engine.apply(make_plan([1.0, 0.5]))
         assert all(b.device.type == "cpu" and b.is_pinned() for b in engine._backups.values())
+        assert engine.factor_bytes() > 0   # the CPU LoRA's factors, copied to the GPU once
         engine.apply(make_plan([0.2, 0.5]))
         fresh = {k: t.clone() for k, t in originals.items()}
         PatchEngine(fresh).apply(make_plan([0.2, 0.5]))
