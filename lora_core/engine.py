@@ -174,9 +174,12 @@ class _LowRank:
     def factors(self, strengths: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(ups, downs, alpha) in fp32 for one addmm. One LoRA keeps its strength as alpha (no extra pass)."""
         ups, downs = self.wide()
+        # scale in place when widening made a new tensor (never the file's own fp32 tensor)
+        own = len(self.ups) > 1 or self.ups[0].dtype != torch.float32
         if len(self.ups) == 1:
-            return ups * self.scales[0], downs, strengths[0]
-        return ups * self.per_column(self.scales) * self.per_column(strengths), downs, 1.0
+            return (ups.mul_(self.scales[0]) if own else ups * self.scales[0]), downs, strengths[0]
+        ups = ups.mul_(self.per_column(self.scales)) if own else ups * self.per_column(self.scales)
+        return ups.mul_(self.per_column(strengths)), downs, 1.0
 
 
 def _backup_buffer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

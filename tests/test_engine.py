@@ -427,3 +427,21 @@ def test_a_bad_strength_on_the_same_modules_is_refused_before_any_write():
     with pytest.raises(LoraValueError, match="inf"):
         engine.apply(bad)
     assert all(torch.equal(tensors[k], before[k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_loras", [1, 3])
+@pytest.mark.parametrize("batch", [False, True])
+def test_the_loras_own_tensors_are_never_written(factor_dtype, n_loras, batch):
+    """On a CPU the engine works from the file's own factor tensors: scaling must happen on copies."""
+    plan = stack_plan(n_loras)
+    for patches in plan.values():
+        for p in patches:
+            p.module.tensors.update({r: t.to(factor_dtype) for r, t in p.module.tensors.items()})
+    saved = {id(t): t.clone() for ps in plan.values() for p in ps for t in p.module.tensors.values()}
+    engine = PatchEngine(make_tensors(), batch_same_shape=batch)
+    for strengths in ([1.0, 0.5, 0.25], [0.3, -0.2, 0.7], [1.0, 0.5, 0.25]):
+        engine.apply({k: [WeightPatch(p.module, s) for p, s in zip(ps, strengths)] for k, ps in plan.items()})
+    for ps in plan.values():
+        for p in ps:
+            assert all(torch.equal(t, saved[id(t)]) for t in p.module.tensors.values()), p.module.name
