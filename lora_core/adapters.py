@@ -122,10 +122,14 @@ def _lora_parts_on(module: ModuleLora, device: Optional[torch.device]) -> tuple[
     return up2d, down2d, _rank_scale(module.alpha, down.shape[0])
 
 
+def _widened(parts: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    up2d, down2d, scale = parts
+    return up2d.to(F32) * scale, down2d.to(F32)
+
+
 def _lora_factors_on(module: ModuleLora, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
     """(up2d * alpha/rank, down2d) in fp32 with a Tucker `mid` folded into down2d; up2d @ down2d = ΔW flattened."""
-    up2d, down2d, scale = _lora_parts_on(module, device)
-    return up2d.to(F32) * scale, down2d.to(F32)
+    return _widened(_lora_parts_on(module, device))
 
 
 def _lora_shape(module: ModuleLora) -> tuple[int, ...]:
@@ -473,20 +477,6 @@ def is_additive(module: ModuleLora) -> bool:
     return module.algo in _ADDITIVE and module.dora_scale is None
 
 
-def lowrank_factors(module: ModuleLora, weight_shape: torch.Size,
-                    device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(up2d, down2d) in fp32 with alpha/rank folded into up2d, ``(up2d @ down2d).reshape(weight_shape)``
-    equal to delta; None unless the module is a plain (non-DoRA) LoRA/LoCon whose delta fits weight_shape.
-    A Tucker `mid` is folded into down2d. On `device` (default: the module's own): the factors travel in
-    their file dtype and are widened to fp32 there, so a GPU patch moves half the bytes of an fp16 LoRA."""
-    if module.algo != "lora" or module.dora_scale is not None:
-        return None
-    shape = _lora_shape(module)
-    if shape[0] != weight_shape[0] or _numel(shape) != _numel(weight_shape):
-        return None
-    return _lora_factors_on(module, device)
-
-
 def lowrank_parts(module: ModuleLora, weight_shape: torch.Size,
                   device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """What lowrank_factors is made of, before widening: (up2d, down2d, alpha/rank) in the file's dtype on
@@ -498,6 +488,15 @@ def lowrank_parts(module: ModuleLora, weight_shape: torch.Size,
     if shape[0] != weight_shape[0] or _numel(shape) != _numel(weight_shape):
         return None
     return _lora_parts_on(module, device)
+
+
+def lowrank_factors(module: ModuleLora, weight_shape: torch.Size,
+                    device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up2d, down2d) in fp32 with alpha/rank folded into up2d, ``(up2d @ down2d).reshape(weight_shape)``
+    equal to delta; None unless the module is a plain (non-DoRA) LoRA/LoCon whose delta fits weight_shape
+    (see lowrank_parts, which this widens)."""
+    parts = lowrank_parts(module, weight_shape, device)
+    return None if parts is None else _widened(parts)
 
 
 def bias_delta(module: ModuleLora, bias: torch.Tensor) -> torch.Tensor | None:

@@ -48,28 +48,20 @@ def _flat_view(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _fuse_lowrank(weight: torch.Tensor, run: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-    """Add sum_i s_i * up_i @ down_i to `weight` (fp32, in place) with a single matmul over all ranks."""
-    if len(run) == 1:
-        up, down, strength = run[0]
-        _flat_view(weight).addmm_(up, down, alpha=strength)
-        return
-    ups = torch.cat([up * strength for up, _, strength in run], dim=1)
-    downs = torch.cat([down for _, down, _ in run], dim=0)
-    _flat_view(weight).addmm_(ups, downs)
-
-
 def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str = "") -> torch.Tensor:
     """Apply `patches` to `weight` in place and return it.
 
     `weight` must be a floating tensor the caller allows us to overwrite, normally an fp32 working copy on
     the weight's device. Patches with strength 0 are skipped (a factor of 0 skips the key).
     """
-    lowrank_run: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    lowrank_run: list[tuple[WeightPatch, tuple]] = []   # consecutive plain low-rank patches and their factors
 
     def flush() -> None:
+        # one matmul over the run's concatenated ranks, with the engine's own arithmetic (_LowRank)
         if lowrank_run:
-            _fuse_lowrank(weight, lowrank_run)
+            run = _LowRank.build((), [parts for _, parts in lowrank_run], [p.module for p, _ in lowrank_run])
+            ups, downs, alpha = run.factors([p.strength for p, _ in lowrank_run])
+            _flat_view(weight).addmm_(ups.to(weight.dtype), downs.to(weight.dtype), alpha=alpha)
             lowrank_run.clear()
 
     for patch in patches:
@@ -81,11 +73,9 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
             if delta is not None:
                 weight.add_(delta.to(weight.device, weight.dtype), alpha=patch.strength)
             continue
-        factors = adapters.lowrank_factors(patch.module, weight.shape, weight.device)
-        if factors is not None:
-            up, down = factors
-            lowrank_run.append((up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype),
-                                patch.strength))
+        parts = adapters.lowrank_parts(patch.module, weight.shape, weight.device)
+        if parts is not None:
+            lowrank_run.append((patch, parts))
             continue
         flush()
         delta = adapters.delta(patch.module, weight)
@@ -135,7 +125,8 @@ class _LowRank:
 
     The factors stay in the file's dtype and are not concatenated ahead of time: on a CPU they are the file's
     own tensors (no memory of their own), on a GPU one copy at the file's size. They are widened, scaled and
-    concatenated when used; those are the products patch_weight makes, so both paths give identical bits."""
+    concatenated when used. patch_weight (the ComfyUI adapter's path) uses the same arithmetic for its runs, so
+    both give identical bits."""
 
     idents: tuple                  # module identities of the active patches, strengths excluded
     ups: tuple[torch.Tensor, ...]  # per LoRA (out, r), file dtype, on the weight's device

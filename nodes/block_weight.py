@@ -40,7 +40,7 @@ from lora_core.formats import parse_modules
 
 from ._host import NONE_NAMES, HostModels, load_lora, log_report, lora_names
 from ._patches import to_comfy_patches
-from .loader import CLIP_TIP, MODEL_TIP, STRENGTH, normalise_stack
+from .loader import CLIP_TIP, MODEL_TIP, STRENGTH, lora_inputs, normalise_stack
 
 log = logging.getLogger("lora_core")
 
@@ -308,18 +308,7 @@ def _block_widgets() -> dict:
 
 
 def _single_lora_inputs() -> dict:
-    return {
-        "required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA is applied to."}),
-            "lora_name": (lora_names(), {"tooltip": "A file in models/loras (subfolders included)."}),
-            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": MODEL_TIP}),
-            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": CLIP_TIP}),
-            **_block_widgets(),
-        },
-        "optional": {
-            "clip": ("CLIP", {"tooltip": "The text encoder(s) the LoRA is applied to (optional)."}),
-        },
-    }
+    return lora_inputs(**_block_widgets())
 
 
 def _single_row(lora_name, strength_model, strength_clip, mode, preset, vector, seed, A, B, inverse) -> dict:

@@ -19,22 +19,29 @@ REPORT_TIP = "What was applied: format, architecture, rank/alpha, modules per co
              "trigger words and base model from the file's metadata."
 
 
+def lora_inputs(**extra_required) -> dict:
+    """The inputs of a one-LoRA loader in widget order (model, file, two strengths, then `extra_required`),
+    shared by every node that loads a single LoRA so their saved workflows line up."""
+    return {
+        "required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA is applied to."}),
+            "lora_name": (lora_names(), {"tooltip": "A file in models/loras (subfolders included)."}),
+            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": MODEL_TIP}),
+            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": CLIP_TIP}),
+            **extra_required,
+        },
+        "optional": {
+            "clip": ("CLIP", {"tooltip": "The text encoder(s) the LoRA is applied to (optional)."}),
+        },
+    }
+
+
 class LoRACoreLoader:
     """Load one LoRA onto MODEL and (optionally) CLIP, like core's LoraLoader, and report what happened."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA is applied to."}),
-                "lora_name": (lora_names(), {"tooltip": "A file in models/loras (subfolders included)."}),
-                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": MODEL_TIP}),
-                "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": CLIP_TIP}),
-            },
-            "optional": {
-                "clip": ("CLIP", {"tooltip": "The text encoder(s) the LoRA is applied to (optional)."}),
-            },
-        }
+        return lora_inputs()
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "report")
