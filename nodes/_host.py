@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import folder_paths
 
-from lora_core import api
+from lora_core import api, paths
 from lora_core.arch import bind_comfy_clip, bind_comfy_model, bind_layout, build_key_map
 from lora_core.errors import LoraFileError
 from lora_core.io import default_cache
@@ -28,29 +28,35 @@ def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
+def lora_folders() -> list[str]:
+    return list(folder_paths.get_folder_paths("loras"))
+
+
 def resolve_lora_path(name: str) -> str:
     """Accept every name form LORA_STACK producers use: the folder-relative name with either separator, an
-    absolute path, a basename, or a name without extension. Exact matches win; an ambiguous basename fails."""
-    if os.path.isabs(name):
-        if os.path.isfile(name):
-            return name
-        raise LoraFileError(f"LoRA file {name} does not exist. Check the path or put the file in models/loras.")
+    absolute path inside a loras folder, a basename, or a name without extension. Exact matches win; an
+    ambiguous basename fails. Nothing outside ComfyUI's loras folders (extra paths included) is ever read, and
+    "outside", "not there" and "not a file" give the same message (lora_core.paths.existing_file)."""
+    if not isinstance(name, str):
+        raise LoraFileError(f"LoRA name must be a string, got {type(name).__name__}.")
+    folders = lora_folders()
+    if os.path.isabs(name.strip()):
+        return paths.existing_file(folders, name, what="LoRA", label="models/loras", extensions=LORA_EXTENSIONS)
     wanted = name.replace("\\", "/")
     names = lora_names()
     by_norm = {n.replace("\\", "/"): n for n in names}
     if wanted in by_norm:
-        return folder_paths.get_full_path_or_raise("loras", by_norm[wanted])
+        return paths.existing_file(folders, by_norm[wanted], what="LoRA", label="models/loras")
     stem = lambda n: os.path.splitext(n)[0] if n.lower().endswith(LORA_EXTENSIONS) else n  # noqa: E731
     candidates = [n for norm, n in by_norm.items()
                   if stem(norm) == stem(wanted) or os.path.basename(norm) == os.path.basename(wanted)
                   or stem(os.path.basename(norm)) == stem(os.path.basename(wanted))]
     if len(candidates) == 1:
-        return folder_paths.get_full_path_or_raise("loras", candidates[0])
+        return paths.existing_file(folders, candidates[0], what="LoRA", label="models/loras")
     if len(candidates) > 1:
         raise LoraFileError(f"LoRA name {name!r} is ambiguous: it matches {sorted(candidates)}. "
                             f"Use the path relative to models/loras.")
-    raise LoraFileError(f"LoRA {name!r} is not in models/loras ({len(names)} files found there). "
-                        f"Copy the file into models/loras or fix the name.")
+    return paths.existing_file(folders, name, what="LoRA", label="models/loras", extensions=LORA_EXTENSIONS)
 
 
 def load_lora(name: str):

@@ -29,7 +29,7 @@ import torch
 
 import folder_paths
 
-from lora_core import blocks, mix
+from lora_core import blocks, mix, paths
 from lora_core.api import LoraRequest
 from lora_core.arch import bind_layout, build_key_map, get_arch
 from lora_core.errors import LoraFileError, LoraValueError
@@ -56,18 +56,9 @@ REPORT_TIP = "What was written: mode, stored ranks, kept energy per layer, every
 
 
 def _output_path(filename: str) -> str:
-    """The absolute .safetensors path for `filename` inside the first loras folder (created if needed)."""
-    folder = os.path.abspath(folder_paths.get_folder_paths("loras")[0])
-    name = (filename or "").strip().replace("\\", "/")
-    if not name or name.endswith("/"):
-        raise LoraValueError("filename is empty; type a name such as 'my_mix' (saved as my_mix.safetensors).")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    path = os.path.abspath(os.path.join(folder, name))
-    if os.path.isabs(name) or os.path.commonpath([path, folder]) != folder:
-        raise LoraValueError(f"filename {filename!r} points outside the loras folder {folder}; use a name or a "
-                             f"subfolder path relative to it.")
-    return path
+    """The absolute .safetensors path for `filename` inside the first loras folder (lora_core.paths' rules:
+    no absolute path, no '..', no NUL, not too long)."""
+    return paths.output_path(folder_paths.get_folder_paths("loras")[0], filename, ".safetensors", what="filename")
 
 
 def _prepare_output(filename: str, overwrite: bool) -> str:

@@ -39,8 +39,8 @@ class LoRACoreTrainDataset:
         return {
             "required": {
                 "folder": ("STRING", {"default": "", "tooltip": "Folder of training images with same-name .txt "
-                                      "captions; absolute or relative to ComfyUI's input folder. Ignored when "
-                                      "images are connected."}),
+                                      "captions, inside ComfyUI's input folder (e.g. 'my_dataset'; link a "
+                                      "dataset there to use it). Ignored when images are connected."}),
                 "caption": ("STRING", {"default": "", "multiline": True, "tooltip": "Caption for images without a "
                                        ".txt file (policy 'use caption widget'), or for connected images: one line "
                                        "per image, or one line for all."}),
@@ -87,14 +87,21 @@ class LoRACoreTrainDataset:
 
 
 def _resolve_folder(folder: str) -> str:
+    """The dataset folder inside ComfyUI's input folder (subfolders allowed; an absolute path must lie inside it
+    too). Nothing outside it is read: link or copy a dataset into ComfyUI/input to train on it."""
+    import folder_paths
+    from lora_core import paths
+
     folder = (folder or "").strip().strip('"')
     if not folder:
         raise LoraValueError("No dataset folder given: type the path of a folder of images (or connect images).")
+    root = os.path.abspath(folder_paths.get_input_directory())
     if os.path.isabs(folder):
-        return folder
-    import folder_paths
-
-    return os.path.join(folder_paths.get_input_directory(), folder)
+        if not paths.inside_any(folder, [root]):
+            raise LoraValueError(f"dataset folder {folder!r} is outside ComfyUI's input folder {root}; put (or "
+                                 f"link) the dataset there and type its name, e.g. 'my_dataset'.")
+        return os.path.normpath(folder)
+    return paths.output_path(root, folder, "", what="dataset folder")
 
 
 def _dataset_summary(dataset) -> str:

@@ -47,3 +47,16 @@ def loras_folder(path: Path):
     finally:
         folder_paths.folder_names_and_paths["loras"] = saved
         folder_paths.filename_list_cache.clear()
+
+
+@contextlib.contextmanager
+def input_folder(path: Path):
+    """Point ComfyUI's input folder at `path` for the duration of a test."""
+    import folder_paths
+
+    saved = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(path))
+    try:
+        yield Path(path)
+    finally:
+        folder_paths.set_input_directory(saved)

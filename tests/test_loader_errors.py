@@ -169,3 +169,45 @@ def test_model_only_load_reports_text_encoder_modules_as_not_applied(host, loras
     new_model, report = node_module("loader").LoRACoreLoaderModelOnly().load(model, "with_te.safetensors", 1.0)
     assert len(new_model.patches) == 1
     assert "not applied: te1 4 (no CLIP connected)" in report and "unmatched" not in report, report
+
+
+def test_stack_names_outside_the_loras_folders_read_nothing_and_reveal_nothing(host, loras, tmp_path_factory):
+    """Another pack's free-text stack node can hand us any string: only files under ComfyUI's loras folders
+    are read, and "outside", "missing" and "not a file" give the same text (no probing of the server's disk)."""
+    import os
+
+    model, clip = host
+    outside = tmp_path_factory.mktemp("elsewhere")
+    save_file(good_lora(model), str(outside / "secret.safetensors"))
+    save_file(good_lora(model), str(loras / "inside.safetensors"))
+    (loras / "linked").mkdir()
+    os.symlink(outside / "secret.safetensors", loras / "linked" / "admin_link.safetensors")
+    os.mkfifo(loras / "pipe.safetensors")
+    apply_stack = node_module("loader").LoRACoreApplyStack().apply
+
+    def message(name):
+        with pytest.raises(LoraFileError) as caught:
+            apply_stack(model, [(name, 1.0, 1.0)], clip)
+        return str(caught.value).replace(repr(name), "<name>")
+
+    texts = {message(n) for n in (str(outside / "secret.safetensors"), str(outside / "nothing.safetensors"),
+                                  str(loras / ".." / outside.name / "secret.safetensors"), "../elsewhere/secret",
+                                  str(loras / "pipe.safetensors"), "/etc/passwd")}
+    assert len(texts) == 1, texts
+    assert "models/loras" in texts.pop()
+    # inside the folder: absolute paths and links an administrator put there still load
+    assert len(apply_stack(model, [(str(loras / "inside.safetensors"), 1.0, 1.0)], clip)[0].patches) == 1
+    assert len(apply_stack(model, [("linked/admin_link.safetensors", 1.0, 1.0)], clip)[0].patches) == 1
+
+
+@pytest.mark.parametrize("filename", ["a\x00b", "../x", "/abs/x", "n" * 300])
+def test_merge_and_resize_filenames_are_checked_with_one_rule(host, loras, filename):
+    model, _ = host
+    save_file(good_lora(model), str(loras / "ok.safetensors"))
+    mix_nodes = node_module("mix")
+    with pytest.raises(LoraValueError, match="not a usable file name"):
+        mix_nodes.LoRACoreMergeSave().merge("exact", 32, 0.0, filename, False, "auto", "fp32",
+                                            lora_stack=[("ok.safetensors", 1.0, 1.0)])
+    with pytest.raises(LoraValueError, match="not a usable file name"):
+        mix_nodes.LoRACoreResize().resize("ok.safetensors", 2, 0.0, filename, False, "auto", "fp32")
+    assert sorted(p.name for p in loras.iterdir()) == ["ok.safetensors"]

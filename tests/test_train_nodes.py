@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.comfy_host import REPO, import_comfy
-from tests.pack import loras_folder
+from tests.pack import input_folder, loras_folder
 from tests import tiny_models as tm
 
 comfy = import_comfy()
@@ -268,8 +268,12 @@ def test_bad_inputs_have_clear_messages(host, dataset, tmp_path):
             node.train(model, clip, vae, dataset, **train_kwargs(unet_lr=float("nan")))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(LoraFileError, match="has no images"):
+    with input_folder(tmp_path), pytest.raises(LoraFileError, match="has no images"):
         nt.LoRACoreTrainDataset().build(**{**DATASET_DEFAULTS, "folder": str(empty)})
+    with input_folder(tmp_path / "empty"), pytest.raises(LoraValueError, match="outside ComfyUI's input folder"):
+        nt.LoRACoreTrainDataset().build(**{**DATASET_DEFAULTS, "folder": str(tmp_path)})
+    with input_folder(tmp_path), pytest.raises(LoraValueError, match="not a usable file name"):
+        nt.LoRACoreTrainDataset().build(**{**DATASET_DEFAULTS, "folder": "../etc"})
     with pytest.raises(LoraValueError, match="No dataset folder given"):
         nt.LoRACoreTrainDataset().build(**DATASET_DEFAULTS)
 
@@ -280,7 +284,8 @@ def test_dataset_node_from_folder(tmp_path):
     for i, size in enumerate([(96, 64), (64, 64)]):
         Image.new("RGB", size, (200, 10, 10)).save(tmp_path / f"img{i}.png")
     (tmp_path / "img0.txt").write_text("sks, red")
-    ds, summary = nt.LoRACoreTrainDataset().build(**{**DATASET_DEFAULTS, "folder": str(tmp_path),
-                                                     "missing_caption": "use caption widget", "repeats": 2})
+    with input_folder(tmp_path.parent):
+        ds, summary = nt.LoRACoreTrainDataset().build(**{**DATASET_DEFAULTS, "folder": tmp_path.name,
+                                                         "missing_caption": "use caption widget", "repeats": 2})
     assert [s.caption for s in ds.samples] == ["sks, red", "sks square"]
     assert len(ds.bucket_counts()) == 2 and "4 samples per epoch" in summary

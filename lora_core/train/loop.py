@@ -413,15 +413,25 @@ class LoraTrainer:
         return loss.mean()
 
     def _optimizer_step(self, step: int) -> float:
+        """One optimizer step; the weights change only when the whole step succeeded with a finite loss, so an
+        exception anywhere in here (an interrupt raised inside the forward pass, a non-finite loss, out of
+        memory) leaves the LoRA exactly as it was after `step` steps."""
         cfg = self.config
         factor = lr_factor(step, cfg.scheduler, cfg.warmup_steps, cfg.total_steps or self._end_step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         loss_sum = 0.0
-        for k in range(cfg.grad_accum):
-            loss = self._micro_loss(step * cfg.grad_accum + k) / cfg.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += float(loss.detach())
+        try:
+            for k in range(cfg.grad_accum):
+                loss = self._micro_loss(step * cfg.grad_accum + k) / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += float(loss.detach())
+            if not math.isfinite(loss_sum):
+                raise LoraValueError(f"The loss became {loss_sum} at step {step + 1}: the learning rate is too high "
+                                     f"for this setup (or fp16 overflowed). Lower the LR or use bf16/fp32.")
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
@@ -463,17 +473,25 @@ class LoraTrainer:
     # -------------------------------------------------------------- run
     def run(self, should_stop: Optional[Callable[[], bool]] = None,
             on_step: Optional[Callable[[int, int, float], None]] = None) -> TrainResult:
-        """Train `config.steps` more steps. `should_stop()` is polled between steps (ComfyUI's interrupt);
-        when it fires, the LoRA reached so far is saved (file + state) before returning."""
+        """Train `config.steps` more steps. `should_stop()` is polled between steps (ComfyUI's interrupt flag);
+        when it fires, the LoRA reached so far is saved (file + state) before returning.
+
+        Whatever raises out of the loop - ComfyUI's InterruptProcessingException from its progress hook or from
+        the per-op check inside the forward pass, KeyboardInterrupt, an out-of-memory error, a non-finite loss -
+        the steps finished so far are saved first (the final file and a resumable state, as a normal end would),
+        then the exception is re-raised unchanged. A run that finished no step saves nothing."""
         cfg = self.config
         self._end_step = self.step + cfg.steps
         if self.output is not None:
-            self.output.check_final(self.session_id, cfg.overwrite)
+            first = self.step
+            step_files = [s for s in range(first + 1, self._end_step) if cfg.save_every and s % cfg.save_every == 0]
+            self.output.check_final(self.session_id, cfg.overwrite, step_files)
         if cfg.cache_latents:
             self._cache_latents()
         frozen = self._freeze()
         interrupted = False
         steps_done = 0
+        failure: Optional[BaseException] = None
         begin = time.perf_counter()
         self.network.inject()
         try:
@@ -483,9 +501,6 @@ class LoraTrainer:
                         interrupted = True
                         break
                     loss = self._optimizer_step(self.step)
-                    if not math.isfinite(loss):
-                        raise LoraValueError(f"The loss became {loss} at step {self.step + 1}: the learning rate is "
-                                             f"too high for this setup (or fp16 overflowed). Lower the LR or use bf16/fp32.")
                     self.step += 1
                     steps_done += 1
                     self.losses.append(loss)
@@ -493,13 +508,34 @@ class LoraTrainer:
                         on_step(self.step, self._end_step, loss)
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self._end_step:
                         self.save(final=False)
+        except BaseException as error:  # noqa: B902 - saved below, then re-raised unchanged
+            failure = error
         finally:
             self.network.restore()
             self._unfreeze(frozen)
         seconds = time.perf_counter() - begin
+        if failure is not None:
+            if steps_done > 0:
+                self._save_after_failure(failure)
+            raise failure
         final = self.save(final=True)
         return TrainResult(self.step, list(self.losses), final, self.output.state if self.output else None,
                            interrupted, seconds, steps_done, self.session_id)
+
+    def _save_after_failure(self, failure: BaseException) -> None:
+        """Save the finished steps before `failure` leaves run(); a save error is logged, never masks it."""
+        try:
+            path = self.save(final=True)
+        except Exception as error:  # the original exception matters more; report both
+            log.error("LoRA Core: training stopped at step %d by %s, and saving the finished steps failed: %s",
+                      self.step, type(failure).__name__, error)
+            return
+        if path is not None:
+            log.warning("LoRA Core: training stopped at step %d by %s: %s; saved %s and its state (continue with "
+                        "run='continue').", self.step, type(failure).__name__, failure, path)
+        self.saved_on_failure = path
+
+    saved_on_failure: Optional[str] = None
 
     def _freeze(self) -> list:
         flags = []

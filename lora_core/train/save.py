@@ -12,11 +12,12 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from lora_core.errors import LoraFileError, LoraValueError
+from lora_core.paths import output_path
 
 IMPLEMENTATION_VERSION = "lora_core.train/1"
 _STEP_FILE = "{name}-step{step:08d}.safetensors"
@@ -78,17 +79,16 @@ class OutputFiles:
     name: str
 
     def __post_init__(self):
-        name = self.name.strip()
-        if name.lower().endswith(".safetensors"):
-            name = name[: -len(".safetensors")]
-        if not name or name in (".", "..") or re.search(r'[<>:"|?*\x00]', name):
-            raise LoraValueError(f"Output name {self.name!r} is not a usable file name. Use letters, digits, '-', "
-                                 f"'_' and optionally sub/folders.")
-        self.name = name
         if not os.path.isdir(self.folder):
             raise LoraFileError(f"LoRA folder {self.folder} does not exist. Create it or check ComfyUI's "
                                 f"models/loras setting.")
-        os.makedirs(os.path.dirname(self.final) or self.folder, exist_ok=True)
+        # One rule for every file a run writes (final file, step files, state): inside the loras folder, short
+        # enough for the file system with the longest suffix, no '..', no absolute path (lora_core.paths).
+        final = output_path(self.folder, self.name, ".safetensors", what="output_name",
+                            longest_suffix=_STEP_FILE.format(name="", step=0))
+        self.folder = os.path.abspath(self.folder)
+        self.name = os.path.relpath(final, self.folder)[: -len(".safetensors")].replace(os.sep, "/")
+        os.makedirs(os.path.dirname(self.final), exist_ok=True)
 
     @property
     def final(self) -> str:
@@ -116,11 +116,18 @@ class OutputFiles:
             return True
         return read_session_id(path) == session_id
 
-    def check_final(self, session_id: str, overwrite: bool) -> None:
-        """Refuse before training starts, not after, when the result could not be saved."""
+    def check_final(self, session_id: str, overwrite: bool, step_files: Sequence[int] = ()) -> None:
+        """Refuse before training starts, not after, when the result could not be saved: the final file, and
+        every step file this run will write (`step_files`), must be free or this session's own."""
         if not self.may_write(self.final, session_id, overwrite):
             raise LoraFileError(f"{self.final} already exists (from another training run) and overwrite is off. "
                                 f"Choose another output name, continue that run, or allow overwriting.")
+        for step in step_files:
+            path = self.step_file(step)
+            if not self.may_write(path, session_id, overwrite):
+                raise LoraFileError(f"{path} already exists (a step file of another training run) and overwrite "
+                                    f"is off, so this run could not save step {step}. Choose another output name, "
+                                    f"delete that file, or allow overwriting.")
 
     def prune(self, keep_last: int, session_id: str) -> list[str]:
         """Delete this session's older step files, keeping the newest `keep_last` (0 keeps all)."""
