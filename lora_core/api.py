@@ -23,7 +23,12 @@ from .types import LoraFile, ModuleLora
 log = logging.getLogger("lora_core")
 
 UNET = "unet"
-TEXT_ENCODERS = ("te1", "te2")
+
+
+def is_text_encoder(component: str) -> bool:
+    """Text-encoder components are te1, te2, ...; everything else is the denoiser (unet / transformer)."""
+    return component.startswith("te")
+
 
 # Below this share of matched modules a LoRA is refused: it was made for another model (an SDXL LoRA on
 # SD1.5 matches almost nothing). Between this and 100% the load goes on with a loud warning.
@@ -122,7 +127,7 @@ def _describe_modules(parsed: ParsedLora, report: LoadReport) -> None:
             report.alphas[float(module.alpha)] += 1
 
 
-def _fit_check(report: LoadReport, total: int, label: str) -> None:
+def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None) -> None:
     """Refuse a LoRA that does not fit; warn loudly on a partial fit. Never silent."""
     if total == 0:
         raise LoraMatchError(f"{label}: the file holds no LoRA modules that LoRA Core can use "
@@ -130,9 +135,16 @@ def _fit_check(report: LoadReport, total: int, label: str) -> None:
     matched = report.matched
     if matched == 0 or matched / total < MIN_MATCHED_SHARE:
         examples = "; ".join(f"{n}: {why}" for n, why in report.unmatched[:3])
+        made_for = ""
+        if lora is not None:
+            from .arch import detect_lora
+
+            file_arch = detect_lora(lora)
+            if file_arch is not None and file_arch is not arch:
+                made_for = f" This LoRA was made for {file_arch.title}; the model is {report.model_arch or 'another model'}."
         raise LoraMatchError(
             f"{label}: only {matched} of {total} LoRA modules match this {report.model_arch or 'model'} "
-            f"model, so the LoRA was made for a different architecture. Pick a LoRA made for this base "
+            f"model, so the LoRA was made for a different architecture.{made_for} Pick a LoRA made for this base "
             f"model. Examples: {examples}")
     if report.unmatched:
         report.warnings.append(f"{len(report.unmatched)} of {total} modules did not match this model and were "
@@ -145,10 +157,9 @@ def plan_lora(request: LoraRequest, key_map, shapes: Mapping[str, torch.Size],
               components: Sequence[str]) -> tuple[dict[str, list[WeightPatch]], LoadReport]:
     """Resolve one LoRA against a model.
 
-    `key_map` is a lora_core.arch KeyMap for the host; `shapes` maps host tensor keys to their shapes
-    (used to refuse shape mismatches before anything is patched); `components` lists what the host has
-    loaded right now (e.g. ("unet",) for a model-only load).
-    """
+    `key_map` is a lora_core.arch KeyMap for the host; `shapes` maps host tensor keys to their (logical) shapes
+    (used to refuse shape mismatches before anything is patched); `components` lists what the host has loaded
+    right now (e.g. ("unet",) for a model-only load)."""
     label = request.label
     strength_model = check_strength(request.strength_model, f"{label}: strength_model")
     strength_clip = check_strength(request.strength_clip, f"{label}: strength_clip")
@@ -171,37 +182,80 @@ def plan_lora(request: LoraRequest, key_map, shapes: Mapping[str, torch.Size],
         component = target.component
         if component not in components:
             skipped[component] += 1
-            skip_reason[component] = "no CLIP connected" if component in TEXT_ENCODERS else "component not loaded"
+            skip_reason[component] = "no CLIP connected" if is_text_encoder(component) else "component not loaded"
             continue
-        strength = strength_model if component == UNET else strength_clip
+        strength = strength_clip if is_text_encoder(component) else strength_model
         if strength == 0.0:
             skipped[component] += 1
             skip_reason[component] = "strength 0"
             continue
-        factor = 1.0
-        if request.block_weights is not None:
-            factor = request.block_weights.factor(target.block, target.kind, target.path)
-        if factor == 0.0:
+        planned = _target_patches(request, module, target, strength, shapes, report)
+        if planned is None:
+            continue
+        if not planned:
             report.zero_factor += 1
             continue
-        weight_shape = shapes.get(target.host_key)
-        if weight_shape is None:
-            report.unmatched.append((name, f"maps to {target.host_key}, which this model does not have"))
-            continue
-        adapters.validate(module, weight_shape, target.host_key)
-        patches.setdefault(target.host_key, []).append(WeightPatch(module, strength * factor))
-        if module.bias_diff is not None:
-            bias_key = _bias_key(target.host_key)
-            if bias_key in shapes:
-                patches.setdefault(bias_key, []).append(WeightPatch(module, strength * factor, "bias"))
-            else:
-                report.warnings.append(f"{name}: has a bias delta but {target.host_key} has no bias")
+        for key, patch in planned:
+            patches.setdefault(key, []).append(patch)
         report.applied[component] += 1
     report.skipped = {c: (n, skip_reason[c]) for c, n in skipped.items()}
-    _fit_check(report, len(parsed.modules), label)
+    _fit_check(report, len(parsed.modules), label, request.lora, arch)
     for warning in report.warnings:
         log.warning("LoRA Core: %s: %s", label, warning)
     return patches, report
+
+
+def _factor(request: LoraRequest, target, kind: str) -> float:
+    if request.block_weights is None:
+        return 1.0
+    return float(request.block_weights.factor(target.block, kind, target.path))
+
+
+def _target_patches(request: LoraRequest, module, target, strength: float, shapes, report):
+    """[(host key, WeightPatch)] of one module on one target (weight, then its bias delta); [] when every block
+    factor is 0; None when the target's tensor is missing (reported)."""
+    out = []
+    if target.pieces is None:
+        weight_shape = shapes.get(target.host_key)
+        if weight_shape is None:
+            report.unmatched.append((module.name, f"maps to {target.host_key}, which this model does not have"))
+            return None
+        factor, cols = _factor(request, target, target.kind), None
+        if target.col_parts and request.block_weights is not None:
+            col_factors = [_factor(request, target, part.kind) for part in target.col_parts]
+            if len(set(col_factors)) > 1:
+                cols = tuple((part.start, part.length, f) for part, f in zip(target.col_parts, col_factors))
+                factor = 1.0
+            else:
+                factor = col_factors[0]
+        if factor == 0.0:
+            return []
+        adapters.validate(module, weight_shape, target.host_key)
+        out.append((target.host_key, WeightPatch(module, strength * factor, cols=cols)))
+    else:
+        by_key: dict[tuple[str, float], list] = {}
+        for piece in target.pieces:
+            factor = _factor(request, target, piece.kind)
+            if factor != 0.0:
+                by_key.setdefault((piece.host_key, factor), []).append((piece.dst, piece.src, piece.length))
+        if not by_key:
+            return []
+        for (key, factor), rows in by_key.items():
+            weight_shape = shapes.get(key)
+            if weight_shape is None:
+                report.unmatched.append((module.name, f"maps to {key}, which this model does not have"))
+                return None
+            patch = WeightPatch(module, strength * factor, rows=tuple(rows), module_rows=target.module_rows)
+            adapters.validate(module, torch.Size(patch.module_shape(weight_shape)), key)
+            out.append((key, patch))
+    if module.bias_diff is not None:
+        for key, patch in list(out):
+            bias_key = _bias_key(key)
+            if bias_key in shapes:
+                out.append((bias_key, WeightPatch(module, patch.strength, "bias", patch.rows, patch.module_rows)))
+            else:
+                report.warnings.append(f"{module.name}: has a bias delta but {key} has no bias")
+    return out
 
 
 def _bias_key(weight_key: str) -> str:
@@ -224,37 +278,53 @@ def plan_stack(requests: Sequence[LoraRequest], key_map, shapes: Mapping[str, to
 class LoraPatcher:
     """LoRA on a plain PyTorch / diffusers model, without ComfyUI.
 
-        patcher = LoraPatcher(unet=pipe.unet, text_encoder=pipe.text_encoder)
+        patcher = LoraPatcher(unet=pipe.unet, text_encoder=pipe.text_encoder)            # SD1/SD2/SDXL
+        patcher = LoraPatcher(transformer=pipe.transformer, text_encoder=pipe.text_encoder,
+                              text_encoder_2=pipe.text_encoder_2)                         # Flux, ...
         report = patcher.apply([LoraRequest(read_lora_file("style.safetensors"), 0.8, 0.8)])
         ...                       # sample
         patcher.restore()         # bit-exact
 
-    `apply` replaces whatever was applied before (only changed tensors are recomputed, from one backup);
-    it validates everything first and patches all-or-nothing.
+    Keyword names are diffusers' pipeline attributes. `apply` replaces whatever was applied before (only
+    changed tensors are recomputed, from one backup); it validates everything first and patches all-or-nothing.
+    A fused LoRA module (kohya's Flux `img_attn.qkv`) lands on the split diffusers weights (`to_q`, `to_k`,
+    `to_v`) it covers.
     """
 
-    PREFIXES = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+    PREFIXES = {"unet": "unet.", "transformer": "transformer.", "te1": "text_encoder.", "te2": "text_encoder_2.",
+                "te3": "text_encoder_3."}
 
     def __init__(self, unet: Optional[torch.nn.Module] = None, text_encoder: Optional[torch.nn.Module] = None,
-                 text_encoder_2: Optional[torch.nn.Module] = None, backup_device=None):
-        from .arch import bind_diffusers_unet, bind_transformers_clip, build_key_map
+                 text_encoder_2: Optional[torch.nn.Module] = None, backup_device=None, *,
+                 transformer: Optional[torch.nn.Module] = None, text_encoder_3: Optional[torch.nn.Module] = None):
+        from .arch import bind_diffusers, bind_transformers_clip, build_key_map
         from .engine import PatchEngine
 
+        if unet is not None and transformer is not None:
+            raise LoraValueError("LoraPatcher takes a unet or a transformer (the model's denoiser), not both.")
         tensors: dict[str, torch.Tensor] = {}
         bindings = []
-        for component, module in (("unet", unet), ("te1", text_encoder), ("te2", text_encoder_2)):
+        arch = None
+        denoiser = unet if unet is not None else transformer
+        if denoiser is not None:
+            prefix = self.PREFIXES["unet" if unet is not None else "transformer"]
+            state = denoiser.state_dict(keep_vars=True)
+            tensors.update({prefix + k: v for k, v in state.items()})
+            binding = bind_diffusers({k: v.shape for k, v in state.items()}, key_prefix=prefix)
+            bindings.append(binding)
+            arch = binding.arch
+        for component, module in (("te1", text_encoder), ("te2", text_encoder_2), ("te3", text_encoder_3)):
             if module is None:
                 continue
             prefix = self.PREFIXES[component]
             state = module.state_dict(keep_vars=True)
             tensors.update({prefix + k: v for k, v in state.items()})
-            shapes = {k: v.shape for k, v in state.items()}
-            if component == "unet":
-                bindings.append(bind_diffusers_unet(shapes, key_prefix=prefix))
-            else:
-                bindings.append(bind_transformers_clip(shapes, component, key_prefix=prefix))
+            encoder = arch.text_encoders.get(component) if arch is not None else None
+            bindings.append(bind_transformers_clip({k: v.shape for k, v in state.items()}, component, encoder,
+                                                   key_prefix=prefix, arch=arch))
         if not bindings:
-            raise LoraValueError("LoraPatcher needs at least one of unet, text_encoder, text_encoder_2.")
+            raise LoraValueError("LoraPatcher needs at least one of unet / transformer, text_encoder, "
+                                 "text_encoder_2, text_encoder_3.")
         self.key_map = build_key_map(*bindings)
         self.shapes = {k: v.shape for k, v in tensors.items()}
         self.engine = PatchEngine(tensors, backup_device=backup_device)

@@ -64,106 +64,65 @@ import numpy as np
 from .errors import LoraValueError
 
 MODES = ("a1111", "inspire", "named")
-ARCH_NAMES = ("sd1", "sd2", "sdxl")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 OTHER = "OTHER"
 MID = "M00"
 BASE = "BASE"
-
-
-def _ids(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}{i:02d}" for i in range(count)]
-
-
-# ------------------------------------------------------------------------------------------------ layouts
-
-_SD_UNET = _ids("IN", 12) + [MID] + _ids("OUT", 12)
-_SDXL_UNET = _ids("IN", 9) + [MID] + _ids("OUT", 9)
-
-BLOCK_IDS: dict[str, list[str]] = {
-    "sd1": ["TE1"] + _SD_UNET + [OTHER],
-    "sd2": ["TE1"] + _SD_UNET + [OTHER],
-    "sdxl": ["TE1", "TE2"] + _SDXL_UNET + [OTHER],
-}
-TEXT_ENCODER_BLOCKS = {"sd1": ("TE1",), "sd2": ("TE1",), "sdxl": ("TE1", "TE2")}
-
-# A1111 block-id lists (BLOCKID26/17/20/12 of the extension): position -> block id.
-A1111_SD26 = [BASE] + _SD_UNET
-A1111_SD17 = [BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", MID] + _ids("OUT", 12)[3:]
-A1111_SDXL20 = [BASE] + _SDXL_UNET
-A1111_SDXL12 = [BASE, "IN04", "IN05", "IN07", "IN08", MID] + _ids("OUT", 6)
-A1111_LAYOUTS: dict[str, dict[int, list[str]]] = {
-    "sd1": {17: A1111_SD17, 26: A1111_SD26},
-    "sd2": {17: A1111_SD17, 26: A1111_SD26},
-    "sdxl": {12: A1111_SDXL12, 20: A1111_SDXL20},
-}
+INSPIRE_MIN_LENGTH = 12  # Inspire's validate() rejects shorter vectors
 A1111_FLUX_LENGTH = 61
 
-# Inspire's standard ordinal layouts (what the positions mean when the file has the usual blocks).
-# `M00.k` is LDM `middle_block.k`: a plain LoRA only has middle_block.1 (one slot, written `M00`).
-INSPIRE_SD17 = [BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", MID] + _ids("OUT", 12)[3:]
-INSPIRE_SD27 = [BASE] + _ids("IN", 12)[1:] + ["M00.0", "M00.1", "M00.2"] + _ids("OUT", 12)
-INSPIRE_SDXL12 = [BASE, "IN04", "IN05", "IN07", "IN08", MID] + _ids("OUT", 6)
-INSPIRE_SDXL21 = [BASE] + _ids("IN", 9)[1:] + ["M00.0", "M00.1", "M00.2"] + _ids("OUT", 9)
-INSPIRE_LAYOUTS: dict[str, dict[int, list[str]]] = {
-    "sd1": {17: INSPIRE_SD17, 27: INSPIRE_SD27},
-    "sd2": {17: INSPIRE_SD17, 27: INSPIRE_SD27},
-    "sdxl": {12: INSPIRE_SDXL12, 21: INSPIRE_SDXL21},
-}
-INSPIRE_MIN_LENGTH = 12  # Inspire's validate() rejects shorter vectors
-# BASE + every input block + 3 middle parts + every output block: the longest vector with a meaning.
-INSPIRE_MAX_LENGTH = {arch: 1 + sum(b != MID for b in ids if b[:2] in ("IN", "OU")) + 3
-                      for arch, ids in BLOCK_IDS.items()}
 
-# Element groups usable in named syntax and lbwe directives -> lora_core.arch element kinds.
-ELEMENT_KINDS = ("attn1", "attn2", "ff", "proj", "norm", "resnet_conv", "emb", "downsample", "upsample",
-                 "conv_in", "conv_out", "time_embed", "label_emb", "te_attn", "te_mlp", "te_embed")
-ELEMENT_GROUPS: dict[str, frozenset] = {kind: frozenset([kind]) for kind in ELEMENT_KINDS}
-ELEMENT_GROUPS.update({
-    "attn": frozenset({"attn1", "attn2", "te_attn"}),   # A1111 "attn" matches attn1, attn2 and TE self_attn
-    "mlp": frozenset({"te_mlp"}),
-    "resnet": frozenset({"resnet_conv", "emb"}),       # a resnet's convs and its time-embedding projection
-    "conv": frozenset({"resnet_conv", "conv_in", "conv_out", "downsample", "upsample"}),
-    "emb": frozenset({"emb", "time_embed", "label_emb", "te_embed"}),
-})
+def _layouts() -> dict:
+    """layout key ("sd1", "sdxl", "flux", "chroma", ...) -> BlockLayout, from every family (lora_core.arch)."""
+    from .arch import ARCHS
+
+    found: dict = {}
+    for arch in ARCHS.values():
+        found.setdefault(arch.layout_key, arch.layout)
+    return found
+
+
+def _layout(key: str):
+    return _layouts()[key]
+
+
+def _family_layouts(key: str) -> list[str]:
+    """Layout keys of the family `key` belongs to (SD: sd1, sd2, sdxl), for "exists on ..." hints."""
+    from .arch import ARCHS
+
+    family = next(a.family for a in ARCHS.values() if a.layout_key == key)
+    return list(dict.fromkeys(v.layout_key for v in family.variants))
+
+
+def _family_label(key: str) -> str:
+    """How users name the family of layout `key` in messages ("SD", "Flux")."""
+    return {"flux": "Flux", "chroma": "Flux"}.get(key, key)
+
+
+ARCH_NAMES = tuple(_layouts())
+# Views of the family layouts under the names this module has always exported (lists, positions as data).
+BLOCK_IDS: dict[str, list[str]] = {k: list(v.blocks) for k, v in _layouts().items()}
+TEXT_ENCODER_BLOCKS = {k: tuple(v.te_blocks) for k, v in _layouts().items()}
+A1111_LAYOUTS: dict[str, dict[int, list]] = {k: {n: list(ids) for n, ids in v.a1111.items()}
+                                             for k, v in _layouts().items()}
+INSPIRE_LAYOUTS: dict[str, dict[int, list]] = {k: {n: list(ids) for n, ids in v.inspire_layouts.items()}
+                                               for k, v in _layouts().items()}
+# BASE + every slot block + the extra middle parts: the longest vector with a meaning.
+INSPIRE_MAX_LENGTH = {k: v.inspire_max_length for k, v in _layouts().items()}
+
+# The SD element kinds and groups, under their old names (every layout carries its own: BlockLayout).
+from .arch.families.sd import ELEMENT_GROUPS, ELEMENT_KINDS  # noqa: E402
+
 _ATTENTION_KINDS = frozenset({"attn1", "attn2", "ff", "proj"})
 _RESNET_KINDS = frozenset({"resnet_conv", "emb"})
-
-# Short descriptions for the readable table.
-_SD_LEVELS = {0: "64x64 latent, 320ch", 1: "32x32, 640ch", 2: "16x16, 1280ch", 3: "8x8, 1280ch"}
-
-
-def _describe_blocks(arch: str) -> dict[str, str]:
-    sdxl = arch == "sdxl"
-    names = {"TE1": "text encoder (CLIP-L)" if arch != "sd2" else "text encoder (OpenCLIP-H)",
-             "TE2": "text encoder 2 (OpenCLIP-G)", MID: "middle block",
-             OTHER: "time_embed, label_emb, out (non-block UNet modules)", "IN00": "conv_in"}
-    levels = 3 if sdxl else 4
-    size = {0: "128x128, 320ch", 1: "64x64, 640ch", 2: "32x32, 1280ch"} if sdxl else _SD_LEVELS
-    attention = {1, 2} if sdxl else {0, 1, 2}
-    for level in range(levels):
-        for j in range(2):
-            n = 3 * level + j + 1
-            part = "resnet + attention" if level in attention else "resnet"
-            names[f"IN{n:02d}"] = f"input level {level}.{j}: {part} ({size[level]})"
-        if level != levels - 1:
-            names[f"IN{3 * level + 3:02d}"] = f"downsample of level {level}"
-    up_attention = {0, 1} if sdxl else {1, 2, 3}
-    for up in range(levels):
-        level = levels - 1 - up
-        for j in range(3):
-            n = 3 * up + j
-            part = "resnet + attention" if up in up_attention else "resnet"
-            extra = " + upsample" if j == 2 and up != levels - 1 else ""
-            names[f"OUT{n:02d}"] = f"output level {level}.{j}: {part}{extra} ({size[level]})"
-    return names
 
 
 # ---------------------------------------------------------------------------------------------- result
 
 @dataclass
 class BlockWeights:
-    """Factor per block id of `arch` (every id of BLOCK_IDS[arch] is present), plus finer overrides."""
+    """Factor per block id of `arch` (a layout key: every block of its family layout is present), plus finer
+    overrides."""
 
     arch: str
     factors: dict[str, float]
@@ -180,12 +139,12 @@ class BlockWeights:
         """Factor of one module: its block id, element kind (optional) and canonical path (optional)."""
         if block_id not in self.factors:
             raise LoraValueError(f"unknown block id {block_id!r} for {self.arch}: known ids are "
-                                 f"{', '.join(BLOCK_IDS[self.arch])}")
+                                 f"{', '.join(_layout(self.arch).blocks)}")
         if element is not None and element in self.element_factors.get(block_id, {}):
             return self.element_factors[block_id][element]
         if path is not None and path in self.key_factors:
             return self.key_factors[path]
-        if block_id == MID and self.sub_factors:
+        if self.sub_factors and block_id == _layout(self.arch).mid_block:
             return self._middle_factor(element, path)
         return self.factors[block_id]
 
@@ -213,13 +172,14 @@ class BlockWeights:
 
     def table(self) -> str:
         """One line per block: id, factor, what the block is; then element overrides and notes."""
-        names = _describe_blocks(self.arch)
-        base = TEXT_ENCODER_BLOCKS[self.arch]
+        layout = _layout(self.arch)
+        names = layout.descriptions
+        base = layout.te_blocks
         lines = [f"Block weights ({self.mode or 'factors'}, {self.arch}):"]
-        for block in BLOCK_IDS[self.arch]:
+        for block in layout.blocks:
             if block in self.absent:
                 value = "-"
-            elif block == MID and self.sub_factors and len(set(self.sub_factors.values())) > 1:
+            elif block == layout.mid_block and self.sub_factors and len(set(self.sub_factors.values())) > 1:
                 value = self._sub_text()
             else:
                 value = _fmt(self.factors[block])
@@ -240,26 +200,25 @@ def _fmt(value: float) -> str:
 
 
 def _uniform_table(arch: str, value: float, mode: str, vector: str) -> BlockWeights:
-    return BlockWeights(arch, {b: float(value) for b in BLOCK_IDS[arch]}, mode=mode, vector=vector)
+    return BlockWeights(arch, {b: float(value) for b in _layout(arch).blocks}, mode=mode, vector=vector)
 
 
 # ------------------------------------------------------------------------------------------------ arch
 
 def _arch_key(arch) -> str:
-    """'sd1' | 'sd2' | 'sdxl' from a name/alias ("SD15", "pony") or an ArchSpec."""
-    name = getattr(arch, "name", arch)
-    if not isinstance(name, str):
-        raise LoraValueError(f"architecture must be a name or an ArchSpec, got {arch!r}")
-    from .arch import get_arch  # arch is data only; imported lazily to keep this module light
+    """The layout key ('sd1', 'sd2', 'sdxl', 'flux', 'chroma', ...) of a name/alias ("SD15", "pony", "Flux.1-dev")
+    or an ArchSpec."""
+    from .arch import ArchSpec, get_arch
 
+    if not isinstance(arch, (str, ArchSpec)):
+        raise LoraValueError(f"architecture must be a name or an ArchSpec, got {arch!r}")
     try:
-        spec = get_arch(name)
+        spec = get_arch(arch)
     except LoraValueError as error:
         raise LoraValueError(f"{error}. Block weights support {', '.join(ARCH_NAMES)}.") from None
-    key = spec.name.lower()
-    if key not in BLOCK_IDS:
+    if spec.layout_key not in _layouts():
         raise LoraValueError(f"no block layout for architecture {spec.name}; supported: {', '.join(ARCH_NAMES)}")
-    return key
+    return spec.layout_key
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -289,17 +248,23 @@ def _read_elem_presets(path: Path) -> dict[str, str]:
 
 def _a1111_preset_arch(vector: str) -> Optional[list[str]]:
     n = vector.count(",") + 1
-    archs = [a for a in ARCH_NAMES if n in A1111_LAYOUTS[a]]
+    archs = [a for a in ARCH_NAMES if n in _layout(a).a1111]
     return archs or None
 
 
 def _inspire_preset_arch(name: str) -> list[str]:
+    """The layouts an Inspire preset is for, by its name's prefix (SD-, SDXL-, FLUX-); the longest prefix wins."""
     upper = name.upper()
-    if upper.startswith("SDXL-"):
-        return ["sdxl"]
-    if upper.startswith("SD-"):
-        return ["sd1", "sd2"]
-    return []  # FLUX-... and anything else: no supported architecture
+    best = max((len(p) for a in ARCH_NAMES for p in _layout(a).inspire_preset_prefixes if upper.startswith(p)),
+               default=0)
+    return [a for a in ARCH_NAMES if any(upper.startswith(p) and len(p) == best
+                                         for p in _layout(a).inspire_preset_prefixes)] if best else []
+
+
+def _inspire_preset_label(name: str) -> str:
+    archs = _inspire_preset_arch(name)
+    labels = list(dict.fromkeys(_family_label(a) for a in archs))
+    return "/".join(labels) or "another model"
 
 
 _PRESET_CACHE: dict[str, dict[str, str]] = {}
@@ -333,8 +298,7 @@ def list_presets(mode: str, arch=None) -> dict[str, str]:
     """Shipped presets of a mode, name -> vector, usable on `arch` (default: on any supported arch).
 
     a1111: the extension's defaults (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5).
-    inspire: Inspire's lbw-preset.txt and lbw-preset.custom.txt.example (SD-*, SDXL-*).
-    Flux presets are kept in the data files but not listed (no Flux layout here). named: none."""
+    inspire: Inspire's lbw-preset.txt and lbw-preset.custom.txt.example (SD-*, SDXL-*, FLUX-*). named: none."""
     _check_mode(mode)
     wanted = [_arch_key(arch)] if arch is not None else list(ARCH_NAMES)
     return {name: vector for name, vector in _shipped(mode).items()
@@ -362,9 +326,12 @@ def _check_mode(mode: str) -> None:
 
 def _lengths_text(mode: str, arch: str) -> str:
     if mode == "a1111":
-        return "A1111 vectors on " + arch + " have " + " or ".join(map(str, A1111_LAYOUTS[arch])) + " values"
+        lengths = list(_layout(arch).a1111)
+        if not lengths:
+            return f"A1111's extension has no positional layout for {arch}: use named syntax"
+        return "A1111 vectors on " + arch + " have " + " or ".join(map(str, lengths)) + " values"
     if mode == "inspire":
-        std = " or ".join(map(str, INSPIRE_LAYOUTS[arch]))
+        std = " or ".join(map(str, _layout(arch).inspire_layouts))
         return (f"Inspire vectors on {arch} have {INSPIRE_MIN_LENGTH} to {INSPIRE_MAX_LENGTH[arch]} values, "
                 f"standard {std}")
     return "named syntax: BLOCK=VALUE entries"
@@ -438,14 +405,18 @@ def _resolve_a1111(arch: str, text: str, seed: int, x: float, inverse: bool) -> 
     values = [_a1111_value(t, i + 1, rng, x) for i, t in enumerate(tokens)]
     if inverse:
         values = [1.0 - v for v in values]
-    factors = {b: 0.0 for b in BLOCK_IDS[arch]}  # ids the short layouts do not list get 0 (A1111's to26)
-    factors[OTHER] = 1.0                         # A1111 never touches time_embed/label_emb/out
+    layout = _layout(arch)
+    # ids a short layout does not list get 0 (A1111's to26); modules outside the blocks it has no position for
+    # (SD's time_embed / label_emb / out) keep 1, as A1111 never touches them
+    factors = {b: (1.0 if b in layout.other_blocks else layout.a1111_missing) for b in layout.blocks}
     for block, value in zip(ids, values):
-        for target in (TEXT_ENCODER_BLOCKS[arch] if block == BASE else (block,)):
+        if block is None:
+            continue   # a position this variant has no block for (the CLIP slot of hako's Flux layout on Chroma)
+        for target in (layout.te_blocks if block == BASE else (block,)):
             factors[target] = float(value)
     notes = []
-    if len(ids) in (17, 12):
-        missing = [b for b in BLOCK_IDS[arch] if b not in ids and b not in TEXT_ENCODER_BLOCKS[arch] + (OTHER,)]
+    missing = [b for b in layout.blocks if b not in ids and b not in layout.te_blocks + layout.other_blocks]
+    if missing:
         notes.append(f"{len(ids)}-value vector: {', '.join(missing)} (conv-only blocks LoCon trains) get 0, "
                      f"as in A1111")
     return BlockWeights(arch, factors, mode="a1111", notes=notes)
@@ -466,17 +437,18 @@ def _a1111_lookup(arch: str, text: str) -> str:
 
 
 def _a1111_ids(arch: str, length: int, text: str) -> list[str]:
-    layouts = A1111_LAYOUTS[arch]
+    layouts = _layout(arch).a1111
     if length in layouts:
-        return layouts[length]
-    other = [a for a in ("sd1", "sdxl") if length in A1111_LAYOUTS[a] and a != arch and
-             not (a == "sd1" and arch == "sd2")]
+        return list(layouts[length])
+    same_as_mine = {a for a in ARCH_NAMES if dict(_layout(a).a1111) == dict(layouts)}
+    other = [a for a in _family_layouts(arch) if length in _layout(a).a1111 and a not in same_as_mine]
     if other:
         raise LoraValueError(f"the A1111 block vector has {length} values, the length of a {other[0]} vector; "
                              f"this model is {arch}: {_lengths_text('a1111', arch)} ({text[:60]!r})")
-    if length == A1111_FLUX_LENGTH:
-        raise LoraValueError(f"the A1111 block vector has 61 values, a Flux vector; this model is {arch}: "
-                             f"{_lengths_text('a1111', arch)}")
+    foreign = [a for a in ARCH_NAMES if length in _layout(a).a1111 and a not in same_as_mine]
+    if foreign:
+        raise LoraValueError(f"the A1111 block vector has {length} values, a {_family_label(foreign[0])} vector; "
+                             f"this model is {arch}: {_lengths_text('a1111', arch)}")
     raise LoraValueError(f"wrong A1111 block vector length {length}: {_lengths_text('a1111', arch)} "
                          f"({text[:60]!r})")
 
@@ -484,37 +456,44 @@ def _a1111_ids(arch: str, length: int, text: str) -> list[str]:
 # -------------------------------------------------------------------------------------------- Inspire
 
 _INSPIRE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_INSPIRE_SPEC_GROUPS = ("in", "mid", "out", "double", "single")
 _INSPIRE_LETTERS = ("R", "r", "U", "u", "A", "a", "B", "b")
 
 
 @dataclass
 class _Slot:
-    """One Inspire position: a block (or middle part), its Inspire number, and its module paths in order."""
+    """One Inspire position: a block (or middle part), its Inspire group and number, its module paths in order."""
 
-    slot_id: str        # "IN04", "M00", "M00.1", "OUT03"
-    group: str          # "in", "mid", "out"
+    slot_id: str        # "IN04", "M00", "M00.1", "OUT03", "DB05"
+    group: str          # the layout's Inspire group: "in", "mid", "out", "double", "single"
     number: int         # the block number Inspire compares (middle part index for M00.k)
     paths: Optional[list] = None
+    rank: int = 0       # the group's place in Inspire's order
+    block: str = ""     # the block id the slot belongs to ("M00" for M00.k)
 
-    @property
-    def block(self) -> str:
-        return MID if self.group == "mid" else self.slot_id
+    def __post_init__(self):
+        if not self.block:
+            self.block = self.slot_id.split(".")[0]
 
 
-def inspire_present_blocks(targets: Iterable) -> dict[str, list[str]]:
+def inspire_present_blocks(targets: Iterable, arch=None) -> dict[str, list[str]]:
     """Inspire slots of a file from its resolved modules: slot id -> module paths, in the given order.
 
     `targets`: objects with `.block` and `.path` (lora_core.arch Target) or (block, path) pairs, in the order
     Inspire sees the keys (ComfyUI's load_lora order) when sub-vectors must match Inspire. Middle-block
-    modules are split by `middle_block.N` into `M00.N`; text-encoder and OTHER modules go to "BASE"."""
+    modules are split by `middle_block.N` into `M00.N`; modules of blocks Inspire gives no slot (text encoders,
+    SD's OTHER, a DiT's IN / OUT) go to "BASE". `arch` names the layout (default: decided per block)."""
+    layout = _layout(_arch_key(arch)) if arch is not None else None
     slots: dict[str, list[str]] = {}
     for item in targets:
         block, path = (item.block, item.path) if hasattr(item, "block") else item
         slot = block
-        if block == MID:
+        if block == MID and (layout is None or layout.mid_block == MID):
             m = re.match(r"middle_block\.(\d+)", path or "")
             slot = f"{MID}.{m.group(1)}" if m else MID
-        elif block in ("TE1", "TE2", OTHER):
+        elif layout is not None and layout.inspire_slot(block) is None:
+            slot = BASE
+        elif layout is None and (block.startswith("TE") or block in (OTHER, "IN", "OUT", "MOD")):
             slot = BASE
         slots.setdefault(slot, []).append(path)
     return slots
@@ -522,29 +501,31 @@ def inspire_present_blocks(targets: Iterable) -> dict[str, list[str]]:
 
 def _parse_slots(arch: str, present) -> list[_Slot]:
     """Ordered Inspire slots from `present_blocks` (ids or a mapping id -> paths)."""
+    layout = _layout(arch)
     mapping = present if isinstance(present, Mapping) else {b: None for b in present}
     slots: list[_Slot] = []
-    known = set(BLOCK_IDS[arch])
+    groups = [name for name, _ in layout.inspire_groups]
     for slot_id, paths in mapping.items():
-        if slot_id in (BASE, OTHER) or slot_id in TEXT_ENCODER_BLOCKS[arch]:
+        if slot_id == BASE or slot_id in layout.te_blocks or slot_id in layout.other_blocks:
             continue
-        m = re.fullmatch(r"M00\.([0-2])", slot_id)
+        m = re.fullmatch(r"M00\.([0-2])", slot_id) if layout.mid_block else None
+        where = layout.inspire_slot(slot_id) if slot_id in layout.blocks else None
         if m:
-            slots.append(_Slot(slot_id, "mid", int(m.group(1)), _list_or_none(paths)))
-        elif slot_id == MID:
-            slots.append(_Slot(slot_id, "mid", 1, _list_or_none(paths)))  # middle_block.1: a LoRA's attention
-        elif slot_id in known and slot_id.startswith("IN"):
-            slots.append(_Slot(slot_id, "in", int(slot_id[2:]), _list_or_none(paths)))
-        elif slot_id in known and slot_id.startswith("OUT"):
-            slots.append(_Slot(slot_id, "out", int(slot_id[3:]), _list_or_none(paths)))
+            rank = groups.index("mid")
+            slots.append(_Slot(slot_id, "mid", int(m.group(1)), _list_or_none(paths), rank, MID))
+        elif slot_id == layout.mid_block:
+            # middle_block.1: a LoRA's attention
+            slots.append(_Slot(slot_id, "mid", 1, _list_or_none(paths), groups.index("mid"), MID))
+        elif where is not None:
+            slots.append(_Slot(slot_id, groups[where[0]], where[1], _list_or_none(paths), where[0]))
         else:
+            extra = ", BASE or M00.0/M00.1/M00.2" if layout.mid_block else ", BASE"
             raise LoraValueError(f"unknown block id {slot_id!r} in present_blocks for {arch}: use "
-                                 f"{', '.join(BLOCK_IDS[arch])}, BASE or M00.0/M00.1/M00.2")
+                                 f"{', '.join(layout.blocks)}{extra}")
     if any(s.slot_id == MID for s in slots) and any(s.slot_id.startswith("M00.") for s in slots):
         raise LoraValueError("present_blocks lists both M00 and M00.N parts: give one form")
     slots = _split_middle(slots)
-    group_rank = {"in": 0, "mid": 1, "out": 2}
-    return sorted(slots, key=lambda s: (group_rank[s.group], s.number))
+    return sorted(slots, key=lambda s: (s.rank, s.number))
 
 
 def _split_middle(slots: list[_Slot]) -> list[_Slot]:
@@ -557,7 +538,7 @@ def _split_middle(slots: list[_Slot]) -> list[_Slot]:
                 m = re.match(r"middle_block\.(\d+)", path or "")
                 parts.setdefault(int(m.group(1)) if m else 1, []).append(path)
             if len(parts) > 1:
-                result += [_Slot(f"{MID}.{k}", "mid", k, v) for k, v in sorted(parts.items())]
+                result += [_Slot(f"{MID}.{k}", "mid", k, v, slot.rank, MID) for k, v in sorted(parts.items())]
                 continue
         result.append(slot)
     return result
@@ -570,7 +551,7 @@ def _list_or_none(paths) -> Optional[list]:
 
 
 def _standard_slots(arch: str, length: int) -> list[_Slot]:
-    layouts = INSPIRE_LAYOUTS[arch]
+    layouts = _layout(arch).inspire_layouts
     if length not in layouts:
         raise LoraValueError(
             f"Inspire mode is ordinal over the blocks the LoRA file has: pass present_blocks to resolve a "
@@ -580,7 +561,8 @@ def _standard_slots(arch: str, length: int) -> list[_Slot]:
 
 def _inspire_expand_spec(text: str, slots: list[_Slot]) -> str:
     """Inspire's `%` spec: positions are 1-based among the present blocks of each group; values >= 0."""
-    numbers = {g: sorted({s.number for s in slots if s.group == g}) for g in ("in", "mid", "out")}
+    # Inspire's groups, in its order: every layout's slots belong to some of these
+    numbers = {g: sorted({s.number for s in slots if s.group == g}) for g in _INSPIRE_SPEC_GROUPS}
     values: dict[str, list] = {}
     items = [x.strip() for x in text[1:].split(",")]
     default, base = 1.0, None
@@ -595,13 +577,12 @@ def _inspire_expand_spec(text: str, slots: list[_Slot]) -> str:
     for position, item in enumerate(items, 1):
         if not item or re.match(r"(default|base)=([0-9.]+)", item):
             continue
-        m = (re.match(r"(in|out|mid)([0-9]+)-([0-9]+)=([0-9.]+)", item)
-             or re.match(r"(in|out|mid)([0-9]+)=([0-9.]+)", item) or re.match(r"(in|out|mid)=([0-9.]+)", item))
+        m = (re.match(r"(in|out|mid|double|single)([0-9]+)-([0-9]+)=([0-9.]+)", item)
+             or re.match(r"(in|out|mid|double|single)([0-9]+)=([0-9.]+)", item)
+             or re.match(r"(in|out|mid|double|single)=([0-9.]+)", item))
         if not m:
-            if re.match(r"(double|single)", item):
-                continue  # Flux groups: this architecture has none, Inspire would find none either
             raise LoraValueError(f"bad token {item!r} at position {position} of the Inspire % spec: use "
-                                 f"default=V, base=V, in=V, in3=V, in2-5=V (also mid, out); V >= 0")
+                                 f"default=V, base=V, in=V, in3=V, in2-5=V (also mid, out, double, single); V >= 0")
         group = m[1]
         value = _spec_number(m[m.lastindex], item, position)
         if m.lastindex == 4:
@@ -616,7 +597,7 @@ def _inspire_expand_spec(text: str, slots: list[_Slot]) -> str:
                 values[group][x] = value
     if base is None:
         base = default
-    return ",".join(str(v) for v in [base] + values["in"] + values["mid"] + values["out"])
+    return ",".join(str(v) for v in [base] + [v for g in _INSPIRE_SPEC_GROUPS for v in values[g]])
 
 
 def _spec_number(text: str, item: str, position: int) -> float:
@@ -647,7 +628,7 @@ def _inspire_tokens(arch: str, text: str, slots: Optional[list[_Slot]]) -> tuple
         if name not in presets:
             raise _unknown_preset("inspire", name, arch, list_presets("inspire", arch))
         if arch not in _inspire_preset_arch(name):
-            raise LoraValueError(f"Inspire preset {name!r} is for {'/'.join(_inspire_preset_arch(name)) or 'Flux'}, "
+            raise LoraValueError(f"Inspire preset {name!r} is for {_inspire_preset_label(name)}, "
                                  f"not {arch}: pick one of {', '.join(list(list_presets('inspire', arch))[:8])} ...")
         body = presets[name]
         entries = body.split(",")
@@ -661,7 +642,8 @@ def _inspire_tokens(arch: str, text: str, slots: Optional[list[_Slot]]) -> tuple
         what = " (from the % spec " + repr(source[:40]) + ")" if source.startswith("%") else ""
         other = ""
         if n > INSPIRE_MAX_LENGTH[arch]:
-            other = (" — a vector for another architecture" + (" (Flux has 58)" if n == 58 else "")
+            other = (" — a vector for another architecture" + (" (Flux has 58)" if n == 58 and arch not in
+                                                                   ("flux", "chroma") else "")
                      + "; this model is " + arch)
         raise LoraValueError(f"wrong Inspire block vector length {n}{what}{other}: {_lengths_text('inspire', arch)}")
     return [e.strip() for e in entries], body
@@ -738,8 +720,9 @@ def _resolve_inspire(arch: str, text: str, present, seed: int, A: float, B: floa
 
 
 def _inspire_table(arch, slots, slot_factor, key_factors, base, populated, notes) -> BlockWeights:
-    factors = {b: 1.0 for b in BLOCK_IDS[arch]}
-    for block in TEXT_ENCODER_BLOCKS[arch] + (OTHER,):
+    layout = _layout(arch)
+    factors = {b: 1.0 for b in layout.blocks}
+    for block in layout.te_blocks + layout.other_blocks:   # Inspire's BASE: every key outside its groups
         factors[block] = base
     sub = {}
     for slot in slots:
@@ -750,7 +733,7 @@ def _inspire_table(arch, slots, slot_factor, key_factors, base, populated, notes
     if sub:
         factors[MID] = sub.get("M00.1", next(iter(sub.values())))
     present = {s.block for s in slots}
-    absent = frozenset(b for b in BLOCK_IDS[arch] if b not in present and b.startswith(("IN", "M0", "OUT")))
+    absent = frozenset(b for b in layout.blocks if b not in present and layout.inspire_slot(b) is not None)
     if len(set(key_factors.values())) <= 1:
         key_factors = {}  # no sub-vector in effect: the block factors say everything
     return BlockWeights(arch, factors, sub_factors=sub, key_factors=key_factors, absent=absent, mode="inspire",
@@ -764,10 +747,11 @@ def _named_entries(text: str) -> list[str]:
 
 
 def _select_blocks(arch: str, selector: str, position: int, entry: str) -> list[str]:
-    ids = BLOCK_IDS[arch]
+    layout = _layout(arch)
+    ids = list(layout.blocks)
     sel = selector.strip().upper()
-    if sel == BASE:
-        return list(TEXT_ENCODER_BLOCKS[arch])
+    if sel in layout.groups:
+        return list(layout.groups[sel])
     if any(c in sel for c in "*?["):
         found = [b for b in ids if fnmatch.fnmatchcase(b, sel)]
         if not found:
@@ -785,21 +769,24 @@ def _select_blocks(arch: str, selector: str, position: int, entry: str) -> list[
 
 
 def _check_block_id(arch: str, block: str, position: int, entry: str) -> None:
-    if block not in BLOCK_IDS[arch]:
-        elsewhere = [a for a in ARCH_NAMES if block in BLOCK_IDS[a]]
+    layout = _layout(arch)
+    if block not in layout.blocks:
+        elsewhere = [a for a in _family_layouts(arch) if block in _layout(a).blocks]
         hint = f" ({block} exists on {'/'.join(elsewhere)})" if elsewhere else ""
-        near = difflib.get_close_matches(block, BLOCK_IDS[arch], n=3, cutoff=0.5)
+        near = difflib.get_close_matches(block, layout.blocks, n=3, cutoff=0.5)
+        groups = ", ".join(layout.groups)
         raise LoraValueError(f"unknown block id {block!r} in entry {position} ({entry!r}) for {arch}{hint}"
                              + (f"; nearest: {', '.join(near)}" if near else "")
-                             + f"; known ids: {', '.join(BLOCK_IDS[arch])}, BASE")
+                             + f"; known ids: {', '.join(layout.blocks)}, {groups}")
 
 
-def _select_elements(name: str, position: int, entry: str) -> frozenset:
+def _select_elements(arch: str, name: str, position: int, entry: str) -> frozenset:
+    groups = _layout(arch).element_groups
     key = name.strip().lower()
-    if key not in ELEMENT_GROUPS:
-        raise LoraValueError(f"unknown element {name!r} in entry {position} ({entry!r}): use one of "
-                             f"{', '.join(sorted(ELEMENT_GROUPS))}")
-    return ELEMENT_GROUPS[key]
+    if key not in groups:
+        raise LoraValueError(f"unknown element {name!r} in entry {position} ({entry!r}) for {arch}: use one of "
+                             f"{', '.join(sorted(groups))}")
+    return groups[key]
 
 
 def _named_value(token: str, position: int, rng: random.Random, A: float, B: float) -> float:
@@ -824,18 +811,19 @@ def _resolve_named(arch: str, text: str, seed: int, A: float, B: float, inverse:
                                  f"write SELECTOR=VALUE, e.g. IN04-IN08=0.5, OUT*=0, OUT03.attn2=0, *=1")
         block_part, dot, element_part = selector.strip().partition(".")
         blocks = _select_blocks(arch, block_part, position, entry)
-        elements = _select_elements(element_part, position, entry) if dot else None
+        elements = _select_elements(arch, element_part, position, entry) if dot else None
         value = _named_value(value_text.strip(), position, rng, A, B)
         rules.append((blocks, elements, 1.0 - value if inverse else value))
     default = 0.0 if inverse else 1.0
-    factors = {b: default for b in BLOCK_IDS[arch]}
+    layout = _layout(arch)
+    factors = {b: default for b in layout.blocks}
     for blocks, elements, value in rules:
         if elements is None:
             for b in blocks:
                 factors[b] = float(value)
     element_factors: dict[str, dict[str, float]] = {}
-    for block in BLOCK_IDS[arch]:
-        for kind in ELEMENT_KINDS:
+    for block in layout.blocks:
+        for kind in layout.element_kinds:
             touched, value = False, None
             for blocks, elements, v in rules:
                 if block in blocks and (elements is None or kind in elements):
@@ -863,10 +851,11 @@ def _apply_elements(weights: BlockWeights, spec: str) -> None:
                                  f"BLOCKS:ELEMENTS:VALUE (blocks and elements space-separated, may start with NOT)")
         block_text, element_text, value_text = directive.split(":")
         blocks = _lbwe_blocks(arch, block_text, position, directive)
-        kinds = _lbwe_elements(element_text, position, directive)
+        kinds = _lbwe_elements(arch, element_text, position, directive)
         value = _number(value_text.strip(), position, "element", "a number")
+        every = frozenset(_layout(arch).element_kinds)
         for block in blocks:
-            if kinds == frozenset(ELEMENT_KINDS):
+            if kinds == every:
                 weights.factors[block] = value  # every element: the block factor itself
                 if block == MID:
                     weights.sub_factors = {k: value for k in weights.sub_factors}
@@ -882,7 +871,7 @@ def _negated(text: str) -> tuple[bool, list[str]]:
 
 
 def _lbwe_blocks(arch: str, text: str, position: int, directive: str) -> list[str]:
-    ids = BLOCK_IDS[arch]
+    ids = list(_layout(arch).blocks)
     negate, words = _negated(text)
     chosen: list[str] = []
     for word in words:
@@ -892,11 +881,12 @@ def _lbwe_blocks(arch: str, text: str, position: int, directive: str) -> list[st
     return [b for b in ids if (b in chosen) != negate]
 
 
-def _lbwe_elements(text: str, position: int, directive: str) -> frozenset:
+def _lbwe_elements(arch: str, text: str, position: int, directive: str) -> frozenset:
+    every = frozenset(_layout(arch).element_kinds)
     negate, words = _negated(text)
-    chosen = frozenset().union(*(_select_elements(w, position, directive) for w in words)) if words \
-        else frozenset(ELEMENT_KINDS)
-    return frozenset(ELEMENT_KINDS) - chosen if negate else chosen
+    chosen = frozenset().union(*(_select_elements(arch, w, position, directive) for w in words)) if words \
+        else every
+    return every - chosen if negate else chosen
 
 
 # ----------------------------------------------------------------------------------------- diffusers
@@ -915,8 +905,12 @@ def parse_diffusers_scales(arch, scales: Union[dict, float]) -> BlockWeights:
     scalar or [scalar]; missing parts are 1. `down.block_i[j]` is IN(3i+j+1), `up.block_i[j]` is OUT(3i+j).
     Like diffusers' fallback, a block's resnets share its attention's scale and its down/upsampler takes
     layer 0's scale; blocks without attention, conv_in and OTHER stay 1. Where diffusers silently drops a
-    scale (a block without attention, an unknown key) this raises."""
+    scale (a block without attention, an unknown key) this raises. UNet models only (diffusers' block dicts
+    exist for UNets)."""
     arch = _arch_key(arch)
+    if arch not in _DIFFUSERS_ATTENTION:
+        raise LoraValueError(f"diffusers set_adapters block scales exist for UNet models (sd1, sd2, sdxl), not {arch}; "
+                             f"use named syntax for {arch} (e.g. 'DB00-DB09=0.5, SB*=0')")
     if not isinstance(scales, dict):
         value = _finite(scales, "scale")
         return _uniform_table(arch, value, "diffusers", repr(scales))
@@ -1049,7 +1043,7 @@ def check_vector(mode: str, vector: str) -> None:
     """Raise unless `vector` resolves in `mode` on at least one supported architecture."""
     _check_mode(mode)
     errors = []
-    for arch in ("sd1", "sdxl"):
+    for arch in ("sd1", "sdxl", "flux"):
         present = None
         if mode == "inspire":
             present = INSPIRE_LAYOUTS[arch][max(INSPIRE_LAYOUTS[arch])][1:]

@@ -22,15 +22,51 @@ import torch
 from . import adapters
 from .errors import LoraCoreError, LoraValueError
 from .types import ModuleLora
+from .weights import logical_shape
 
 
 @dataclass(frozen=True)
 class WeightPatch:
-    """One adapter aimed at one host tensor. `strength` already includes any block factor."""
+    """One adapter aimed at one host tensor. `strength` already includes any block factor.
+
+    `rows` maps the module's output rows onto the host tensor's: ((host row, module row, count), ...), None =
+    the whole module row for row (the module has as many rows as the weight). Fused weights use it both ways:
+    a diffusers `to_q` LoRA writes rows 0..h of ComfyUI's fused `qkv`; a kohya fused `qkv` LoRA writes rows
+    h..2h of its output to a diffusers `to_k`. `module_rows` is the module's own row count (0 = the weight's).
+    `cols` scales the module's input columns: ((start, count, factor), ...) (block weights on the parts of a
+    weight fused along its input, e.g. Flux's single-block linear2)."""
 
     module: ModuleLora
     strength: float
     target: str = "weight"  # "weight": the module's weight; "bias": its diff_b / b_norm
+    rows: Optional[tuple[tuple[int, int, int], ...]] = None
+    module_rows: int = 0
+    cols: Optional[tuple[tuple[int, int, float], ...]] = None
+
+    def module_shape(self, weight_shape) -> tuple[int, ...]:
+        """The shape of the module's own delta on a weight of `weight_shape`."""
+        if not self.module_rows:
+            return tuple(weight_shape)
+        return (self.module_rows, *tuple(weight_shape)[1:])
+
+    def view_offset(self) -> Optional[int]:
+        """Host row where the module's row 0 lands when its rows map onto the weight in one contiguous run
+        (what a weight-dependent adapter needs: its W is that slice); None otherwise."""
+        if self.rows is None:
+            return 0
+        offsets = {dst - src for dst, src, _ in self.rows}
+        return offsets.pop() if len(offsets) == 1 else None
+
+
+def _column_factors(cols, in_channels: int, width: int, device) -> Optional[torch.Tensor]:
+    """(width,) fp32 multipliers of a delta's flattened columns (in_channels x kernel), or None without `cols`."""
+    if cols is None:
+        return None
+    per = max(1, width // max(1, in_channels))
+    factors = torch.ones(width, dtype=torch.float32)
+    for start, count, factor in cols:
+        factors[start * per:(start + count) * per] = factor
+    return factors.to(device)
 
 
 def check_strength(value: float, what: str) -> float:
@@ -57,11 +93,19 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
     lowrank_run: list[tuple[WeightPatch, tuple]] = []   # consecutive plain low-rank patches and their factors
 
     def flush() -> None:
-        # one matmul over the run's concatenated ranks, with the engine's own arithmetic (_LowRank)
+        # one matmul per row range over the run's concatenated ranks, with the engine's own arithmetic (_LowRank)
         if lowrank_run:
-            run = _LowRank.build((), [parts for _, parts in lowrank_run], [p.module for p, _ in lowrank_run])
-            ups, downs, alpha = run.factors([p.strength for p, _ in lowrank_run])
-            _flat_view(weight).addmm_(ups.to(weight.dtype), downs.to(weight.dtype), alpha=alpha)
+            run = _LowRank.build((), [parts for _, parts in lowrank_run], [p for p, _ in lowrank_run],
+                                 weight.shape)
+            strengths = [p.strength for p, _ in lowrank_run]
+            if run.segmented:
+                flat = _flat_view(weight)
+                for start, count, ups, downs in run.segments(strengths):
+                    if ups is not None:
+                        flat[start:start + count].addmm_(ups.to(weight.dtype), downs.to(weight.dtype))
+            else:
+                ups, downs, alpha = run.factors(strengths)
+                _flat_view(weight).addmm_(ups.to(weight.dtype), downs.to(weight.dtype), alpha=alpha)
             lowrank_run.clear()
 
     for patch in patches:
@@ -69,33 +113,90 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
             continue
         if patch.target == "bias":
             flush()
-            delta = adapters.bias_delta(patch.module, weight)
-            if delta is not None:
-                weight.add_(delta.to(weight.device, weight.dtype), alpha=patch.strength)
+            _add_rows(weight, _bias_delta(patch, weight), patch)
             continue
-        parts = adapters.lowrank_parts(patch.module, weight.shape, weight.device)
+        parts = adapters.lowrank_parts(patch.module, torch.Size(patch.module_shape(weight.shape)), weight.device)
         if parts is not None:
             lowrank_run.append((patch, parts))
             continue
         flush()
-        delta = adapters.delta(patch.module, weight)
-        weight.add_(delta.to(weight.dtype), alpha=patch.strength)
+        _add_rows(weight, _module_delta(patch, weight, key), patch)
     flush()
     return weight
 
 
+def _add_rows(weight: torch.Tensor, delta: Optional[torch.Tensor], patch: WeightPatch) -> None:
+    """weight[rows] += strength * delta[module rows] (the whole weight when the patch has no row map)."""
+    if delta is None:
+        return
+    if patch.rows is None:
+        weight.add_(delta.reshape(weight.shape).to(weight.dtype), alpha=patch.strength)
+        return
+    flat, rows = _flat_view(weight), delta.reshape(delta.shape[0], -1).to(weight.dtype)
+    for dst, src, count in patch.rows:
+        flat[dst:dst + count].add_(rows[src:src + count], alpha=patch.strength)
+
+
+def _module_delta(patch: WeightPatch, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """The module's own delta (module rows x the weight's other dims), in fp32, columns scaled by `cols`. A
+    weight-dependent adapter sees the slice of `weight` its rows map to."""
+    module = patch.module
+    shape = patch.module_shape(weight.shape)
+    if adapters.is_additive(module):
+        view = weight if patch.rows is None else weight.new_empty(shape)
+    else:
+        offset = patch.view_offset()
+        if offset is None or offset + shape[0] > weight.shape[0]:
+            from .errors import LoraMatchError
+
+            raise LoraMatchError(
+                f"{module.name} ({module.algo}{'+DoRA' if module.dora_scale is not None else ''}) depends on the "
+                f"weight it patches, but its rows land on {key} in pieces (a fused module on split weights): this "
+                f"algorithm cannot be applied to this model's layout. Load it on a model that keeps the module "
+                f"fused (ComfyUI's layout).")
+        view = weight if patch.rows is None else weight[offset:offset + shape[0]]
+    delta = adapters.delta(module, view)
+    factors = _column_factors(patch.cols, shape[1] if len(shape) > 1 else 1, delta[0].numel(), delta.device)
+    if factors is not None:
+        delta = delta.reshape(delta.shape[0], -1).mul_(factors).reshape(delta.shape)
+    return delta
+
+
+def _bias_delta(patch: WeightPatch, bias: torch.Tensor) -> Optional[torch.Tensor]:
+    module = patch.module
+    if module.bias_diff is None:
+        return None
+    want = patch.module_rows or bias.numel()
+    if module.bias_diff.numel() != want:
+        from .errors import LoraMatchError
+
+        raise LoraMatchError(
+            f"{module.name}: bias delta has {module.bias_diff.numel()} values but the target bias has shape "
+            f"{tuple(bias.shape)}; the LoRA was made for a different model.")
+    return module.bias_diff.to(device=bias.device, dtype=torch.float32, copy=True).reshape(want, 1)
+
+
 def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPatch]) -> None:
     """Cheap checks (shapes, strengths) run for every key before any weight is touched."""
+    from .weights import logical_shape
+
+    shape = logical_shape(tensor)
     for patch in patches:
         check_strength(patch.strength, f"strength for {patch.module.name}")
+        if patch.rows is not None and any(dst < 0 or dst + n > shape[0] for dst, _, n in patch.rows):
+            from .errors import LoraMatchError
+
+            raise LoraMatchError(f"{patch.module.name}: its rows do not fit {key} with shape {tuple(shape)}; the LoRA "
+                                 f"was made for a different model size.")
         if patch.target == "weight":
-            adapters.validate(patch.module, tensor.shape, key)
-        elif patch.module.bias_diff is not None and patch.module.bias_diff.numel() != tensor.numel():
+            adapters.validate(patch.module, torch.Size(patch.module_shape(shape)), key)
+        elif patch.module.bias_diff is not None and patch.module.bias_diff.numel() != (
+                patch.module_rows or math.prod(shape)):
             from .errors import LoraMatchError
 
             raise LoraMatchError(
                 f"{patch.module.name}: bias delta has {patch.module.bias_diff.numel()} values but {key} has "
-                f"{tensor.numel()}; the LoRA was made for a different model.")
+                f"{math.prod(shape)}; the LoRA was made for a different model.")
 
 
 def _tensor_identity(tensor) -> tuple:
@@ -126,41 +227,63 @@ class _LowRank:
     The factors stay in the file's dtype and are not concatenated ahead of time: on a CPU they are the file's
     own tensors (no memory of their own), on a GPU one copy at the file's size. They are widened, scaled and
     concatenated when used. patch_weight (the ComfyUI adapter's path) uses the same arithmetic for its runs, so
-    both give identical bits."""
+    both give identical bits.
+
+    Fused weights: a LoRA whose rows map onto part of the weight (`rows`) contributes to those rows only. The
+    weight's rows are cut where any LoRA's rows start or end; each range is one addmm over the ranks of every
+    LoRA that covers it (`segments`), so every row is written once whatever the number of parts and LoRAs."""
 
     idents: tuple                  # module identities of the active patches, strengths excluded
     ups: tuple[torch.Tensor, ...]  # per LoRA (out, r), file dtype, on the weight's device
     downs: tuple[torch.Tensor, ...]  # per LoRA (r, in); a Tucker core folded in (fp32)
     scales: tuple[float, ...]      # alpha/rank of each LoRA
     owned_bytes: int               # memory that is not the file's own tensors (device copies, Tucker folds)
+    rows: tuple = ()               # per LoRA: WeightPatch.rows (None = whole)
+    cols: tuple = ()               # per LoRA: column factors (fp32 (in,) tensor) or None
+    out_rows: int = 0
 
     @classmethod
     def build(cls, idents: tuple, parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-              modules: Sequence[ModuleLora]) -> "_LowRank":
+              patches: Sequence["WeightPatch"], weight_shape) -> "_LowRank":
         def storage(t: torch.Tensor) -> int:
             return t.untyped_storage().data_ptr()
 
         owned = 0
-        for (up, down, _), module in zip(parts, modules):
-            for mine, theirs in ((up, module.tensors["up"]), (down, module.tensors["down"])):
+        for (up, down, _), patch in zip(parts, patches):
+            for mine, theirs in ((up, patch.module.tensors["up"]), (down, patch.module.tensors["down"])):
                 if storage(mine) != storage(theirs):
                     owned += mine.numel() * mine.element_size()
-        return cls(idents, tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts), owned)
+        in_channels = weight_shape[1] if len(weight_shape) > 1 else 1
+        cols = tuple(_column_factors(p.cols, in_channels, down.shape[1], down.device)
+                     for p, (_, down, _) in zip(patches, parts))
+        return cls(idents, tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts), owned,
+                   tuple(p.rows for p in patches), cols, int(weight_shape[0]))
 
     @property
     def ranks(self) -> tuple[int, ...]:
         return tuple(down.shape[0] for down in self.downs)
+
+    @property
+    def segmented(self) -> bool:
+        return any(r is not None for r in self.rows)
 
     def per_column(self, values) -> torch.Tensor:
         """(..., R): one value per LoRA (`values` (k,) or (G, k)) repeated over that LoRA's columns."""
         values = torch.tensor(values, dtype=torch.float32)
         return torch.repeat_interleave(values, torch.tensor(self.ranks), dim=-1).to(self.ups[0].device)
 
+    def _down(self, i: int) -> torch.Tensor:
+        down = self.downs[i].float()
+        factors = self.cols[i] if self.cols else None
+        if factors is None:
+            return down
+        return (down.clone() if down is self.downs[i] else down).mul_(factors)
+
     def wide(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ups, downs) concatenated over the LoRAs, in fp32, unscaled."""
+        """(ups, downs) concatenated over the LoRAs, in fp32, unscaled (column factors applied to downs)."""
         if len(self.ups) == 1:
-            return self.ups[0].float(), self.downs[0].float()
-        return (torch.cat([u.float() for u in self.ups], dim=1), torch.cat([d.float() for d in self.downs]))
+            return self.ups[0].float(), self._down(0)
+        return (torch.cat([u.float() for u in self.ups], dim=1), torch.cat([self._down(i) for i in range(len(self.ups))]))
 
     def factors(self, strengths: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(ups, downs, alpha) in fp32 for one addmm. One LoRA keeps its strength as alpha (no extra pass)."""
@@ -171,6 +294,35 @@ class _LowRank:
             return (ups.mul_(self.scales[0]) if own else ups * self.scales[0]), downs, strengths[0]
         ups = ups.mul_(self.per_column(self.scales)) if own else ups * self.per_column(self.scales)
         return ups.mul_(self.per_column(strengths)), downs, 1.0
+
+    def segments(self, strengths: Sequence[float]) -> list[tuple[int, int, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """[(first row, row count, ups, downs)] covering every row of the weight once, in order: ups/downs in
+        fp32, scaled like `factors`, concatenated over the LoRAs that write those rows; None for rows no LoRA
+        writes (a re-patch copies them from the backup)."""
+        spans = [r if r is not None else ((0, 0, self.out_rows),) for r in self.rows]
+        cuts = {0, self.out_rows}
+        for span in spans:
+            for dst, _, n in span:
+                cuts.update((dst, dst + n))
+        bounds = sorted(c for c in cuts if 0 <= c <= self.out_rows)
+        downs = [self._down(i) for i in range(len(self.ups))]
+        out = []
+        for a, b in zip(bounds, bounds[1:]):
+            ups, ds = [], []
+            for i, span in enumerate(spans):
+                if strengths[i] == 0.0:
+                    continue
+                for dst, src, n in span:
+                    if dst <= a and b <= dst + n:
+                        lo = src + (a - dst)
+                        ups.append(self.ups[i][lo:lo + (b - a)].float() * (self.scales[i] * strengths[i]))
+                        ds.append(downs[i])
+            if ups:
+                out.append((a, b - a, ups[0] if len(ups) == 1 else torch.cat(ups, dim=1),
+                            ds[0] if len(ds) == 1 else torch.cat(ds)))
+            else:
+                out.append((a, b - a, None, None))
+        return out
 
 
 def _backup_buffer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -249,7 +401,8 @@ class PatchEngine:
         return sum(t.numel() * t.element_size() for t in self._backups.values())
 
     def _signature(self, patches: Sequence[WeightPatch]) -> tuple:
-        return tuple((self._identity(p.module), p.strength, p.target) for p in patches)
+        return tuple(((self._identity(p.module), p.rows, p.module_rows, p.cols), p.strength, p.target)
+                     for p in patches)
 
     def _identity(self, module: ModuleLora) -> tuple:
         known = self._identities.get(id(module))
@@ -277,10 +430,12 @@ class PatchEngine:
         cached = self._lowranks.get(key)
         if cached is not None and cached.idents == idents and cached.ups[0].device == tensor.device:
             return cached, strengths
-        parts = [adapters.lowrank_parts(patch.module, tensor.shape, tensor.device) for patch, _ in active]
+        shape = logical_shape(tensor)
+        parts = [adapters.lowrank_parts(patch.module, torch.Size(patch.module_shape(shape)), tensor.device)
+                 for patch, _ in active]
         if any(p is None for p in parts):
             return None
-        entry = _LowRank.build(idents, parts, [patch.module for patch, _ in active])
+        entry = _LowRank.build(idents, parts, [patch for patch, _ in active], shape)
         self._lowranks[key] = entry
         return entry, strengths
 
@@ -310,6 +465,23 @@ class PatchEngine:
         lowrank = self._lowrank(key, patches, signature, tensor)
         with torch.no_grad():
             fp32_in_place = tensor.dtype == torch.float32 and tensor.is_contiguous()
+            if lowrank is not None and lowrank[0].segmented:
+                (entry, strengths), source = lowrank, tensor if pristine else original
+                in_place = fp32_in_place and source.device == tensor.device
+                work = tensor if in_place else source.to(tensor.device, torch.float32, copy=True)
+                flat, backup = _flat_view(work), _flat_view(original)
+                for start, count, ups, downs in entry.segments(strengths):
+                    rows = flat[start:start + count]
+                    if ups is None:
+                        if in_place and not pristine:
+                            rows.copy_(backup[start:start + count])
+                    elif in_place and not pristine:
+                        torch.addmm(backup[start:start + count], ups, downs, out=rows)
+                    else:
+                        rows.addmm_(ups, downs)
+                if not in_place:
+                    tensor.copy_(work)
+                return
             if lowrank is not None:
                 (entry, strengths), source = lowrank, tensor if pristine else original
                 ups, downs, alpha = entry.factors(strengths)
@@ -342,7 +514,7 @@ class PatchEngine:
             batch = self.batch_same_shape if self.batch_same_shape is not None else tensor.device.type == "cuda"
             lowrank = (self._lowrank(key, plan[key], signatures[key], tensor)
                        if batch and tensor.is_floating_point() and tensor.is_contiguous() else None)
-            if lowrank is None:
+            if lowrank is None or lowrank[0].segmented:
                 single.append(key)
                 continue
             pristine = key not in self._applied

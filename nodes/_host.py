@@ -84,15 +84,19 @@ class HostModels:
         if cached is not None and cached[0] == clip_id:
             return cached[1]
         bindings = []
+        arch = None
         if self.model is not None:
-            unet_config = getattr(getattr(self.model.model, "model_config", None), "unet_config", None)
-            bindings.append(bind_comfy_model(self.model_shapes, unet_config))
+            model_config = getattr(self.model.model, "model_config", None)
+            unet_config = getattr(model_config, "unet_config", None)
+            bindings.append(bind_comfy_model(self.model_shapes, unet_config, config_name=type(model_config).__name__
+                                             if model_config is not None else ""))
+            arch = bindings[0].arch
         if self.clip is not None:
-            bindings.append(bind_comfy_clip(self.clip_shapes))
-        elif bindings and bindings[0].arch is not None:
+            bindings.append(bind_comfy_clip(self.clip_shapes, arch))
+        elif arch is not None:
             # No CLIP connected: still recognise the architecture's text-encoder names, so a LoRA's text-encoder
             # modules are reported as "not applied: no CLIP connected" instead of counting as mismatches.
-            bindings.append(_text_encoder_layout(bindings[0].arch))
+            bindings.append(bind_layout(arch, components=[c for c in arch.components if c.startswith("te")]))
         key_map = build_key_map(*bindings)
         self._key_maps[owner] = (clip_id, key_map)
         return key_map
@@ -104,9 +108,9 @@ class HostModels:
     def components(self, include_clip: bool = True) -> tuple[str, ...]:
         present = set(self.key_map.components)
         if self.model is None:
-            present.discard("unet")
+            present = {c for c in present if c.startswith("te")}
         if self.clip is None or not include_clip:
-            present -= {"te1", "te2"}
+            present = {c for c in present if not c.startswith("te")}
         return tuple(sorted(present))
 
     def plan(self, requests: Sequence[api.LoraRequest]) -> api.Plan:
@@ -127,19 +131,6 @@ class HostModels:
             added = clip.add_patches(to_comfy_patches(clip_plan, loaded_keys), 1.0)
             _check_added(added, clip_plan, "CLIP")
         return model, clip
-
-
-def _text_encoder_layout(arch):
-    """The full-size text-encoder part of an architecture's layout binding (names only, no tensors)."""
-    binding = bind_layout(arch)
-    binding.unet = None
-    binding.diffusers = {}
-    for table in (binding.targets, binding.kinds, binding.blocks):
-        for key in [k for k in table if k[0] == "unet"]:
-            del table[key]
-    for key in [k for k in binding.params if k[0] == "unet"]:
-        del binding.params[key]
-    return binding
 
 
 def _shapes(module) -> dict:

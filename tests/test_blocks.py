@@ -71,7 +71,10 @@ A1111_PRESETS = {  # the extension's DEF_WEIGHT_PRESET (reference note §3.1)
 
 
 def test_a1111_presets_verbatim():
-    assert blocks.list_presets("a1111") == A1111_PRESETS
+    assert blocks.list_presets("a1111", "sd1") == A1111_PRESETS
+    # hako-mikan's one Flux preset (61 values: CLIP, T5, IN, D00-D18, S00-S37, OUT) is listed for Flux only
+    assert blocks.list_presets("a1111", "flux") == {"FLUXALL": ",".join(["1"] * 61)}
+    assert blocks.list_presets("a1111") == {**A1111_PRESETS, "FLUXALL": ",".join(["1"] * 61)}
     assert blocks.list_presets("a1111", "sdxl") == {}  # all are 17-value SD vectors
     assert blocks.list_element_presets() == {"ATTNDEEPON": "IN05-OUT05:attn:1", "ATTNDEEPOFF": "IN05-OUT05:attn:0",
                                              "PROJDEEPOFF": "IN05-OUT05:proj:0", "XYZ": "::1"}
@@ -93,7 +96,10 @@ def test_inspire_presets_verbatim_and_listed_per_arch():
     assert sd["SD-KEEPBG"] == "1,1,1,1,1,1,0.2,1,0.2,0,0,0.8,1,1,1,0,0"   # from the custom example file
     assert xl["SDXL-OUTALL"] == "1,0,0,0,0,0,1,1,1,1,1,1"
     assert all(n.startswith("SD-") for n in sd) and all(n.startswith("SDXL-") for n in xl)
-    assert not any(n.startswith(("FLUX", "@")) for n in blocks.list_presets("inspire"))
+    assert not any(n.startswith("@") for n in blocks.list_presets("inspire"))
+    flux = blocks.list_presets("inspire", "flux")
+    assert flux and all(n.startswith("FLUX-") for n in flux) and flux["FLUX-ALL"] == ",".join(["1"] * 58)
+    assert not any(n.startswith("FLUX") for n in {**sd, **xl})
     # the data file is Inspire's, untouched: it keeps its Flux presets and @ XY specs
     text = (blocks.PRESET_DIR / "inspire_lbw-preset.txt").read_text()
     assert "FLUX-ALL:" + ",".join(["1"] * 58) in text and "@SD-FULL-TEST:17" in text
@@ -413,7 +419,7 @@ def test_every_arch_module_gets_a_factor():
     ("sd1", "named", "IN04", r"bad token 'IN04' at position 1 of the named block vector"),
     ("sd1", "named", "IN04=x", r"bad token 'x' at position 1 of the named"),
     ("sd1", "sd", "1", r"unknown block-weight mode 'sd'"),
-    ("flux", "named", "*=1", r"unknown architecture 'flux'"),
+    ("hidream", "named", "*=1", r"unknown architecture 'hidream'"),   # a family the registry does not describe
     ("sd1", "a1111", "   ", r"empty a1111 block vector"),
 ])
 def test_error_messages(arch, mode, vector, match):

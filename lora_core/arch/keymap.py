@@ -1,18 +1,19 @@
-"""KeyMap: every module name a LoRA writer uses -> the canonical target and its host weight key.
+"""KeyMap: every module name a LoRA writer uses -> the canonical target and where it lands in the host.
 
-Built once per model from one or more `HostBinding`s; `resolve` is a single dict lookup.
+Built once per model from one or more `HostBinding`s; `resolve` is a single dict lookup. The denoiser's
+aliases come from its family (`Family.aliases`: ComfyUI, kohya, musubi, diffusers/PEFT, OneTrainer, LyCORIS,
+XLabs, ... names, and names of *parts* of fused weights). Text-encoder aliases are generated here for every
+encoder, from the component's kohya prefixes and diffusers prefix (HF path H, H- = H without CLIP's
+`text_model.`; `_` = dots replaced; C = the ComfyUI attribute):
 
-Aliases generated for every UNet target (LDM path P, diffusers path D; `_` = dots replaced):
-  lora_unet_<P_>, diffusion_model.<P>, model.diffusion_model.<P>        (kohya LDM, ComfyUI, checkpoint)
-  lora_unet_<D_>, lycoris_<D_>                                         (kohya SD1 diffusers, SimpleTuner)
-  <D>, unet.<D>, base_model.model.<D>, unet.base_model.model.<D>       (diffusers / PEFT)
-  <D'>, unet.<D'> with D' = D with `.to_x` -> `.processor.to_x`, `to_out.0` -> `to_out` (old processors)
-  diffusion_model.<P>.<param>                                          (ComfyUI generic, non-weight params)
-For every text-encoder target (HF path H, H- = H without `text_model.`; C = clip_l/clip_g/clip_h):
-  te1: lora_te_<H_>, lora_te1_<H_>, lora_te_<H-_>, lora_te1_<H-_>, text_encoder.<H>, text_encoder.<H->
-  te2: lora_te2_<H_>, lora_te2_<H-_>, text_encoder_2.<H>, text_encoder_2.<H->
-  both: text_encoders.<C>.transformer.<H>                              (ComfyUI generic)
-  OpenCLIP-G also: lora_prior_te_<H_>  (Stable Cascade's prior TE is the same encoder; ComfyUI maps it)
+  <kohya prefix><H_>, <kohya prefix><H-_>, <diffusers prefix><H>, <diffusers prefix><H->,
+  text_encoders.<C>.transformer.<H>                              (ComfyUI generic)
+
+A `Target` is the canonical module as one alias sees it. Usually the alias is the whole module and the module is
+one host weight (`pieces` None). Otherwise `pieces` say which rows of the LoRA module's output land on which rows
+of which host tensor (a diffusers `to_q` is rows 0..h of ComfyUI's fused `qkv`; a kohya fused `qkv` is three
+host weights of a diffusers model; rows split where element kinds differ, so block weights can address the parts
+of a fused weight).
 """
 from __future__ import annotations
 
@@ -20,20 +21,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-from .bindings import HostBinding
-from .layouts import TE_BLOCK, ArchSpec, block_of_ldm_path
-from .text_encoders import te_kind
-
-TE_KOHYA_PREFIXES = {"te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
-TE_DIFFUSERS_PREFIXES = {"te1": "text_encoder.", "te2": "text_encoder_2."}
+from .family import Piece, row_pieces
+from .text_encoders import short_te_path, te_kind
 
 
 @dataclass(frozen=True)
 class Target:
-    """A resolved LoRA module: canonical `(component, path)`, the host key it patches, block, kind.
+    """A resolved LoRA module: canonical `(component, path)`, the host tensor it patches, block, element kind.
 
-    `param` is "weight" except for ComfyUI's generic non-weight names (`diffusion_model.X.bias`).
-    """
+    `param` is "weight" except for non-weight parameters (`diffusion_model.X.bias`, RMSNorm `scale`).
+    `pieces` (None: the whole module onto the whole `host_key`, row for row) map rows of the LoRA module's
+    output to rows of host tensors; `module_rows` is how many output rows the LoRA module must have (0: as many
+    as the host weight). `col_parts` are the canonical module's input-column parts (block weights can scale
+    them apart)."""
 
     component: str
     path: str
@@ -41,65 +41,80 @@ class Target:
     block: str
     kind: str
     param: str = "weight"
+    pieces: Optional[tuple[Piece, ...]] = None
+    module_rows: int = 0
+    col_parts: tuple = ()
+
+    @property
+    def host_keys(self) -> tuple[str, ...]:
+        if self.pieces is None:
+            return (self.host_key,)
+        return tuple(dict.fromkeys(p.host_key for p in self.pieces))
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        if self.pieces is None:
+            return (self.kind,)
+        return tuple(dict.fromkeys(p.kind for p in self.pieces))
 
 
 def block_id(target: Target) -> str:
-    """Block id of a target per the layout: TE1/TE2, IN00.., M00, OUT00.., OTHER."""
-    if target.component in TE_BLOCK:
-        return TE_BLOCK[target.component]
-    return block_of_ldm_path(target.path)
+    """Block id of a target per its family's layout (TE1, IN04, DB03, ...)."""
+    return target.block
 
 
 def element_kind(target: Target) -> str:
-    """Element kind of a target (attn1, attn2, ff, proj, norm, resnet_conv, emb, te_attn, ...)."""
+    """Element kind of a target (attn1, attn2, ff, img_attn, linear1_mlp, te_attn, ...)."""
     return target.kind
 
 
-def _unet_aliases(path: str, diffusers: tuple[str, ...]) -> list[str]:
-    under = path.replace(".", "_")
-    names = [f"lora_unet_{under}", f"diffusion_model.{path}", f"model.diffusion_model.{path}"]
-    for d in diffusers:
-        d_under = d.replace(".", "_")
-        names += [f"lora_unet_{d_under}", f"lycoris_{d_under}", d, f"unet.{d}",
-                  f"base_model.model.{d}", f"unet.base_model.model.{d}"]
-        processor = d.replace(".to_", ".processor.to_")
-        if processor.endswith(".to_out.0"):
-            processor = processor[:-2]
-        if processor != d:
-            names += [processor, f"unet.{processor}"]
-    return names
-
-
-def _te_aliases(component: str, path: str, comfy_name: Optional[str]) -> list[str]:
-    short = path[len("text_model."):] if path.startswith("text_model.") else path
-    forms = dict.fromkeys([path, short])  # transformers 5 drops `text_model.`
+def te_aliases(component_spec, path: str) -> list[str]:
+    """Every writer's name for text-encoder module `path` of one component (see the module docstring)."""
+    forms = dict.fromkeys([path, short_te_path(path)])
     names = []
-    kohya = TE_KOHYA_PREFIXES[component] + (("lora_prior_te_",) if comfy_name == "clip_g" else ())
     for form in forms:
-        names += [p + form.replace(".", "_") for p in kohya]
-        names.append(TE_DIFFUSERS_PREFIXES[component] + form)
-    if comfy_name:
-        names.append(f"text_encoders.{comfy_name}.transformer.{path}")
+        names += [p + form.replace(".", "_") for p in component_spec.kohya_prefixes]
+        if component_spec.diffusers_prefix:
+            names.append(component_spec.diffusers_prefix + form)
+    if component_spec.encoder is not None:
+        names.append(f"text_encoders.{component_spec.encoder.comfy_name}.transformer.{path}")
     return names
 
 
 class KeyMap:
     """Alias -> Target, plus the facts `explain_unmatched` needs. Build with `build_key_map`."""
 
-    def __init__(self, aliases: dict, bindings: tuple, conflicts: list):
+    def __init__(self, aliases: dict, bindings: tuple, conflicts: list, module_targets: dict):
         self._aliases = aliases
         self.bindings = bindings
         self.conflicts = conflicts  # (alias, kept target, dropped target): should stay empty
-        self.components = tuple(sorted({b for binding in bindings for b in binding.components}))
-        self.arch: Optional[ArchSpec] = next((b.arch for b in bindings if b.arch is not None), None)
-        self.unet = next((b.unet for b in bindings if b.unet is not None), None)
+        self.components = tuple(sorted({c for binding in bindings for c in binding.components}))
+        self.arch = next((b.arch for b in bindings if b.arch is not None), None)
+        self.family = self.arch.family if self.arch is not None else next(
+            (b.family for b in bindings if b.family is not None), None)
+        self.config = next((b.config for b in bindings if b.config is not None), None)
         self.te_layers = {c: n for b in bindings for c, n in b.te_layers.items()}
         self.te_specs = {c: s for b in bindings for c, s in b.te_specs.items()}
-        self.targets = tuple(dict.fromkeys(t for t in aliases.values() if t.param == "weight"))
+        self.component_specs = {c: s for b in bindings for c, s in b.component_specs.items()}
+        self._module_targets = module_targets   # (component, path) -> whole Target
+        self.targets = tuple(t for t in module_targets.values() if t.param == "weight")
+
+    @property
+    def unet(self):
+        """The UNet config of a UNet host (kept for SD callers); None otherwise."""
+        return self.config if self.family is not None and self.family.denoiser == "unet" else None
+
+    @property
+    def denoiser(self) -> Optional[str]:
+        return self.family.denoiser if self.family is not None else None
 
     def resolve(self, name: str) -> Optional[Target]:
         """Target of a LoRA module name exactly as the file spells it, or None."""
         return self._aliases.get(name)
+
+    def module_target(self, component: str, path: str) -> Optional[Target]:
+        """The whole-module Target of a canonical module."""
+        return self._module_targets.get((component, path))
 
     def __contains__(self, name: str) -> bool:
         return name in self._aliases
@@ -122,13 +137,17 @@ class KeyMap:
         return explain(self, name)
 
 
-def build_key_map(*bindings: HostBinding) -> KeyMap:
+def _whole_pieces(host_pieces) -> bool:
+    return len(host_pieces) == 1 and host_pieces[0][1] == 0 and host_pieces[0][2] == 0 and host_pieces[0][3] is None
+
+
+def build_key_map(*bindings) -> KeyMap:
     """One KeyMap over all given host bindings (e.g. ComfyUI model + ComfyUI CLIP).
 
-    The first binding to claim an alias keeps it; clashes are recorded in `KeyMap.conflicts`.
-    """
+    The first binding to claim an alias keeps it; clashes are recorded in `KeyMap.conflicts`."""
     aliases: dict[str, Target] = {}
     conflicts: list = []
+    module_targets: dict = {}
 
     def add(alias: str, target: Target) -> None:
         kept = aliases.setdefault(alias, target)
@@ -136,33 +155,60 @@ def build_key_map(*bindings: HostBinding) -> KeyMap:
             conflicts.append((alias, kept, target))
 
     for binding in bindings:
-        for (component, path), host_key in binding.targets.items():
-            block = binding.blocks.get((component, path)) or block_id(Target(component, path, host_key, "", ""))
-            if component == "unet":
-                target = Target(component, path, host_key, block, binding.kinds.get((component, path), "other"))
-                for alias in _unet_aliases(path, tuple(binding.diffusers.get(path, ()))):
-                    add(alias, target)
-            else:
-                kind = binding.kinds.get((component, path)) or te_kind(path)
-                target = Target(component, path, host_key, block, kind)
-                spec = binding.te_specs.get(component)
-                for alias in _te_aliases(component, path, spec.comfy_name if spec else None):
-                    add(alias, target)
+        for (component, path), module in binding.modules.items():
+            host_pieces = binding.host_pieces[(component, path)]
+            spec = binding.component_specs.get(component)
+            whole = _target(component, module, host_pieces, None, 0)
+            module_targets[(component, path)] = whole
+            if component.startswith("te") and spec is not None:
+                for alias in te_aliases(spec, path):
+                    add(alias, whole)
+                continue
+            cache: dict = {}
+            for alias in binding.aliases_of(component, module):
+                if alias.pieces is None:
+                    target = whole
+                else:
+                    target = cache.get(alias.pieces)
+                    if target is None:
+                        target = cache[alias.pieces] = _target(component, module, host_pieces, alias.pieces,
+                                                               alias.rows)
+                if target is not None:
+                    add(alias.name, target)
         for (component, path, param), host_key in binding.params.items():
-            weight_target = aliases.get(f"diffusion_model.{path}")
-            block = weight_target.block if weight_target else block_of_ldm_path(path)
+            weight_target = module_targets.get((component, path))
+            block = weight_target.block if weight_target else ""
             kind = weight_target.kind if weight_target else "other"
             add(f"diffusion_model.{path}.{param}", Target(component, path, host_key, block, kind, param))
-    return KeyMap(aliases, tuple(bindings), conflicts)
+    return KeyMap(aliases, tuple(bindings), conflicts, module_targets)
 
 
-def layout_key_map(arch: "ArchSpec | str") -> KeyMap:
-    """KeyMap of the full-size architecture from data alone (ComfyUI-style host keys, no weights).
-
-    For inspecting a LoRA file without a model: which block / kind each of its modules is."""
-    from .bindings import bind_layout
-    from .layouts import get_arch
-
-    spec = get_arch(arch) if isinstance(arch, str) else arch
-    return build_key_map(bind_layout(spec))
-
+def _target(component: str, module, host_pieces, alias_pieces, alias_rows: int) -> Optional[Target]:
+    """The Target of one alias of `module` on this host (None when the alias covers no host rows)."""
+    first_key = host_pieces[0][0]
+    plain = alias_pieces is None and not module.parts and _whole_pieces(host_pieces)
+    if plain:
+        return Target(component, module.path, first_key, module.block, module.kind, module.param,
+                      col_parts=module.col_parts)
+    rows = module.rows
+    if rows <= 0:
+        # a weight of unknown size can only be addressed whole
+        if alias_pieces is None and _whole_pieces(host_pieces):
+            return Target(component, module.path, first_key, module.block, module.kind, module.param,
+                          col_parts=module.col_parts)
+        return None
+    canon_hosts = tuple((key, c, h, n if n is not None else rows) for key, c, h, n in host_pieces)
+    alias = alias_pieces if alias_pieces is not None else ((0, 0, rows),)
+    found = row_pieces(alias, canon_hosts, module)
+    if not found:
+        return None
+    pieces = tuple(Piece(*p) for p in found)
+    module_rows = alias_rows or sum(n for _, _, n in alias)
+    primary = pieces[0].host_key
+    identity = (len({p.host_key for p in pieces}) == 1 and module_rows == rows and alias_pieces is None
+                and _whole_pieces(host_pieces) and len({p.kind for p in pieces}) == 1)
+    if identity:
+        return Target(component, module.path, primary, module.block, module.kind, module.param,
+                      col_parts=module.col_parts)
+    return Target(component, module.path, primary, module.block, module.kind, module.param, pieces, module_rows,
+                  module.col_parts)

@@ -1,0 +1,155 @@
+"""The families LoRA Core knows, and the one detector every other module asks.
+
+Adding a family: write `families/<name>.py` (a `Family` subclass and its `FAMILY` instance, see family.py and
+the README's "Adding an architecture family"), import it in `families/__init__.py`, add its tests. Nothing
+else changes: key maps, block weights, mixing, training metadata, reports and the nodes ask the registry.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Mapping, Optional, Sequence
+
+from ..errors import LoraValueError
+from .families import FAMILIES
+from .family import ArchSpec, Family
+
+ARCHS: dict[str, ArchSpec] = {v.name: v for family in FAMILIES for v in family.variants}
+COMFY_DENOISER_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "")
+
+
+def families() -> tuple[Family, ...]:
+    return FAMILIES
+
+
+def get_arch(name) -> ArchSpec:
+    """A variant by name or alias, case-insensitively ("SD15", "pony", "SDXL", "flux", "chroma", ...)."""
+    if isinstance(name, ArchSpec):
+        return name
+    wanted = str(name).strip().lower()
+    for arch in ARCHS.values():
+        if wanted in (arch.name.lower(), arch.layout_key) or wanted in arch.aliases:
+            return arch
+    known = ", ".join(sorted({a.name for a in ARCHS.values()} | {x for a in ARCHS.values() for x in a.aliases}))
+    raise LoraValueError(f"unknown architecture {name!r}: use one of {known}")
+
+
+def strip_denoiser_prefix(keys: Sequence[str], shapes: Optional[Mapping] = None, marker: Optional[str] = None):
+    """(prefix, {unprefixed key: host key}, shapes by unprefixed key) for ComfyUI model / checkpoint / bare
+    denoiser keys. The prefix is the first of `diffusion_model.`, `model.diffusion_model.`, "" under which a
+    known family recognises the keys."""
+    keys = list(keys)
+    for prefix in COMFY_DENOISER_PREFIXES:
+        mapping = {k[len(prefix):]: k for k in keys if k.startswith(prefix)} if prefix else {k: k for k in keys}
+        if not mapping:
+            continue
+        sub_shapes = {s: shapes[h] for s, h in mapping.items() if h in shapes} if shapes else None
+        for family in FAMILIES:
+            if family.detect_host(list(mapping), sub_shapes, None) is not None:
+                return prefix, mapping, sub_shapes
+    return None, {}, None
+
+
+def detect_host(keys: Sequence[str], shapes: Optional[Mapping] = None, config: Optional[dict] = None,
+                config_name: str = ""):
+    """(family, variant or None, structural config) of a denoiser state dict given without prefix, else None.
+
+    `config` / `config_name`: ComfyUI's `model_config.unet_config` and the model config's class name, when the
+    host is a ComfyUI model; they make the variant exact (e.g. Kontext vs dev cannot be told from keys)."""
+    for family in FAMILIES:
+        found = family.detect_host(keys, shapes, config, config_name)
+        if found is not None:
+            return family, found[0], found[1]
+    return None
+
+
+def detect_diffusers(keys: Sequence[str], shapes: Optional[Mapping] = None):
+    """(family, variant or None, config) of a diffusers denoiser state dict (UNet2DConditionModel,
+    FluxTransformer2DModel, ...), else None."""
+    for family in FAMILIES:
+        found = family.detect_diffusers(keys, shapes)
+        if found is not None:
+            return family, found[0], found[1]
+    return None
+
+
+def arch_of_clip(comfy_names: Iterable[str]) -> Optional[ArchSpec]:
+    """The variant a ComfyUI CLIP object belongs to, from the encoders it holds (clip_l + clip_g = SDXL,
+    clip_l + t5xxl = Flux.1, t5xxl alone = Chroma, ...), or None when that does not decide it."""
+    names = set(comfy_names)
+    for family in FAMILIES:
+        variant = family.variant_of_clip(names)
+        if variant is not None:
+            return variant
+    return None
+
+
+def _metadata_matches() -> list[tuple[str, ArchSpec]]:
+    pairs = [(m.lower(), v) for v in ARCHS.values() for m in v.metadata.get("match", ())]
+    return sorted(pairs, key=lambda item: -len(item[0]))
+
+
+def arch_of_metadata(metadata: Mapping[str, str]) -> Optional[ArchSpec]:
+    """The variant a LoRA's header names (`modelspec.architecture`, `ss_base_model_version`, `ss_model_type`,
+    kohya's `ss_v2`), or None. Longest known prefix wins (so `flux_kontext` is Kontext, not Flux.1-dev)."""
+    meta = metadata or {}
+    pairs = _metadata_matches()
+    for key in ("modelspec.architecture", "ss_base_model_version", "ss_model_type"):
+        value = str(meta.get(key) or "").strip().lower()
+        if not value or value in ("none", "null"):
+            continue
+        for prefix, variant in pairs:
+            if value.startswith(prefix):
+                return variant
+    if str(meta.get("ss_v2", "")).strip() == "True":
+        return ARCHS.get("SD2")
+    return None
+
+
+def named_base_model(metadata: Mapping[str, str]) -> Optional[str]:
+    """A readable base-model name from metadata that names a model LoRA Core does not know (e.g. 'SD3'),
+    for reports; None when nothing is named."""
+    meta = metadata or {}
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = str(meta.get(key) or "").strip()
+        if value and value.lower() not in ("none", "null"):
+            return value.split("/")[0]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def layout_key_map(arch_name: str):
+    """KeyMap of a full-size variant from data alone (ComfyUI-style host keys, no weights; built once per
+    process, read-only): which block / kind each module of a LoRA file is when no model is loaded."""
+    from .bindings import bind_layout
+    from .keymap import build_key_map
+
+    return build_key_map(bind_layout(get_arch(arch_name)))
+
+
+def detect_lora(lora_file) -> Optional[ArchSpec]:
+    """The variant a LoRA file was made for: its metadata when that names a known model, else the full-size
+    layout that resolves most of its modules (ties broken by each family's shape votes), else None."""
+    from ..formats import parse_modules
+
+    from_meta = arch_of_metadata(lora_file.metadata)
+    if from_meta is not None:
+        return from_meta
+    modules = parse_modules(lora_file).modules
+    if not modules:
+        return None
+    counts = {name: sum(1 for n in modules if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
+    best = max(counts.values())
+    if best == 0:
+        return None
+    winners = [name for name, count in counts.items() if count == best]
+    if len(winners) > 1:
+        votes = {name: ARCHS[name].family.lora_votes(modules, ARCHS[name], layout_key_map(name)) for name in winners}
+        top = max(votes.values())
+        winners = [name for name in winners if votes[name] == top]
+    if len(winners) > 1:
+        # still tied (a file that touches nothing variant-specific): the family's preferred variant, if all
+        # winners are of one family; else undecided
+        fams = {ARCHS[n].family for n in winners}
+        preferred = next(iter(fams)).preferred_variant(winners) if len(fams) == 1 else None
+        return ARCHS[preferred] if preferred else None
+    return ARCHS[winners[0]]
