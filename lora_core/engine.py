@@ -8,7 +8,8 @@ Two users share the arithmetic in `patch_weight`:
     the weight (nodes/_patches.py): there only `patch_weight` runs.
 
 Semantics (docs/ARCHITECTURE.md): for patches [(m1, s1), (m2, s2), ...] on W, in order,
-W_i = W_{i-1} + s_i * D_i(W_{i-1}), computed in fp32 on W's device and cast back once. Consecutive
+W_i = W_{i-1} + s_i * D_i(W_{i-1}) (OFT/BOFT: W_{i-1} + adapters.delta_at(m_i, W_{i-1}, s_i), LyCORIS's
+multiplier), computed in fp32 on W's device and cast back once. A strength of 0 skips the patch. Consecutive
 low-rank patches are fused into one matmul over their concatenated ranks.
 """
 from __future__ import annotations
@@ -78,8 +79,10 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
             lowrank_run.append((patch, parts))
             continue
         flush()
-        delta = adapters.delta(patch.module, weight)
-        weight.add_(delta.to(weight.dtype), alpha=patch.strength)
+        if adapters.strength_is_linear(patch.module):
+            weight.add_(adapters.delta(patch.module, weight).to(weight.dtype), alpha=patch.strength)
+        else:   # OFT/BOFT: the strength acts on the rotation itself (LyCORIS's multiplier)
+            weight.add_(adapters.delta_at(patch.module, weight, patch.strength).to(weight.dtype))
     flush()
     return weight
 
