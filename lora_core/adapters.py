@@ -1,8 +1,11 @@
 """Per-algorithm LoRA math: pure tensors, no ComfyUI, no file I/O.
 
-Every adapter is reduced to one function D(W) such that the patched weight is ``W + strength * D(W)``
-(computed in fp32 on W's device). Weight-independent adapters (plain LoRA/LoCon, LoHa, LoKr, full, norm)
-ignore W; GLoRA, (IA)^3, OFT, BOFT, ``set`` and anything carrying a DoRA magnitude depend on it.
+Every adapter is reduced to one function D(W), its change of W at strength 1 (``delta``; fp32 on W's device).
+For every algorithm but OFT/BOFT the patched weight at strength s is ``W + s * D(W)``; OFT/BOFT follow
+LyCORIS's multiplier, which scales the rotation itself (below). ``delta_at(module, W, s)`` gives the change at
+any strength for every algorithm, ``strength_is_linear`` says which rule applies. Weight-independent adapters
+(plain LoRA/LoCon, LoHa, LoKr, full, norm) ignore W; GLoRA, (IA)^3, OFT, BOFT, ``set`` and anything carrying a
+DoRA magnitude depend on it.
 
 Reference behaviour (checked against ComfyUI 0.3.75 ``comfy/weight_adapter`` and lycoris-lora 4.1.3 in
 tests/test_adapters.py):
@@ -15,7 +18,12 @@ tests/test_adapters.py):
 * ia3   ``W ⊙ w`` on the output axis, or the input axis with ``flags["on_input"]``: LyCORIS's own merge
         (core has no (IA)^3).
 * oft / boft  Cayley rotations of the output rows, ``D = rescale ⊙ R(W) - W``. Where core and the trainers
-        disagree we follow the trainers (LyCORIS and kohya), see the notes below.
+        disagree we follow the trainers (LyCORIS and kohya), see the notes below. Strength s is LyCORIS's
+        multiplier (its modules' ``make_weight(scale=s)``): every rotation block R becomes
+        ``R_s = I + s(R - I)`` and ``rescale`` is not scaled, so the patched weight is
+          Diag-OFT  ``rescale ⊙ R_sᵀ W`` per block of output rows, ``= rescale ⊙ (W + s(RᵀW - W))``;
+          BOFT      ``rescale ⊙ (B_m,s ∘ ⋯ ∘ B_1,s)(W)``, stage i rotating its row blocks by ``I + s(R_i - I)``.
+        Without rescale Diag-OFT is linear in s (kohya's rule too); BOFT is a polynomial of degree m in s.
 * full / norm  the stored diff; set  ``set_weight - W``.
 * DoRA  ``D = W_dora - W`` with ``W_dora = m ⊙ (W + ΔW) / ‖W + ΔW‖``, so strength interpolates between W and
         W_dora exactly like core's ``weight_decompose``. The norm axis follows core's rule: output rows when
@@ -29,11 +37,17 @@ Deliberate differences from ComfyUI core 0.3.75 (each one a known core bug; we f
 * OFT/BOFT norm constraint: core clamps ‖Q‖ at ``alpha``; LyCORIS and kohya, which write these files, clamp
   at ``alpha * out_dim`` (open PR #15093). We use ``alpha * out_dim``.
 * OFT ``rescale``: core loads but ignores it; LyCORIS multiplies the rotated rows by it. We apply it.
-* OFT/BOFT strength: core applies strength twice (OFT: ``W + s²(R-I)W``; BOFT interpolates each stage and
-  then scales again). Our contract is linear, ``W + s·(R(W) - W)``; all agree at strength 1.
-* OFT/BOFT + DoRA: core multiplies the rotation diff by the constraint value before normalising; we use the
-  plain rotation diff.
+* OFT/BOFT strength: core applies strength twice, once as LyCORIS's multiplier and once more on the result
+  (``core(s) = W + s·(lycoris(s) - W)``: OFT ``W + s²(R-I)ᵀW``; BOFT interpolates each stage, then scales the
+  change again). We follow LyCORIS (above); all agree at strength 1 (without rescale for core's OFT).
+* OFT/BOFT + DoRA: LyCORIS trains no DoRA on OFT/BOFT (its modules ignore ``dora_wd``), so these keep the DoRA
+  rule, linear in strength between W and ``W_dora`` built from the strength-1 rotation diff. Core multiplies
+  the rotation diff by the constraint value before normalising; we use the plain rotation diff.
 * ``set`` at strength != 1: core copies set_weight regardless of strength; we interpolate (equal at 1).
+
+One deliberate difference from LyCORIS: strength 0 (or a block factor of 0) switches any LoRA off, as the
+engine skips the patch; LyCORIS's formula at multiplier 0 still multiplies the rows by ``rescale`` (``delta_at``
+gives that formula, the engine does not apply it).
 
 Optional flags: ``flags["on_input"]`` ((IA)^3 scales input channels), ``flags["oft_rotation"]`` (the OFT
 blocks already are rotation matrices, as in early LyCORIS ``oft_diag`` files, so no Cayley transform).
@@ -355,9 +369,18 @@ def _apply_rescale(module: ModuleLora, rotated: torch.Tensor) -> torch.Tensor:
     return rotated * _broadcast_on_axis(_f32(rescale, rotated.device), 0, rotated.dim())
 
 
-def _oft_diff(module: ModuleLora, weight: torch.Tensor) -> torch.Tensor:
+def _toward_identity(rotations: torch.Tensor, strength: float) -> torch.Tensor:
+    """LyCORIS's multiplier on rotation blocks: ``I + s·(R - I)`` (R itself at s = 1, I at s = 0)."""
+    if strength == 1.0:
+        return rotations
+    eye = torch.eye(rotations.shape[-1], device=rotations.device, dtype=rotations.dtype)
+    return rotations * strength + eye * (1.0 - strength)
+
+
+def _oft_diff(module: ModuleLora, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """rescale ⊙ (I + s(R - I))ᵀ W per block of output rows, minus W."""
     out = weight.shape[0]
-    rotation = _oft_rotation(module, weight.device, out)
+    rotation = _toward_identity(_oft_rotation(module, weight.device, out), strength)
     block_num, block_size = rotation.shape[0], rotation.shape[1]
     rows = weight.reshape(block_num, block_size, -1)
     # Row m of each block becomes Σ_n R[n, m] · row n (LyCORIS/kohya apply R on the right of the output).
@@ -374,9 +397,11 @@ def _butterfly_stage(rows: torch.Tensor, rotation: torch.Tensor, span: int) -> t
     return mixed.reshape(-1, span, 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-def _boft_diff(module: ModuleLora, weight: torch.Tensor) -> torch.Tensor:
+def _boft_diff(module: ModuleLora, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """rescale ⊙ (every butterfly stage i applied with blocks I + s(R_i - I)) W, minus W."""
     out = weight.shape[0]
-    rotations = _oft_rotation(module, weight.device, out)   # (stages, block_num, b, b)
+    # (stages, block_num, b, b)
+    rotations = _toward_identity(_oft_rotation(module, weight.device, out), strength)
     half = rotations.shape[-1] // 2
     rows = weight.reshape(out, -1)
     for stage in range(rotations.shape[0]):   # a handful of stages (log2 of the block count)
@@ -455,8 +480,17 @@ _DIFFS: dict[str, Callable[[ModuleLora, torch.Tensor], torch.Tensor]] = {
 }
 
 
+# Algorithms whose multiplier acts inside the adapter (on the rotation), not on the finished change.
+_STRENGTH_INSIDE: dict[str, Callable[[ModuleLora, torch.Tensor, float], torch.Tensor]] = {
+    "oft": _oft_diff,
+    "boft": _boft_diff,
+}
+
+
 def delta(module: ModuleLora, weight: torch.Tensor) -> torch.Tensor:
-    """D(W): the patched weight is ``W + strength * D(W)``.
+    """D(W), the change of W at strength 1: the patched weight is ``W + D(W)`` at strength 1, and
+    ``W + strength * D(W)`` at any strength when `strength_is_linear(module)`; `delta_at` gives any strength
+    for every algorithm.
 
     `weight` is the current target weight (fp32 expected; other dtypes are upcast). The result is a fresh fp32
     tensor of weight.shape on weight's device. With a DoRA magnitude, D(W) = W_dora - W.
@@ -470,6 +504,27 @@ def delta(module: ModuleLora, weight: torch.Tensor) -> torch.Tensor:
     if module.dora_scale is None:
         return diff
     return _dora_delta(module.dora_scale, weight, diff)
+
+
+def strength_is_linear(module: ModuleLora) -> bool:
+    """True when the patched weight at strength s is ``W + s * delta(module, W)`` for every s: all algorithms
+    but plain OFT/BOFT, whose strength is LyCORIS's multiplier on the rotation (see `delta_at`). OFT/BOFT
+    with a DoRA magnitude (which LyCORIS does not train) keep the DoRA rule, linear between W and W_dora."""
+    return module.algo not in _STRENGTH_INSIDE or module.dora_scale is not None
+
+
+def delta_at(module: ModuleLora, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """The change of W at `strength`: the patched weight is ``W + delta_at(module, W, strength)``.
+
+    ``strength * delta(module, W)`` for algorithms whose strength is linear; for OFT/BOFT LyCORIS's own
+    multiplier (its modules' ``make_weight(scale)``): every rotation block R becomes ``I + s(R - I)`` (each
+    butterfly stage for BOFT) and ``rescale`` multiplies the result unscaled, so
+    ``W + delta_at = rescale ⊙ R_s(W)``. Fresh fp32 tensor of weight.shape on weight's device.
+    """
+    if strength_is_linear(module):
+        return delta(module, weight).mul_(strength)
+    weight = weight if weight.dtype == F32 else weight.to(F32)
+    return _STRENGTH_INSIDE[module.algo](module, weight, float(strength))
 
 
 def is_additive(module: ModuleLora) -> bool:

@@ -8,7 +8,8 @@ Two users share the arithmetic in `patch_weight`:
     the weight (nodes/_patches.py): there only `patch_weight` runs.
 
 Semantics (docs/ARCHITECTURE.md): for patches [(m1, s1), (m2, s2), ...] on W, in order,
-W_i = W_{i-1} + s_i * D_i(W_{i-1}), computed in fp32 on W's device and cast back once. Consecutive
+W_i = W_{i-1} + s_i * D_i(W_{i-1}) (OFT/BOFT: W_{i-1} + adapters.delta_at(m_i, W_{i-1}, s_i), LyCORIS's
+multiplier), computed in fp32 on W's device and cast back once. A strength of 0 skips the patch. Consecutive
 low-rank patches are fused into one matmul over their concatenated ranks.
 """
 from __future__ import annotations
@@ -113,32 +114,34 @@ def patch_weight(weight: torch.Tensor, patches: Sequence[WeightPatch], key: str 
             continue
         if patch.target == "bias":
             flush()
-            _add_rows(weight, _bias_delta(patch, weight), patch)
+            _add_rows(weight, _bias_delta(patch, weight), patch.strength, patch)
             continue
         parts = adapters.lowrank_parts(patch.module, torch.Size(patch.module_shape(weight.shape)), weight.device)
         if parts is not None:
             lowrank_run.append((patch, parts))
             continue
         flush()
-        _add_rows(weight, _module_delta(patch, weight, key), patch)
+        _add_rows(weight, *_module_delta(patch, weight, key), patch)
     flush()
     return weight
 
 
-def _add_rows(weight: torch.Tensor, delta: Optional[torch.Tensor], patch: WeightPatch) -> None:
-    """weight[rows] += strength * delta[module rows] (the whole weight when the patch has no row map)."""
+def _add_rows(weight: torch.Tensor, delta: Optional[torch.Tensor], alpha: float, patch: WeightPatch) -> None:
+    """weight[rows] += alpha * delta[module rows] (the whole weight when the patch has no row map)."""
     if delta is None:
         return
     if patch.rows is None:
-        weight.add_(delta.reshape(weight.shape).to(weight.dtype), alpha=patch.strength)
+        weight.add_(delta.reshape(weight.shape).to(weight.dtype), alpha=alpha)
         return
     flat, rows = _flat_view(weight), delta.reshape(delta.shape[0], -1).to(weight.dtype)
     for dst, src, count in patch.rows:
-        flat[dst:dst + count].add_(rows[src:src + count], alpha=patch.strength)
+        flat[dst:dst + count].add_(rows[src:src + count], alpha=alpha)
 
 
-def _module_delta(patch: WeightPatch, weight: torch.Tensor, key: str) -> torch.Tensor:
-    """The module's own delta (module rows x the weight's other dims), in fp32, columns scaled by `cols`. A
+def _module_delta(patch: WeightPatch, weight: torch.Tensor, key: str) -> tuple[torch.Tensor, float]:
+    """(delta, alpha): the module's own change (module rows x the weight's other dims) in fp32, columns scaled by
+    `cols`, to be added times alpha. Linear algorithms give D(W) and alpha = strength; OFT/BOFT, whose strength
+    acts on the rotation itself (LyCORIS's multiplier), give their change at that strength and alpha 1. A
     weight-dependent adapter sees the slice of `weight` its rows map to."""
     module = patch.module
     shape = patch.module_shape(weight.shape)
@@ -155,11 +158,14 @@ def _module_delta(patch: WeightPatch, weight: torch.Tensor, key: str) -> torch.T
                 f"algorithm cannot be applied to this model's layout. Load it on a model that keeps the module "
                 f"fused (ComfyUI's layout).")
         view = weight if patch.rows is None else weight[offset:offset + shape[0]]
-    delta = adapters.delta(module, view)
+    if adapters.strength_is_linear(module):
+        delta, alpha = adapters.delta(module, view), patch.strength
+    else:
+        delta, alpha = adapters.delta_at(module, view, patch.strength), 1.0
     factors = _column_factors(patch.cols, shape[1] if len(shape) > 1 else 1, delta[0].numel(), delta.device)
     if factors is not None:
         delta = delta.reshape(delta.shape[0], -1).mul_(factors).reshape(delta.shape)
-    return delta
+    return delta, alpha
 
 
 def _bias_delta(patch: WeightPatch, bias: torch.Tensor) -> Optional[torch.Tensor]:

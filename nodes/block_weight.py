@@ -6,8 +6,9 @@ below never change; new inputs go at the end.
 
 Semantics decided here (the math itself lives in lora_core.blocks and lora_core.api):
 
-* final strength of a target = strength_model|strength_clip x factor(block, element kind), linear for every
-  algorithm (DoRA interpolates between W and W_dora), exactly like the plain loaders.
+* final strength of a target = strength_model|strength_clip x factor(block, element kind), exactly like the
+  plain loaders: linear for every algorithm (DoRA interpolates between W and W_dora) except OFT/BOFT, where
+  it is LyCORIS's multiplier on the rotation (lora_core.adapters.delta_at).
 * An empty `vector` with preset "custom" means "no block weighting": factor 1 everywhere.
 * A preset ("a1111/ALL", "inspire/SD-ALL", "user/NAME") carries its own mode and vector; the `mode` and
   `vector` widgets are then ignored and the resolved table says so. In a LORA_CORE_BLOCK_STACK row a shipped
@@ -330,8 +331,8 @@ class LoRACoreBlockWeight:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Applies a LoRA with per-block strengths: strength x block factor on every targeted weight, "
-                   "linear for every algorithm (LoRA, LoCon, LoHa, LoKr, DoRA, ...). The table output names "
-                   "every block and its factor.")
+                   "linear for every algorithm (LoRA, LoCon, LoHa, LoKr, DoRA, ...) except OFT/BOFT, where it is "
+                   "LyCORIS's own multiplier on the rotation. The table output names every block and its factor.")
 
     def load(self, model, lora_name, strength_model, strength_clip, mode, preset, vector, seed, A, B, inverse,
              clip=None):

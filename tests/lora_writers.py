@@ -1,7 +1,8 @@
 """Independent writers of real LoRA file layouts, for tests (import: `from tests import lora_writers as lw`).
 
 Each function returns a state dict exactly as the file would hold it ({key: tensor}); write it with
-`save_safetensors`. Reference libraries are used where a real writer exists (LyCORIS for LyCORIS files, PEFT +
+`save_safetensors` (`lycoris_network` returns LyCORIS's live wrapper instead, to compare against LyCORIS's own
+forward and merge). Reference libraries are used where a real writer exists (LyCORIS for LyCORIS files, PEFT +
 diffusers for diffusers files); kohya's layout and diffusers' old attention-processor layout are written by
 our own small code here. Every factor is random and non-zero, so every module has a non-zero delta.
 
@@ -77,6 +78,22 @@ def lycoris_state_dict(module: torch.nn.Module, algo: str, prefix: str = "lora_u
     through LyCORIS' preset `module_algo_map`. Algos: lora/locon, loha, lokr, glora,
     ia3, diag-oft (alias "oft"), boft, full.
     """
+    network = lycoris_network(copy.deepcopy(module), algo, prefix, rank, alpha, seed, dora, target_module,
+                              module_options, **kw)
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    network.restore()
+    if not state:
+        raise RuntimeError(f"LyCORIS created no modules for algo {algo!r} on {type(module).__name__}")
+    return state
+
+
+def lycoris_network(model: torch.nn.Module, algo: str, prefix: str = "lora_unet", rank: int = 4,
+                    alpha: float = 2.0, seed: int = 0, dora: bool = False,
+                    target_module: Iterable[str] = ("Linear", "Conv2d"),
+                    module_options: Optional[Mapping] = None, **kw):
+    """LyCORIS's own wrapper on `model` itself (not a copy), applied (`network.apply_to()`: the wrapped layers'
+    forward runs LyCORIS at `network.set_multiplier(...)`) with every adapter weight randomised; arguments as
+    in lycoris_state_dict. `network.restore()` unwraps `model`."""
     from lycoris import LycorisNetwork, create_lycoris
 
     algo = {"oft": "diag-oft"}.get(algo, algo)
@@ -84,7 +101,6 @@ def lycoris_state_dict(module: torch.nn.Module, algo: str, prefix: str = "lora_u
         dora = True
     if dora:
         kw["dora_wd"] = True
-    model = copy.deepcopy(module)
     saved = _lycoris_class_state(LycorisNetwork)
     level = logging.getLogger("LyCORIS").level
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -99,14 +115,10 @@ def lycoris_state_dict(module: torch.nn.Module, algo: str, prefix: str = "lora_u
                                  preset="full", warn_on_unmatched=False, **kw)
         network.apply_to()
         _randomise_lycoris(network, seed)
-        state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        network.restore()
     finally:
         _restore_lycoris_class_state(LycorisNetwork, saved)
         logging.getLogger("LyCORIS").setLevel(level)
-    if not state:
-        raise RuntimeError(f"LyCORIS created no modules for algo {algo!r} on {type(module).__name__}")
-    return state
+    return network
 
 
 _LYCORIS_CLASS_ATTRS = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX",
@@ -132,6 +144,9 @@ def _randomise_lycoris(network: torch.nn.Module, seed: int) -> None:
         if name.endswith("dora_scale"):
             # a magnitude: keep it positive, near the original norm
             param.mul_(1.0 + 0.1 * noise.abs().to(param.dtype))
+        elif name.endswith("rescale"):
+            # OFT/BOFT's per-row scale, initialised to 1: keep it near 1
+            param.copy_(1.0 + 0.1 * noise.to(param.dtype))
         else:
             param.copy_(0.1 * noise.to(param.dtype))
 

@@ -19,8 +19,11 @@ import comfy.weight_adapter as core_adapters  # noqa: E402
 import lycoris.modules as lyco  # noqa: E402
 
 from lora_core import adapters  # noqa: E402
+from lora_core.engine import PatchEngine, WeightPatch, patch_weight  # noqa: E402
 from lora_core.errors import LoraFormatError, LoraMatchError  # noqa: E402
-from lora_core.types import ModuleLora  # noqa: E402
+from lora_core.formats import parse_modules  # noqa: E402
+from lora_core.types import LoraFile, ModuleLora  # noqa: E402
+from tests import lora_writers as lw  # noqa: E402
 
 STRENGTHS = (1.0, 0.5, -0.7)
 LINEAR = (64, 48)
@@ -39,7 +42,7 @@ def weight_of(shape):
 
 
 def ours(module: ModuleLora, weight: torch.Tensor, strength: float) -> torch.Tensor:
-    return weight + strength * adapters.delta(module, weight)
+    return weight + adapters.delta_at(module, weight, strength)
 
 
 def assert_close(actual, expected):
@@ -173,16 +176,30 @@ def oft_blocks(block_num, block_size, stages=None):
     return rand(*shape, std=0.05)
 
 
+OFT_MULTIPLIERS = (1.0, 0.5, -0.7, 1.3)
+
+
+def assert_core_scales_our_change_again(module, core_cls, file, alpha, weight):
+    """Core equals us at strength 1; at strength s it applies s once more on top of the trainer's multiplier:
+    core(s) = W + s * (ours(s) - W) (OFT: W + s²(R - I)ᵀW; BOFT: s times the stage-interpolated change)."""
+    for strength in OFT_MULTIPLIERS:
+        expected = core_weight(core_cls, file, alpha, None, weight, strength)
+        if strength == 1.0:
+            assert_close(ours(module, weight, 1.0), expected)
+        else:
+            assert_close(expected - weight, strength * (ours(module, weight, strength) - weight))
+            assert not torch.allclose(ours(module, weight, strength), expected, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [LINEAR, CONV], ids=["linear", "conv"])
 @pytest.mark.parametrize("alpha", [None, 1e3], ids=["no-constraint", "inactive-constraint"])
 def test_oft_parity_with_core(shape, alpha):
-    # Core and the trainers agree when the constraint does not bite and there is no rescale (core ignores it);
-    # core applies strength twice, so only strength 1 is comparable (see adapters.py).
+    # Core and the trainers agree at strength 1 when the constraint does not bite and there is no rescale (core
+    # ignores it); at other strengths core applies the strength twice (see adapters.py).
     blocks = oft_blocks(8, shape[0] // 8)
     weight = weight_of(shape)
     module = ModuleLora("m", "oft", {"blocks": blocks}, alpha=alpha)
-    expected = core_weight(core_adapters.OFTAdapter, {"oft_blocks": blocks}, alpha, None, weight, 1.0)
-    assert_close(ours(module, weight, 1.0), expected)
+    assert_core_scales_our_change_again(module, core_adapters.OFTAdapter, {"oft_blocks": blocks}, alpha, weight)
 
 
 @pytest.mark.parametrize("shape,block_size,stages", [(LINEAR, 8, 2), (CONV, 4, 3)], ids=["linear", "conv"])
@@ -194,8 +211,7 @@ def test_boft_parity_with_core(shape, block_size, stages, rescaled):
         file["rescale"] = roles["rescale"] = 1 + rand(shape[0], *[1] * (len(shape) - 1))
     weight = weight_of(shape)
     module = ModuleLora("m", "boft", roles, alpha=0.0)
-    expected = core_weight(core_adapters.BOFTAdapter, file, 0.0, None, weight, 1.0)
-    assert_close(ours(module, weight, 1.0), expected)
+    assert_core_scales_our_change_again(module, core_adapters.BOFTAdapter, file, 0.0, weight)
 
 
 def core_tuple_patch(patch, weight, strength):
@@ -373,43 +389,150 @@ def test_ia3_matches_lycoris(shape, on_input):
             assert_close(ours(module, base.weight.detach(), multiplier), expected)
 
 
+def oft_from_lycoris(algo: str, sd: dict) -> ModuleLora:
+    roles = {"blocks": sd["oft_blocks"]}
+    if "rescale" in sd:
+        roles["rescale"] = sd["rescale"]
+    return ModuleLora("m", algo, roles, alpha=float(sd["alpha"]))
+
+
+def change_error(actual, expected, weight) -> float:
+    """Max error relative to the largest change of the weight (a tolerance on W alone could hide a wrong
+    formula when the change is small, as under a biting constraint)."""
+    return ((actual - expected).abs().max() / (expected - weight).abs().max()).item()
+
+
+def assert_merged_like_lycoris(net, module, weight):
+    """Ours at each multiplier equals LyCORIS's merged weight (its make_weight(scale=multiplier))."""
+    with torch.no_grad():
+        for multiplier in OFT_MULTIPLIERS:
+            expected, _ = net.get_merged_weight(multiplier=multiplier)
+            actual = ours(module, weight, multiplier)
+            assert_close(actual, expected)
+            assert change_error(actual, expected, weight) < 1e-4, multiplier
+
+
 @pytest.mark.parametrize("shape", [LINEAR, CONV], ids=["linear", "conv"])
 @pytest.mark.parametrize("constraint", [0.0, 1e-3], ids=["free", "constrained"])
-def test_diag_oft_matches_lycoris(shape, constraint):
+@pytest.mark.parametrize("rescaled", [False, True], ids=["plain", "rescaled"])
+def test_diag_oft_matches_lycoris(shape, constraint, rescaled):
     base = layer(shape)
     net = lyco.DiagOFTModule("m", base, lora_dim=8 if len(shape) == 2 else 4, constraint=constraint,
-                             rescaled=True, bypass_mode=False)
+                             rescaled=rescaled, bypass_mode=False)
     randomize(net)
-    sd = state(net)
-    module = ModuleLora("m", "oft", {"blocks": sd["oft_blocks"], "rescale": sd["rescale"]},
-                        alpha=float(sd["alpha"]))
+    module = oft_from_lycoris("oft", state(net))
     weight = base.weight.detach()
-    with torch.no_grad():
-        expected, _ = net.get_merged_weight(multiplier=1.0)
-        assert_close(ours(module, weight, 1.0), expected)
-        # LyCORIS's own linear interpolation (no rescale, as rescale multiplies W outright there)
-        net.rescaled = False
-        plain = ModuleLora("m", "oft", {"blocks": sd["oft_blocks"]}, alpha=float(sd["alpha"]))
-        assert_close(ours(plain, weight, 0.5), net.get_merged_weight(multiplier=0.5)[0])
+    assert_merged_like_lycoris(net, module, weight)
     if constraint:   # the clamp bites here: core (which clamps at alpha, not alpha*out_dim) would differ
-        unclamped = ModuleLora("m", "oft", {"blocks": sd["oft_blocks"]}, alpha=None)
-        assert not torch.allclose(adapters.delta(plain, weight), adapters.delta(unclamped, weight), atol=1e-4)
+        unclamped = ModuleLora("m", "oft", dict(module.tensors), alpha=None)
+        assert not torch.allclose(adapters.delta(module, weight), adapters.delta(unclamped, weight), atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [LINEAR, CONV], ids=["linear", "conv"])
 @pytest.mark.parametrize("constraint", [0.0, 1e-3], ids=["free", "constrained"])
-def test_boft_matches_lycoris(shape, constraint):
+@pytest.mark.parametrize("rescaled", [False, True], ids=["plain", "rescaled"])
+def test_boft_matches_lycoris(shape, constraint, rescaled):
     base = layer(shape)
     net = lyco.ButterflyOFTModule("m", base, lora_dim=8 if len(shape) == 2 else 4, constraint=constraint,
-                                  rescaled=True, bypass_mode=False)
+                                  rescaled=rescaled, bypass_mode=False)
     randomize(net)
     sd = state(net)
     assert sd["oft_blocks"].dim() == 4 and sd["oft_blocks"].shape[0] > 1
-    module = ModuleLora("m", "boft", {"blocks": sd["oft_blocks"], "rescale": sd["rescale"]},
-                        alpha=float(sd["alpha"]))
+    assert_merged_like_lycoris(net, oft_from_lycoris("boft", sd), base.weight.detach())
+
+
+class TwoLayers(nn.Module):
+    """A Linear and a 3x3 conv with biases: the layer kinds OFT/BOFT adapt in a UNet."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.proj = nn.Linear(48, 64)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+
+
+WRAPPER_CASES = [(algo, constraint, rescaled) for algo in ("diag-oft", "boft")
+                 for constraint in (0.0, 0.01) for rescaled in (False, True)]
+
+
+@pytest.mark.parametrize("algo,constraint,rescaled", WRAPPER_CASES,
+                         ids=[f"{a}-{'constrained' if c else 'free'}-{'rescaled' if r else 'plain'}"
+                              for a, c, r in WRAPPER_CASES])
+def test_oft_multiplier_matches_lycoris_wrapper(algo, constraint, rescaled):
+    """A model wrapped by LyCORIS's own network (create_lycoris) at multiplier s, against the same model
+    patched by our engine from the LyCORIS state dict at strength s: merged weights and layer outputs."""
+    wrapped = TwoLayers()
+    patched = TwoLayers()   # same seed: the same weights, patched by us
+    network = lw.lycoris_network(wrapped, algo, prefix="lycoris", rank=4, seed=5, constraint=constraint,
+                                 rescaled=rescaled)
+    network.eval()
+    lycoris_of = {lora.lora_name: lora for lora in network.loras}
+    assert sorted(lycoris_of) == ["lycoris_conv", "lycoris_proj"]
+    parsed = parse_modules(LoraFile(None, state(network)))
+    modules = {name: parsed.modules[f"lycoris_{name}"] for name in ("proj", "conv")}
+    for name, module in modules.items():
+        assert module.algo == ("oft" if algo == "diag-oft" else "boft")
+        assert ("rescale" in module.tensors) is rescaled
+        if constraint:   # the clamp really bites on every layer
+            lora = lycoris_of[f"lycoris_{name}"]
+            assert torch.linalg.vector_norm(lora.oft_blocks - lora.oft_blocks.transpose(-1, -2)) > lora.constraint
+    originals = {name: getattr(TwoLayers(), name).weight.detach() for name in modules}
+    inputs = {"proj": rand(5, 48), "conv": rand(2, 16, 6, 6)}
+    engine = PatchEngine.for_module(patched)
+    for multiplier in OFT_MULTIPLIERS:
+        network.set_multiplier(multiplier)
+        engine.apply({f"{name}.weight": [WeightPatch(module, multiplier)] for name, module in modules.items()})
+        with torch.no_grad():
+            for name in modules:
+                ours_weight = getattr(patched, name).weight
+                expected, _ = lycoris_of[f"lycoris_{name}"].get_merged_weight(multiplier=multiplier)
+                assert_close(ours_weight, expected)
+                assert change_error(ours_weight, expected, originals[name]) < 1e-5, (name, multiplier)
+                x = inputs[name]
+                assert_close(getattr(patched, name)(x), getattr(wrapped, name)(x))   # LyCORIS's own forward
+    network.restore()
+
+
+@pytest.mark.parametrize("module_cls,algo", [(lyco.DiagOFTModule, "oft"), (lyco.ButterflyOFTModule, "boft")],
+                         ids=["diag-oft", "boft"])
+def test_oft_strength_zero_is_off_where_lycoris_would_still_rescale(module_cls, algo):
+    """Strength 0 (or a block factor of 0) switches a LoRA off for every algorithm. LyCORIS's formula at
+    multiplier 0 still multiplies the rows by `rescale`; the engine deliberately does not (README)."""
+    base = layer(LINEAR)
+    net = module_cls("m", base, lora_dim=8, rescaled=True, bypass_mode=False)
+    randomize(net)
+    module = oft_from_lycoris(algo, state(net))
+    weight = base.weight.detach()
+    assert torch.equal(patch_weight(weight.clone(), [WeightPatch(module, 0.0)]), weight)
     with torch.no_grad():
-        expected, _ = net.get_merged_weight(multiplier=1.0)
-    assert_close(ours(module, base.weight.detach(), 1.0), expected)
+        at_zero, _ = net.get_merged_weight(multiplier=0.0)
+    assert_close(at_zero, weight * module.tensors["rescale"])
+    assert not torch.allclose(at_zero, weight, atol=1e-3)
+    assert_close(ours(module, weight, 0.0), at_zero)   # delta_at itself is LyCORIS's formula
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "boft"])
+def test_oft_dora_keeps_the_linear_dora_rule(algo):
+    """LyCORIS trains no DoRA on OFT/BOFT (its modules ignore dora_wd), so there is no trainer multiplier to
+    follow: an OFT/BOFT module with a dora_scale keeps the DoRA rule, W + s * (W_dora - W), W_dora normalising the
+    rotated weight (strength 1)."""
+    wrapped = TwoLayers()
+    network = lw.lycoris_network(wrapped, algo, prefix="lycoris", rank=4, dora=True)
+    sd = state(network)
+    network.restore()
+    assert sd and not any(key.endswith("dora_scale") for key in sd)
+    plain = oft_from_lycoris("oft" if algo == "diag-oft" else "boft",
+                             {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("lycoris_proj.")})
+    weight = wrapped.proj.weight.detach()
+    magnitude = weight.norm(dim=1, keepdim=True) * (1 + rand(64, 1))
+    module = ModuleLora("m", plain.algo, dict(plain.tensors), alpha=plain.alpha, dora_scale=magnitude)
+    assert adapters.strength_is_linear(module) and not adapters.strength_is_linear(plain)
+    rotated = weight + adapters.delta(plain, weight)
+    dora = magnitude * rotated / (rotated.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    for strength in OFT_MULTIPLIERS:
+        expected = weight + strength * (dora - weight)
+        assert_close(patch_weight(weight.clone(), [WeightPatch(module, strength)]), expected)
+        assert_close(ours(module, weight, strength), expected)
 
 
 @pytest.mark.parametrize("shape", [LINEAR, CONV], ids=["linear", "conv"])
@@ -455,6 +578,17 @@ def test_is_additive_per_algorithm():
         assert adapters.is_additive(ModuleLora("m", algo, {})) is expected, algo
     for algo in ("lora", "loha", "lokr"):
         assert not adapters.is_additive(ModuleLora("m", algo, {}, dora_scale=torch.ones(4, 1)))
+
+
+def test_strength_is_linear_for_every_algorithm_but_oft_and_boft():
+    for algo in ("lora", "loha", "lokr", "glora", "ia3", "full", "norm", "set"):
+        assert adapters.strength_is_linear(ModuleLora("m", algo, {})), algo
+    for algo in ("oft", "boft"):
+        assert not adapters.strength_is_linear(ModuleLora("m", algo, {})), algo
+        assert adapters.strength_is_linear(ModuleLora("m", algo, {}, dora_scale=torch.ones(4, 1))), algo
+    _, _, roles = loha_case(LINEAR, 2.0)
+    loha, weight = ModuleLora("m", "loha", roles, alpha=2.0), weight_of(LINEAR)
+    assert torch.equal(adapters.delta_at(loha, weight, -0.7), -0.7 * adapters.delta(loha, weight))
 
 
 def test_additive_deltas_ignore_weight_and_weight_dependent_do_not():

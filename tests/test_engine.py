@@ -1,7 +1,7 @@
 """The patch engine's fast paths agree with the plain path, and its bookkeeping is exact.
 
-Plain path = apply each patch on its own, in order, in fp32: W <- W + s * adapters.delta(module, W), then
-cast once. Fast paths under test: rank-concatenated fusion of a low-rank stack, the one-pass
+Plain path = apply each patch on its own, in order, in fp32: W <- W + adapters.delta_at(module, W, s) (that is
+s * adapters.delta(module, W) for every algorithm but OFT/BOFT), then cast once. Fast paths under test: rank-concatenated fusion of a low-rank stack, the one-pass
 `addmm(backup, ups, downs, out=weight)` write for fp32 weights, incremental re-patch (only changed keys,
 recomputed from the backup), restore, rollback after a failure part-way, bf16 weights through one fp32
 intermediate. Runs on CPU, and on CUDA too when a GPU is present (bench/gpu_check.sh).
@@ -57,7 +57,7 @@ def plain(weight: torch.Tensor, patches) -> torch.Tensor:
     work = weight.to(torch.float32, copy=True)
     for p in patches:
         if p.strength != 0.0:
-            work += p.strength * adapters.delta(p.module, work)
+            work += adapters.delta_at(p.module, work, p.strength)
     return work.to(weight.dtype)
 
 
@@ -132,6 +132,30 @@ def test_mixed_stack_keeps_order_around_weight_dependent_patches(device):
     assert rel_err(tensors["d.weight"], plain(original, patches)) < 1e-6
     swapped = [patches[0], patches[2], patches[1], patches[3], patches[4]]
     assert rel_err(plain(original, swapped), plain(original, patches)) > 1e-6  # order does matter here
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_oft_and_boft_get_their_strength_inside_a_mixed_stack(device):
+    """OFT/BOFT strengths reach the adapter (adapters.delta_at: LyCORIS's multiplier on the rotation, not s * D,
+    checked against LyCORIS in test_adapters.py): first patch and strength re-patches equal the plain path and
+    patch_weight (ComfyUI's path) bit for bit."""
+    shape = SHAPES["b.weight"]
+    g = _gen(21)
+    oft = ModuleLora("oft", "oft", {"blocks": torch.randn(8, 8, 8, generator=g) * 0.05,
+                                    "rescale": 1 + 0.1 * torch.randn(64, 1, generator=g)}, alpha=0.0)
+    boft = ModuleLora("boft", "boft", {"blocks": torch.randn(2, 8, 8, 8, generator=g) * 0.05}, alpha=0.0)
+    x, y = lora_module("x", shape, 4, 22), lora_module("y", shape, 2, 23)
+    tensors = make_tensors(device)
+    original = tensors["b.weight"].clone()
+    engine = PatchEngine(tensors)
+    for s_oft, s_boft in ((0.5, -0.7), (1.3, 0.5), (1.0, 1.0)):
+        patches = [WeightPatch(x, 0.8), WeightPatch(oft, s_oft), WeightPatch(y, -0.6), WeightPatch(boft, s_boft)]
+        engine.apply({"b.weight": patches})
+        assert rel_err(tensors["b.weight"], plain(original, patches)) < 1e-6
+        assert torch.equal(tensors["b.weight"], patch_weight(original.clone(), patches))
+    for module in (oft, boft):   # the linear rule would be something else
+        linear = original + 0.5 * adapters.delta(module, original)
+        assert rel_err(patch_weight(original.clone(), [WeightPatch(module, 0.5)]), linear) > 1e-3, module.algo
 
 
 def test_zero_strength_patches_are_skipped():
