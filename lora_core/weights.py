@@ -1,0 +1,23 @@
+"""What lora_core reads from a host's weight tensor without assuming it is a plain tensor.
+
+Hosts hold weights that are not plain tensors: a quantised weight may be a `torch.Tensor` subclass whose
+storage is packed blocks (ComfyUI-GGUF: uint8 storage of shape (rows, blocks * bytes per block), the weight's
+own shape in a `tensor_shape` attribute, its quantisation type in `tensor_type`), or a wrapper subclass whose
+`.shape` is already the weight's (ComfyUI's `QuantizedTensor`). The shape a LoRA must fit is the logical one,
+the shape of the dequantised weight the host later hands to the patch math; dtype and device are those of
+that dequantised weight too, so the engine takes them from the tensor it is given at patch time, never
+from the stored one.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def logical_shape(tensor) -> torch.Size:
+    """The weight's logical shape: `tensor_shape` when the tensor declares one (packed quantised storage),
+    else `.shape`. Works for any tensor subclass or tensor-like object with a `shape`; imports no host."""
+    shape = getattr(tensor, "tensor_shape", None)
+    if shape is None:
+        shape = tensor.shape
+    return torch.Size(shape)
+
