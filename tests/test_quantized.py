@@ -1,4 +1,4 @@
-"""Quantised models: LoRA Core gives core's results (real ComfyUI 0.3.75 host).
+"""Quantised, fp8 and partially loaded models: LoRA Core gives core's results (real ComfyUI 0.3.75 host).
 
 One kohya LoRA (every Linear and Conv2d of the tiny SD1.5, written by tests/lora_writers.py) is applied by our
 `LoRACoreLoaderModelOnly` and by ComfyUI's own `LoraLoaderModelOnly` to the same model, then ComfyUI loads
@@ -8,6 +8,11 @@ each result the way sampling does:
   layers compute with at forward time (dequantised, then patched by `comfy.lora.calculate_weight`) equal
   core's to 1e-5 of the LoRA's delta, and so do the forward outputs; with a bf16/fp16 compute dtype our patch
   is rounded once from fp32, never further from the exact result than core's.
+* fp8 (float8_e4m3fn, float8_e5m2, and ComfyUI's scaled fp8 ops): the patched weights before rounding equal
+  core's (both through `calculate_weight`, after the op's `convert_weight`), the stored bits after
+  ComfyUI's load equal core's bit for bit (same seeded stochastic rounding), the weights stay fp8.
+* lowvram partial loading (fp32 and fp8 models): with a weight budget below the model's size some modules
+  are patched at load time and some at forward time through `LowVramPatch`; forward outputs equal core's.
 """
 from __future__ import annotations
 
@@ -172,3 +177,135 @@ def test_gguf_compute_dtype_patch_rounded_once(loras, dtype):
         assert bool((error <= bound).all()), f"{key}: {(error - bound).max().item():.3g} beyond half an ulp"
         worse += int((error > (theirs.float() - exact).abs()).sum())
     assert worse == 0, f"{worse} values further from the exact result than core's"
+
+
+# --------------------------------------------------------------------------------------------- fp8
+
+FP8_CASES = {"e4m3fn": (torch.float8_e4m3fn, False), "e5m2": (torch.float8_e5m2, False),
+             "scaled-e4m3fn": (torch.float8_e4m3fn, True)}
+
+
+def fp8_model(case):
+    dtype, scaled = FP8_CASES[case]
+    # Plain fp8 is what UNETLoader's weight_dtype loads; scaled fp8 is detected from the file (dtype None).
+    return q.load_unet(q.fp8_state_dict(dtype, scaled), dtype=None if scaled else dtype)
+
+
+def stored(patcher, keys) -> dict:
+    return {k: comfy.utils.get_attr(patcher.model, k).detach().clone() for k in keys}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_fp8_lora_matches_core_bit_for_bit(loras, case):
+    dtype, scaled = FP8_CASES[case]
+    model = fp8_model(case)
+    before = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    ours, core = both(model)
+    keys = sorted(core.patches)
+    fp8_keys = [k for k in keys if before[k].dtype == dtype]
+    if scaled:   # ComfyUI's scaled-fp8 ops: Linear weights fp8 with a scale_weight, the rest in full precision
+        scale_keys = [k[:-len("weight")] + "scale_weight" for k in fp8_keys]
+        assert all(before[k].dtype == torch.float32 for k in scale_keys) and len(fp8_keys) < len(keys)
+        assert any(before[k].item() != 1.0 for k in scale_keys)
+    else:
+        assert fp8_keys == keys
+    assert fp8_keys
+    # Before rounding: what patch_weight_to_device hands calculate_weight (fp32 copy, convert_weight applied).
+    pre = {"ours": {}, "core": {}}
+    base = {}
+    for key in keys:
+        weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model.model, key)
+        work = weight.to(torch.float32, copy=True)
+        if convert_func is not None:
+            work = convert_func(work, inplace=True)
+        base[key] = work.clone()
+        for label, patcher in (("ours", ours), ("core", core)):
+            pre[label][key] = comfy.lora.calculate_weight(patcher.patches[key], work.clone(), key)
+    pre_error = relative_error(pre["ours"], pre["core"], base)
+    assert pre_error <= 1e-5, f"patched weights before rounding differ from core's by {pre_error:.3g} of the delta"
+    # After ComfyUI's load: stochastic rounding seeded per key, for ours and core alike.
+    after, outputs = {}, {}
+    for label, patcher in (("ours", ours), ("core", core)):
+        with torch.inference_mode():
+            mm.load_models_gpu([patcher], force_full_load=True)
+        after[label] = stored(patcher, keys)
+        outputs[label] = forward(patcher)
+        mm.unload_all_models()
+    for key in keys:
+        assert after["ours"][key].dtype == before[key].dtype, f"{key} became {after['ours'][key].dtype}"
+    differ = [k for k in fp8_keys if not same_bits(after["ours"][k], after["core"][k])]
+    assert differ == [], f"{len(differ)} fp8 weights differ from core's bits, e.g. {differ[:3]}"
+    changed = sum(int((bits(after["core"][k]) != bits(before[k])).sum()) for k in fp8_keys)
+    assert changed > 0.5 * sum(before[k].numel() for k in fp8_keys), "the LoRA changed too few fp8 values"
+    others = [k for k in keys if k not in fp8_keys]
+    if others:
+        error = relative_error({k: after["ours"][k] for k in others}, {k: after["core"][k] for k in others},
+                               {k: before[k] for k in others})
+        assert error <= 1e-5, f"full-precision weights differ from core's by {error:.3g} of the delta"
+    assert torch.equal(outputs["ours"], outputs["core"]), "same stored weights must give the same output"
+    # The model the loaders were given is untouched, still fp8, after both loads.
+    for key, value in model.model.state_dict().items():
+        assert same_bits(value, before[key]), f"{key} not restored"
+
+
+# --------------------------------------------------------------------------------------------- lowvram
+
+
+def partially_load(patcher, budget: int):
+    """What load_models_gpu does once it has a weight budget (on a GPU it comes from free VRAM; on this CPU
+    host ComfyUI never goes lowvram by itself): LoadedModel.model_load(budget), kept in current_loaded_models."""
+    loaded = mm.LoadedModel(patcher)
+    with torch.inference_mode():
+        loaded.model_load(lowvram_model_memory=budget)
+    mm.current_loaded_models.insert(0, loaded)
+
+
+def load_paths(patcher) -> tuple[list, list]:
+    """(keys patched at load time, keys patched at forward time by a LowVramPatch) among the patched keys."""
+    at_load, at_forward = [], []
+    for key in patcher.patches:
+        module, name = module_of(patcher.model, key)
+        functions = getattr(module, f"{name}_function", [])
+        if any(isinstance(f, comfy.model_patcher.LowVramPatch) and f.key == key for f in functions):
+            at_forward.append(key)
+        elif getattr(module, "comfy_patched_weights", False):
+            at_load.append(key)
+    return sorted(at_load), sorted(at_forward)
+
+
+@pytest.mark.parametrize("case", ("fp32", "e4m3fn"))
+def test_lowvram_partial_load_matches_core(loras, case):
+    model = tm.comfy_sd15() if case == "fp32" else fp8_model(case)
+    base_out = forward(model)
+    ours, core = both(model)
+    budget = int(model.model_size() * 0.9)   # measured: fp32 52 of 121 keys at load, fp8 29
+    outputs, paths = {}, {}
+    for label, patcher in (("ours", ours), ("core", core)):
+        partially_load(patcher, budget)
+        assert patcher.model.model_lowvram and patcher.lowvram_patch_counter() > 0, f"{label}: loaded fully"
+        paths[label] = load_paths(patcher)
+        outputs[label] = forward(patcher)
+        mm.unload_all_models()
+    at_load, at_forward = paths["ours"]
+    assert paths["ours"] == paths["core"], "ours and core loaded different modules lowvram"
+    assert at_load and at_forward, f"{len(at_load)} keys patched at load, {len(at_forward)} at forward time"
+    assert len(at_load) + len(at_forward) == len(core.patches)
+    effect = (outputs["core"] - base_out).abs().max().item()
+    error = (outputs["ours"] - outputs["core"]).abs().max().item()
+    assert effect > 0.01, f"the LoRA barely changes the output ({effect:.3g})"
+    assert error <= 1e-5 * effect, f"outputs differ from core's by {error:.3g} (LoRA effect {effect:.3g})"
+    if case == "fp32":   # nothing is rounded: a partial load gives what a full load gives
+        with torch.inference_mode():
+            mm.load_models_gpu([ours], force_full_load=True)
+        full = forward(ours)
+        mm.unload_all_models()
+        assert (full - outputs["ours"]).abs().max().item() <= 1e-5 * effect
+    assert not model.model.model_lowvram and torch.equal(forward(model), base_out), "input model not restored"
