@@ -21,3 +21,10 @@ def logical_shape(tensor) -> torch.Size:
         shape = tensor.shape
     return torch.Size(shape)
 
+
+def holds_values(tensor) -> bool:
+    """Whether the tensor's elements are the weight's values, so math may read it as it is: a floating tensor
+    off the meta device whose storage has the logical shape (plain, fp8, or a subclass holding plain values);
+    not packed quantised storage and not a state-dict placeholder."""
+    return (isinstance(tensor, torch.Tensor) and tensor.device.type != "meta" and tensor.is_floating_point()
+            and tuple(tensor.size()) == tuple(logical_shape(tensor)))

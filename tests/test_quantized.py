@@ -13,6 +13,7 @@ each result the way sampling does:
   ComfyUI's load equal core's bit for bit (same seeded stochastic rounding), the weights stay fp8.
 * lowvram partial loading (fp32 and fp8 models): with a weight budget below the model's size some modules
   are patched at load time and some at forward time through `LowVramPatch`; forward outputs equal core's.
+* LoRA Block Info with a GGUF model never reads packed storage as values.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tests import tiny_models as tm
 from tests.comfy_host import import_comfy
 from tests.pack import loras_folder, node_module
 
-from lora_core.weights import logical_shape
+from lora_core.weights import holds_values, logical_shape
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
@@ -94,6 +95,8 @@ def test_weight_introspection_never_assumes_a_plain_tensor():
     moved = packed.to("cpu")                                                  # what ComfyUI does to weights
     assert (moved.tensor_type, moved.tensor_shape) == ("Q8_0", (32, 768))
     assert logical_shape(packed) == (32, 768) and logical_shape(torch.zeros(2, 3)) == (2, 3)
+    assert not holds_values(packed) and not holds_values(torch.zeros_like(packed, device="meta"))
+    assert holds_values(q.quantize(torch.randn(8))) and holds_values(torch.zeros(2, 3, dtype=torch.float8_e5m2))
 
 
 def forward_weights(patcher, keys) -> dict:
@@ -309,3 +312,19 @@ def test_lowvram_partial_load_matches_core(loras, case):
         mm.unload_all_models()
         assert (full - outputs["ours"]).abs().max().item() <= 1e-5 * effect
     assert not model.model.model_lowvram and torch.equal(forward(model), base_out), "input model not restored"
+
+
+# --------------------------------------------------------------------------------------------- block info
+
+
+def test_block_info_on_gguf_model_reads_no_packed_storage(loras):
+    """LoRA Block Info with a GGUF model connected: packed tensors are never read as values; a kohya LoRA's
+    deltas need only shapes, so the per-block norms are those on the fp32 model."""
+    tools = node_module("block_tools")
+    reference = tools.block_info(LORA, "auto", tm.comfy_sd15())
+    quantised = tools.block_info(LORA, "auto", q.gguf_sd15())
+    assert reference["blocks"].keys() == quantised["blocks"].keys() and reference["blocks"]
+    for block, entry in reference["blocks"].items():
+        other = quantised["blocks"][block]
+        assert (other["modules"], other["unknown"]) == (entry["modules"], 0), block
+        assert other["norm"] == pytest.approx(entry["norm"], rel=1e-6), block
