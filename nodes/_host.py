@@ -134,7 +134,14 @@ class HostModels:
 
 
 def _shapes(module) -> dict:
-    return {k: v.shape for k, v in module.state_dict().items()}
+    """{state-dict key: logical weight shape}. The keys are the ones ModelPatcher.add_patches accepts; the
+    shape comes from the module's own tensor (the one ComfyUI's calculate_weight path dequantises), because a
+    quantised layer's state_dict() may hold its packed storage or a meta placeholder (ComfyUI-GGUF)."""
+    from lora_core.weights import logical_shape
+
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    return {k: logical_shape(tensors.get(k, v)) for k, v in module.state_dict(keep_vars=True).items()}
 
 
 def _check_added(added, plan, what: str) -> None:

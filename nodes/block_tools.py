@@ -14,7 +14,8 @@ Decisions:
 * Block info: per block, the number of modules and file keys, and ‖ΔW‖_F at strength 1: sqrt of the summed
   squared Frobenius norms of the block's module deltas. With a model connected the deltas are computed on
   its current weights (every algorithm); without one, weight-independent adapters (LoRA/LoCon, LoHa, LoKr,
-  full) are computed shape-only and weight-dependent ones (DoRA, OFT, (IA)3, GLoRA) are shown as n/a.
+  full) are computed shape-only and weight-dependent ones (DoRA, OFT, (IA)3, GLoRA) are shown as n/a. A
+  quantised weight whose values cannot be read as they are (packed GGUF storage) is treated the same way.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from lora_core.arch import ARCHS, OTHER, get_arch, layout_key_map
 from lora_core.errors import LoraValueError
 from lora_core.formats import parse_modules
 from lora_core.io import lora_metadata_summary
+from lora_core.weights import holds_values
 
 from ._host import HostModels, load_lora, lora_names
 from .block_weight import (CATEGORY, MODE_TIP, MODES, BlockSettings, USER, resolve_block_weights,
@@ -88,6 +90,9 @@ def block_info(lora_name: str, arch_choice: str = AUTO, model=None, clip=None) -
             weights.update(model.model.state_dict())
         if clip is not None:
             weights.update(clip.cond_stage_model.state_dict())
+        # A quantised layer's tensor is packed storage or a meta placeholder (ComfyUI-GGUF): its module gets the
+        # shape-only norm, like a file without a model.
+        weights = {k: v for k, v in weights.items() if holds_values(v)}
     else:
         arch = _info_arch(arch_choice, lora_file)
         key_map = layout_key_map(arch)
