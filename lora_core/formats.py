@@ -92,7 +92,7 @@ _MODIFIER_ROLES = {"alpha", "dora_scale", "magnitude", "reshape", "diff_b", "b_n
 
 _OLD_PROCESSOR_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
-WRITER_STYLES = ("kohya", "diffusers", "peft", "lycoris", "comfyui", "mixed", "unknown")
+WRITER_STYLES = ("kohya", "diffusers", "peft", "lycoris", "comfyui", "xlabs", "mixed", "unknown")
 
 
 @dataclass
@@ -116,8 +116,17 @@ class _Group:
 # --------------------------------------------------------------------------------------------- key splitting
 
 
+# XLabs x-flux LoRA processors (src/flux/modules/layers.py): `<block>.processor.qkv_lora1.down.weight`, ... The
+# module is the processor attribute (the key map resolves it to the weight it adapts); without this rule the
+# single-block form `qkv_lora.down.weight` would read as diffusers' old processor form.
+_XLABS = re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
+
+
 def split_key(key: str) -> Optional[tuple[str, str, str]]:
     """(module name, role, style) of a file key, or None when no known suffix matches."""
+    xlabs = _XLABS.match(key)
+    if xlabs:
+        return xlabs.group(1), xlabs.group(2), "xlabs"
     for suffix, role, style in _SUFFIXES_LONGEST_FIRST:
         if key.endswith(suffix) and len(key) > len(suffix):
             module = key[: -len(suffix)]

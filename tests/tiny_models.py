@@ -220,3 +220,68 @@ def transformers_clip_twin(hidden: int = 32, layers: int = 2, act: str = "quick_
     config = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_attention_heads=4, projection_dim=hidden, hidden_act=act)
     return CLIPTextModel(config).eval()
+
+
+# --- DiT families ------------------------------------------------------------------------------
+
+def flux_config(hidden: int = 64, heads: int = 2, depth: int = 2, depth_single: int = 3, guidance: bool = True,
+                context: int = 32, vec: int = 32, in_channels: int = 16) -> dict:
+    """A Flux.1-shaped `unet_config` (what comfy.model_detection builds for Flux), shrunk: hidden 64 = 2 heads
+    x 32 (axes 8+12+12), 2 double and 3 single blocks; the fused layouts (qkv, linear1 = q|k|v|mlp) are
+    Flux's, only narrower."""
+    return {"image_model": "flux", "in_channels": in_channels, "patch_size": 2, "out_channels": 16,
+            "vec_in_dim": vec, "context_in_dim": context, "hidden_size": hidden, "mlp_ratio": 4.0,
+            "num_heads": heads, "depth": depth, "depth_single_blocks": depth_single,
+            "axes_dim": [8, 12, 12] if hidden // heads == 32 else [hidden // heads // 4, hidden // heads * 3 // 8,
+                                                                    hidden // heads * 3 // 8],
+            "theta": 10000, "qkv_bias": True, "guidance_embed": guidance}
+
+
+def chroma_config(hidden: int = 64, heads: int = 2, depth: int = 2, depth_single: int = 3, context: int = 32) -> dict:
+    """A Chroma-shaped config: Flux's blocks without per-block modulation, a 2-layer distilled guidance layer."""
+    cfg = flux_config(hidden, heads, depth, depth_single, False, context)
+    cfg.update({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": hidden,
+                "hidden_dim": 96, "n_layers": 2, "patch_size": 1})
+    for key in ("guidance_embed", "vec_in_dim"):
+        cfg.pop(key)
+    return cfg
+
+
+def comfy_flux(seed: int = 0, variant: str = "dev", **overrides):
+    """Tiny Flux.1 ModelPatcher built with ComfyUI's own classes (`comfy.supported_models.Flux` / `FluxSchnell`,
+    `model_base.Flux`): keys `diffusion_model.double_blocks.N...`, fused `img_attn.qkv` (3 x 64 rows) and
+    `single_blocks.N.linear1` (3 x 64 + 256 rows)."""
+    comfy = import_comfy()
+    classes = {"dev": comfy.supported_models.Flux, "schnell": comfy.supported_models.FluxSchnell}
+    cfg = flux_config(guidance=variant == "dev", **overrides)
+    return _model_patcher(classes[variant], cfg, None, seed)
+
+
+def comfy_chroma(seed: int = 0, **overrides):
+    """Tiny Chroma ModelPatcher (`comfy.supported_models.Chroma`, `model_base.Chroma`)."""
+    comfy = import_comfy()
+    return _model_patcher(comfy.supported_models.Chroma, chroma_config(**overrides), None, seed)
+
+
+def tiny_t5_config(hidden: int = 32, layers: int = 2, heads: int = 4) -> dict:
+    """Overrides for ComfyUI's T5-XXL json config (gated-GELU T5 v1.1 blocks; vocabulary kept for the tokenizer)."""
+    return {"d_model": hidden, "d_ff": 2 * hidden, "d_kv": hidden // heads, "num_heads": heads,
+            "num_layers": layers}
+
+
+def comfy_clip_flux(layers_l: int = 2, layers_t5: int = 2, hidden: int = 32, seed: int = 0):
+    """Tiny Flux `comfy.sd.CLIP` (FluxClipModel: `clip_l` = te1, `t5xxl` = te2)."""
+    import_comfy()
+    from comfy.text_encoders import flux
+
+    return _comfy_clip(flux.flux_clip(), flux.FluxTokenizer, {"clip_l": tiny_clip_config(hidden, layers_l),
+                                                              "t5xxl": tiny_t5_config(hidden, layers_t5)}, seed)
+
+
+def comfy_clip_chroma(layers_t5: int = 2, hidden: int = 32, seed: int = 0):
+    """Tiny Chroma `comfy.sd.CLIP` (PixArt's T5-XXL alone: `t5xxl` = te1)."""
+    import_comfy()
+    from comfy.text_encoders import pixart_t5
+
+    return _comfy_clip(pixart_t5.pixart_te(), pixart_t5.PixArtTokenizer,
+                       {"t5xxl": tiny_t5_config(hidden, layers_t5)}, seed)

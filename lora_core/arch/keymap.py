@@ -164,6 +164,10 @@ def build_key_map(*bindings) -> KeyMap:
                 for alias in te_aliases(spec, path):
                     add(alias, whole)
                 continue
+            if module.param != "weight":
+                # ComfyUI names non-weight parameters by their full key (`diffusion_model.<path>.scale`)
+                add(f"diffusion_model.{path}.{module.param}", whole)
+                add(f"{path}.{module.param}", whole)
             cache: dict = {}
             for alias in binding.aliases_of(component, module):
                 if alias.pieces is None:
