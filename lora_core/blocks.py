@@ -1080,3 +1080,39 @@ def save_user_preset(path, name: str, vector: str, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ------------------------------------------------------------------------------ one vector, one file, one model
+
+def touched_blocks(key_map, lora_file) -> tuple[str, ...]:
+    """The blocks a LoRA file touches on the model of `key_map`, in layout order."""
+    from .formats import parse_modules
+
+    found = {t.block for t in (key_map.resolve(n) for n in parse_modules(lora_file).modules) if t is not None}
+    order = {block: i for i, block in enumerate(getattr(key_map.arch, "blocks", ()))}
+    return tuple(sorted(found, key=lambda b: (order.get(b, len(order)), b)))
+
+
+def inspire_slots(key_map, lora_file) -> dict:
+    """Inspire's present slots of a file on the model of `key_map`: slot -> module paths in file order (the
+    middle block split into its parts, as Inspire counts them)."""
+    from .formats import parse_modules
+
+    targets = [key_map.resolve(name) for name in parse_modules(lora_file).modules]
+    return inspire_present_blocks([t for t in targets if t is not None], key_map.arch)
+
+
+def resolve_for_lora(key_map, lora_file, mode: str, vector: str, *, seed: int = 0, A: float = 1.0, B: float = 1.0,
+                     inverse: bool = False, element: str = "") -> Optional[BlockWeights]:
+    """What `vector` does to `lora_file` on the model of `key_map`: the one resolution every loader, stack,
+    merge, sweep, hook and info node uses, so a vector means the same thing everywhere (Inspire's ordinal
+    positions follow the blocks this file has on this model, its middle-block parts included). None for an
+    empty vector (factor 1 everywhere)."""
+    if not (vector or "").strip():
+        return None
+    if key_map.arch is None:
+        raise LoraValueError("block weights need the model's architecture: connect the MODEL (or choose the "
+                             "architecture)")
+    present = inspire_slots(key_map, lora_file) if mode == "inspire" else None
+    return resolve_vector(key_map.arch, mode, vector, present_blocks=present, seed=seed, A=A, B=B, inverse=inverse,
+                          element=element)

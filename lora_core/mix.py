@@ -45,7 +45,9 @@ import torch
 
 from . import adapters
 from .api import LoraRequest, plan_stack
-from .arch import ARCHS, SD1, SD2, SDXL, ArchSpec, KeyMap, Target, get_arch, layout_key_map
+from .arch import ArchSpec, KeyMap, Target, get_arch, layout_key_map
+from .arch import registry
+from .arch.text_encoders import kohya_names
 from .engine import WeightPatch, check_strength, patch_weight
 from .errors import LoraMatchError, LoraValueError
 from .formats import parse_modules
@@ -54,15 +56,6 @@ from .types import LoraFile, ModuleLora
 
 MODES = ("exact", "svd")
 F32 = torch.float32
-
-# The text-encoder modules kohya names `lora_te*_text_model_encoder_layers_N_<part>` and ComfyUI maps.
-_KOHYA_TE_RE = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
-
-# kohya's `ss_base_model_version` and SAI's `modelspec.architecture` per architecture (adapter suffix added).
-BASE_MODEL_VERSION = {"SD1": "sd_v1", "SD2": "sd_v2", "SDXL": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"SD1": "stable-diffusion-v1", "SD2": "stable-diffusion-v2-512",
-                  "SDXL": "stable-diffusion-xl-v1-base"}
-_BASE_MODEL_ARCH = {"SD1.x": SD1, "SD2.x": SD2, "SDXL": SDXL}
 
 # Dense SVDs of matrices larger than this (smaller side) use torch.svd_lowrank when only a rank is asked for.
 _LOWRANK_SVD_MIN_SIDE = 1536
@@ -221,43 +214,55 @@ def save_mix(result: MixResult, path, overwrite: bool = False) -> str:
 
 
 def output_name(target: Target, key_map: Optional[KeyMap] = None, arch: Optional[ArchSpec] = None) -> str:
-    """The module name a merged file uses for a canonical target (see the module docstring)."""
-    if target.component == "unet":
+    """The module name a merged file uses for a canonical target: kohya's, as sd-scripts writes it for the family
+    (`lora_unet_<canonical path _>`; text encoders `<kohya prefix><HF path _>` where kohya and ComfyUI name the
+    module, ComfyUI's generic `text_encoders.<encoder>.transformer.<HF path>` elsewhere)."""
+    if not target.component.startswith("te"):
         return "lora_unet_" + target.path.replace(".", "_")
     arch = arch or (key_map.arch if key_map is not None else None)
-    encoders = arch.text_encoders if arch is not None else {}
-    if _KOHYA_TE_RE.match(target.path):
-        if len(encoders) > 1 or target.component == "te2":
-            prefix = "lora_te1_" if target.component == "te1" else "lora_te2_"
-        else:
-            prefix = "lora_te_"
-        return prefix + target.path.replace(".", "_")
-    spec = (key_map.te_specs.get(target.component) if key_map is not None else None) or encoders.get(
-        target.component)
-    if spec is None:
+    spec = (key_map.component_specs.get(target.component) if key_map is not None else None) or (
+        arch.components.get(target.component) if arch is not None else None)
+    encoder = spec.encoder if spec is not None else None
+    if encoder is None:
         raise LoraMatchError(f"cannot name text-encoder module {target.path} ({target.component}): the "
                              f"encoder family is unknown. Connect the CLIP or choose the architecture.")
-    return f"text_encoders.{spec.comfy_name}.transformer.{target.path}"
+    if kohya_names(encoder, target.path) and spec.kohya_prefixes:
+        return spec.kohya_prefixes[0] + target.path.replace(".", "_")
+    return f"text_encoders.{encoder.comfy_name}.transformer.{target.path}"
 
 
 def detect_lora_arch(loras: Sequence[LoraFile]) -> ArchSpec:
-    """SD1 / SD2 / SDXL of a set of LoRA files, from metadata or keys; refuses mixed or unknown ones."""
+    """The variant a set of LoRA files was made for, from metadata or keys (lora_core.arch.detect_lora); refuses
+    mixed or unknown ones."""
     found: dict[str, list[str]] = {}
     unknown: list[str] = []
     for lora in loras:
-        spec = _arch_of_file(lora)
+        spec = registry.detect_lora(lora)
         if spec is None:
+            named = registry.named_base_model(lora.metadata) if registry.arch_of_metadata(lora.metadata) is None \
+                else None
+            if named:
+                known = ", ".join(f.title for f in registry.families())
+                raise LoraMatchError(f"{lora.label} is a {named} LoRA; mixing supports {known} LoRAs.")
             unknown.append(lora.label)
         else:
             found.setdefault(spec.name, []).append(lora.label)
-    if len(found) > 1:
+    families = {registry.ARCHS[name].family for name in found}
+    if len(found) > 1 and (len(families) > 1 or not _interchangeable([registry.ARCHS[n] for n in found])):
         listed = "; ".join(f"{arch}: {', '.join(labels)}" for arch, labels in found.items())
         raise LoraMatchError(f"the LoRAs were made for different base models ({listed}). Merge only LoRAs "
                              f"of one architecture.")
     if not found:
+        choices = ", ".join(a.layout_key for a in registry.ARCHS.values())
         raise LoraMatchError(f"cannot tell the base model of {', '.join(unknown)} from its metadata or keys. "
-                             f"Choose the architecture (sd1 / sd2 / sdxl) or connect the model.")
-    return ARCHS[next(iter(found))]
+                             f"Choose the architecture ({choices}) or connect the model.")
+    return registry.ARCHS[next(iter(found))]
+
+
+def _interchangeable(archs: Sequence[ArchSpec]) -> bool:
+    """Variants with one layout and the same components (Flux.1 dev / Kontext / Fill) merge into each other."""
+    first = archs[0]
+    return all(a.layout_key == first.layout_key and a.family is first.family for a in archs)
 
 
 def build_metadata(result: MixResult, requests: Sequence[LoraRequest], title: Optional[str] = None,
@@ -274,16 +279,17 @@ def build_metadata(result: MixResult, requests: Sequence[LoraRequest], title: Op
     }
     for entry, note in zip(sources["sources"], source_notes or ()):
         entry.update(note or {})
+    info = spec.metadata
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": info.get("ss_network_module", "networks.lora"),
         "ss_network_dim": dim,
         "ss_network_alpha": dim,   # alpha equals each module's rank: scale 1
-        "ss_base_model_version": BASE_MODEL_VERSION[spec.name],
+        "ss_base_model_version": info["ss_base_model_version"],
         "ss_v2": str(spec.name == "SD2"),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": _modelspec_architecture(spec, requests) + "/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation": info.get("modelspec.implementation", ""),
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "lora_core.sources": json.dumps(sources),
@@ -319,51 +325,9 @@ def _resolve_arch(arch, loras: Sequence[LoraFile]) -> ArchSpec:
     return get_arch(str(arch))
 
 
-@functools.lru_cache(maxsize=None)
 def cached_layout_key_map(arch_name: str) -> KeyMap:
-    """`layout_key_map` of an architecture ("SD1", "SD2", "SDXL"), built once per process (read-only)."""
-    return layout_key_map(ARCHS[arch_name])
-
-
-def _arch_of_file(lora: LoraFile) -> Optional[ArchSpec]:
-    base = lora_metadata_summary(lora).get("base_model", "")
-    if base:
-        spec = _BASE_MODEL_ARCH.get(base)
-        if spec is None:
-            raise LoraMatchError(f"{lora.label} is a {base} LoRA; mixing supports SD1.x, SD2.x and SDXL "
-                                 f"(Pony, Illustrious, NoobAI) LoRAs.")
-        return spec
-    # No metadata and no telling key: the architecture whose layout resolves the most modules; SD1 and SD2 share
-    # every UNet name, so a tie is broken by shapes the two layouts disagree on.
-    modules = parse_modules(lora).modules
-    counts = {spec.name: sum(1 for n in modules if cached_layout_key_map(spec.name).resolve(n) is not None)
-              for spec in ARCHS.values()}
-    best = max(counts.values())
-    winners = [name for name, count in counts.items() if count == best]
-    if best > 0 and len(winners) > 1:
-        votes = {name: _shape_votes(modules, ARCHS[name]) for name in winners}
-        top = max(votes.values())
-        winners = [name for name in winners if votes[name] == top]
-    return ARCHS[winners[0]] if best > 0 and len(winners) == 1 else None
-
-
-def _shape_votes(modules: Mapping[str, ModuleLora], spec: ArchSpec) -> int:
-    """+1 / -1 per module whose shape fits / contradicts `spec`: transformer proj_in/out a 1x1 conv (SD1) or a
-    linear (SD2, SDXL); cross-attention key/value input width = the context width; TE width = hidden size."""
-    key_map = cached_layout_key_map(spec.name)
-    votes = 0
-    for name, module in modules.items():
-        target = key_map.resolve(name)
-        shape = _natural_shape(module) if target is not None else None
-        if shape is None or len(shape) < 2:
-            continue
-        if target.component == "unet" and target.path.endswith((".proj_in", ".proj_out")):
-            votes += 1 if (len(shape) == 4) == (spec.unet.use_linear_in_transformer is False) else -1
-        elif target.component == "unet" and target.path.endswith((".attn2.to_k", ".attn2.to_v")):
-            votes += 1 if shape[1] == spec.unet.context_dim else -1
-        elif target.component in spec.text_encoders and target.path.endswith(".self_attn.q_proj"):
-            votes += 1 if shape[1] == spec.text_encoders[target.component].hidden_size else -1
-    return votes
+    """`layout_key_map` of a variant ("SD1", "SDXL", "Flux.1-dev", ...), built once per process (read-only)."""
+    return layout_key_map(arch_name)
 
 
 def _widest_dtype(requests: Sequence[LoraRequest]) -> torch.dtype:
@@ -387,22 +351,16 @@ def _natural_shape(module: ModuleLora) -> Optional[tuple[int, ...]]:
     return tuple(int(s) for s in shape)
 
 
-# UNet element kinds that are Conv2d layers in an LDM UNet, and their kernel size (skip_connection is 1x1).
-_CONV_KINDS = frozenset({"resnet_conv", "conv_in", "conv_out", "downsample", "upsample"})
-
-
 def _host_layout_shape(shape: tuple[int, ...], target: Target, arch: Optional[ArchSpec]) -> tuple[int, ...]:
-    """Give a flattened (out, in*k*k) change the conv shape of its target, from the layout alone.
+    """Give a flattened (out, in*k*k) change the conv shape of its target, from the layout alone (the family
+    knows which modules are convolutions).
 
     LoHa / LoKr / diff files may store a conv change flat; ComfyUI refuses a `diff` whose shape differs from the
     weight's (it logs a shape mismatch and skips it), so the file must carry the kernel shape."""
-    if len(shape) != 2 or target.component != "unet":
+    if len(shape) != 2 or target.component.startswith("te") or arch is None:
         return shape
-    if target.kind in _CONV_KINDS:
-        kernel = 1 if target.path.endswith("skip_connection") else 3
-    elif target.kind == "proj" and arch is not None and arch.unet.use_linear_in_transformer is False:
-        kernel = 1   # SD1's transformer proj_in / proj_out are 1x1 convs
-    else:
+    kernel = arch.family.conv_kernel(target, arch)
+    if not kernel:
         return shape
     out, cols = shape
     if cols % (kernel * kernel):
@@ -412,9 +370,10 @@ def _host_layout_shape(shape: tuple[int, ...], target: Target, arch: Optional[Ar
 
 
 def _strength_for(request: LoraRequest, target: Target) -> float:
-    strength = request.strength_model if target.component == "unet" else request.strength_clip
+    """The largest strength any part of the target gets (0: the module is not exported)."""
+    strength = request.strength_clip if target.component.startswith("te") else request.strength_model
     if strength and request.block_weights is not None:
-        strength *= request.block_weights.factor(target.block, target.kind, target.path)
+        strength *= max(abs(request.block_weights.factor(target.block, kind, target.path)) for kind in target.kinds)
     return float(strength)
 
 
@@ -433,9 +392,18 @@ def _shapes_from_files(requests: Sequence[LoraRequest], key_map: KeyMap,
                     f"{request.label}: module {name} is {module.algo}, whose change depends on the base model's "
                     f"weights. Connect the base MODEL and CLIP to the merge node (or merge it onto a model) so "
                     f"it can be exported as an exact diff.")
+            if target.pieces is not None:   # a part of a fused weight: the weight has the canonical rows
+                if target.module_rows and shape[0] != target.module_rows:
+                    raise LoraMatchError(
+                        f"{request.label}: module {name} has {shape[0]} rows, but in the full-size "
+                        f"{key_map.arch.title if key_map.arch else 'layout'} it is a part of {target.path} with "
+                        f"{target.module_rows}: the file is for a model of another size. Connect the base MODEL "
+                        f"to the merge node so the layout follows it.")
+                rows = target.rows or max(p.dst + p.length for p in target.pieces)
+                shape = (rows, *shape[1:])
             _record_shape(found, target.host_key, _host_layout_shape(shape, target, key_map.arch), name)
             if module.bias_diff is not None and target.param == "weight":
-                _record_shape(found, _bias_key(target.host_key), (int(module.bias_diff.numel()),), name)
+                _record_shape(found, _bias_key(target.host_key), (shape[0],), name)
     return found
 
 
@@ -478,15 +446,28 @@ def _group_by_target(patches: Mapping[str, list], key_map: KeyMap, warnings: lis
 # ------------------------------------------------------------------------------------------- export
 
 def _lowrank_run(patches: Sequence[WeightPatch], shape, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(U, D) with U @ D = Σ s_i ΔW_i (flattened) when every patch is a plain low-rank adapter, else None."""
+    """(U, D) with U @ D = Σ s_i ΔW_i (flattened) when every patch is a plain low-rank adapter, else None. A patch
+    on part of a fused weight contributes its up rows at the rows it covers and zeros elsewhere (kohya stores a
+    split-qkv LoRA the same way: one fused module with a block-structured up); column factors scale down."""
     ups, downs = [], []
     for patch in patches:
-        factors = adapters.lowrank_factors(patch.module, torch.Size(shape))
+        factors = adapters.lowrank_factors(patch.module, torch.Size(patch.module_shape(shape)))
         if factors is None:
             return None
         up, down = factors
-        ups.append(up.to(device, F32) * patch.strength)
-        downs.append(down.to(device, F32))
+        up, down = up.to(device, F32), down.to(device, F32)
+        if patch.rows is not None:
+            placed = torch.zeros(shape[0], up.shape[1], dtype=F32, device=device)
+            for dst, src, count in patch.rows:
+                placed[dst:dst + count] = up[src:src + count]
+            up = placed
+        if patch.cols is not None:
+            down = down.clone()
+            per = down.shape[1] // (shape[1] if len(shape) > 1 else 1)
+            for start, count, factor in patch.cols:
+                down[:, start * per:(start + count) * per] *= factor
+        ups.append(up * patch.strength)
+        downs.append(down)
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
@@ -595,7 +576,7 @@ def _truncate(left, s, right, rank, energy, total, full_rank):
 # ------------------------------------------------------------------------------------------- metadata
 
 def _modelspec_architecture(spec: ArchSpec, requests: Sequence[LoraRequest]) -> str:
-    base = MODELSPEC_ARCH[spec.name]
+    base = spec.metadata["modelspec.architecture"]
     if spec.name == "SD2":
         # Keep v-prediction SD2 (768-v) when a source says so.
         for request in requests:

@@ -27,7 +27,7 @@ import torch
 
 from lora_core import adapters
 from lora_core.api import LoraRequest
-from lora_core.arch import ARCHS, OTHER, get_arch, layout_key_map
+from lora_core.arch import ARCHS, detect_lora, get_arch, layout_key_map
 from lora_core.errors import LoraValueError
 from lora_core.formats import parse_modules
 from lora_core.io import lora_metadata_summary
@@ -64,17 +64,15 @@ def _module_delta_norm(module, weight: Optional[torch.Tensor]) -> Optional[float
 
 
 def _info_arch(choice: str, lora_file):
+    """The variant whose layout to show: the chosen one, else the one the file was made for
+    (lora_core.arch.detect_lora: metadata, then the layout that resolves most of its modules)."""
     if choice != AUTO:
         return get_arch(choice)
-    base = lora_metadata_summary(lora_file).get("base_model") or ""
-    try:
-        return get_arch(base.lower())
-    except LoraValueError:
-        pass
-    # Fall back to the layout that matches most of the file's modules.
-    names = list(parse_modules(lora_file).modules)
-    scored = [(sum(layout_key_map(a).resolve(n) is not None for n in names), a) for a in ARCHS.values()]
-    return max(scored, key=lambda item: item[0])[1]
+    arch = detect_lora(lora_file)
+    if arch is None:
+        raise LoraValueError(f"cannot tell which model {lora_file.label} was made for from its metadata or keys; "
+                             f"choose the architecture or connect the model")
+    return arch
 
 
 def block_info(lora_name: str, arch_choice: str = AUTO, model=None, clip=None) -> dict:
@@ -155,7 +153,9 @@ def bar_chart(title: str, info: dict, width: int = 960, height: int = 360) -> to
     figure = Figure(figsize=(width / 100, height / 100), dpi=100)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colours = ["#d9822b" if n.startswith(TE_BLOCK_PREFIX) else "#7a7a7a" if n == OTHER else "#3b75af" for n in names]
+    arch = info["arch"]
+    other = set(arch.layout.other_blocks) if arch is not None else set()
+    colours = ["#d9822b" if n.startswith(TE_BLOCK_PREFIX) else "#7a7a7a" if n in other else "#3b75af" for n in names]
     axes.bar(range(len(names)), values, color=colours)
     axes.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     axes.set_ylabel("||ΔW||_F at strength 1")
@@ -232,7 +232,8 @@ def sweep_entries(host: HostModels, lora_file, sweep: str, base: float, value: f
     if sweep == "blocks":
         unet_blocks = [b for b in touched_blocks(host.key_map, lora_file) if not b.startswith(TE_BLOCK_PREFIX)]
         if not unet_blocks:
-            raise LoraValueError("the LoRA touches no UNet block of this model, so there is nothing to sweep.")
+            raise LoraValueError("the LoRA touches no block of this model's diffusion model, so there is nothing "
+                                 "to sweep.")
         entries += [(f"{b} {value:g} (others {base:g})", SweepWeights(base, {b: value})) for b in unet_blocks]
     elif sweep == "vectors":
         lines = [line.strip() for line in (vectors or "").splitlines() if line.strip()]
@@ -302,6 +303,32 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+LABEL_FONT_PX = 13
+
+
+def _wrap(text: str, width: int, font, draw) -> list[str]:
+    """Greedy word wrap of `text` to `width` pixels; a word wider than the tile is broken by characters."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw.textlength(candidate, font=font) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while draw.textlength(word, font=font) > width and len(word) > 1:
+                cut = len(word)
+                while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                    cut -= 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines or [""]
+
+
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
@@ -342,19 +369,27 @@ def grid_image(images: list, labels: list, columns: int = 0, heatmap: bool = Tru
     base = cells[0]
     diffs = [(c - base).abs().mean(dim=-1) for c in cells]
     scale = max([float(d.max()) for d in diffs[1:]] + [0.0])
-    summary, tiles = [], []
-    label_h = max(14, min(28, width // 12))
-    font = _font(max(10, label_h - 4))
+    summary, bodies, captions = [], [], []
     for name, cell, diff in zip(names, cells, diffs):
         mean = float(diff.mean()) * 100.0
         effective = float((diff > threshold).float().mean()) * 100.0
-        caption = name if cell is base else f"{name} | d {mean:.2f}% | >{threshold:g}: {effective:.1f}%"
+        captions.append(name if cell is base else f"{name} | d {mean:.2f}% | >{threshold:g}: {effective:.1f}%")
         summary.append(f"{name}: mean |diff| {mean:.3f}%, pixels over {threshold:g}: {effective:.2f}%")
-        parts = [cell] + ([_heat(diff, scale)] if heatmap else [])
-        body = torch.cat(parts, dim=0)
-        tile = Image.new("RGB", (width, label_h + body.shape[0]), "white")
-        tile.paste(Image.fromarray(_to_uint8(body)), (0, label_h))
-        ImageDraw.Draw(tile).text((2, 1), caption, fill="black", font=font)
+        bodies.append(torch.cat([cell] + ([_heat(diff, scale)] if heatmap else []), dim=0))
+    # The label band grows with the text (wrapped to the tile width at a readable size), never the other way
+    # round: 64 px tiles get a taller band, not an unreadable font.
+    font = _font(LABEL_FONT_PX)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(caption, width - 4, font, measure) for caption in captions]
+    line_h = LABEL_FONT_PX + 3
+    band = 4 + line_h * max(len(lines) for lines in wrapped)
+    tiles = []
+    for lines, body in zip(wrapped, bodies):
+        tile = Image.new("RGB", (width, band + body.shape[0]), "white")
+        tile.paste(Image.fromarray(_to_uint8(body)), (0, band))
+        draw = ImageDraw.Draw(tile)
+        for i, line in enumerate(lines):
+            draw.text((2, 2 + i * line_h), line, fill="black", font=font)
         tiles.append(tile)
     columns = int(columns) if columns and columns > 0 else math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)

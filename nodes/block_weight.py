@@ -180,31 +180,21 @@ class BlockSettings:
 
 
 def touched_blocks(key_map, lora_file) -> tuple[str, ...]:
-    """The blocks a LoRA file touches on this model, in layout order (Inspire's "present blocks")."""
-    found = set()
-    for name in parse_modules(lora_file).modules:
-        target = key_map.resolve(name)
-        if target is not None:
-            found.add(target.block)
-    order = list(getattr(key_map.arch, "blocks", ()))
-    rank = {block: i for i, block in enumerate(order)}
-    return tuple(sorted(found, key=lambda b: (rank.get(b, len(rank)), b)))
-
-
-def inspire_slots(key_map, lora_file) -> dict:
-    """Inspire's present slots of a file on this model (slot -> module paths in file order), so Inspire's
-    middle-block parts and sub-vectors resolve exactly as Inspire counts them."""
-    targets = [key_map.resolve(name) for name in parse_modules(lora_file).modules]
-    return blocks.inspire_present_blocks([t for t in targets if t is not None])
+    """The blocks a LoRA file touches on this model, in layout order (lora_core.blocks)."""
+    return blocks.touched_blocks(key_map, lora_file)
 
 
 def resolve_block_weights(host: HostModels, lora_file, settings: BlockSettings):
-    """lora_core.blocks.BlockWeights for one LoRA on this host, or None for "factor 1 everywhere"."""
+    """lora_core.blocks.BlockWeights for one LoRA on this host, or None for "factor 1 everywhere" (the one
+    resolution lora_core.blocks.resolve_for_lora that every node uses)."""
+    return resolve_with_key_map(host.key_map, lora_file, settings)
+
+
+def resolve_with_key_map(key_map, lora_file, settings: BlockSettings):
     if not settings.weighted:
         return None
-    present = inspire_slots(host.key_map, lora_file) if settings.mode == "inspire" else None
-    return blocks.resolve_vector(host.key_map.arch, settings.mode, settings.vector, present_blocks=present,
-                                 seed=settings.seed, A=settings.A, B=settings.B, inverse=settings.inverse)
+    return blocks.resolve_for_lora(key_map, lora_file, settings.mode, settings.vector, seed=settings.seed,
+                                   A=settings.A, B=settings.B, inverse=settings.inverse)
 
 
 def describe(label: str, settings: BlockSettings, weights) -> str:

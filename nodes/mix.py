@@ -35,11 +35,11 @@ from lora_core.arch import bind_layout, build_key_map, get_arch
 from lora_core.errors import LoraFileError, LoraValueError
 
 from ._host import NONE_NAMES, HostModels, load_lora, lora_names
-from .block_weight import BLOCK_STACK, BlockSettings, check_row, touched_blocks
+from .block_weight import BLOCK_STACK, BlockSettings, check_row, resolve_with_key_map
 from .loader import normalise_stack
 
 CATEGORY = "LoRA Core/Mix"
-ARCH_CHOICES = ("auto", "sd1", "sd2", "sdxl")
+ARCH_CHOICES = ("auto", "sd1", "sd2", "sdxl", "flux", "chroma")   # new choices go at the end
 SAVE_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 MODE_TIP = ("exact: lossless; plain LoRAs are concatenated along the rank (file rank = sum of ranks), other "
@@ -117,8 +117,9 @@ class _Context:
                                  f"arch to auto (the connected model decides).")
         bindings = list(host.key_map.bindings)
         if model is None or clip is None:
-            # The missing half (UNet or text encoders) is exported on the layout's names from the files alone.
-            bindings.append(bind_layout(self.arch))
+            # The missing half (denoiser or text encoders) is exported on the layout's names from the files alone.
+            missing = [c for c in self.arch.components if c.startswith("te") == (clip is None)]
+            bindings.append(bind_layout(self.arch, components=missing))
         self.key_map = build_key_map(*bindings)
         self.kwargs = {"key_map": self.key_map, "shapes": host.shapes, "base_weights": _BaseWeights(model, clip)}
 
@@ -137,10 +138,7 @@ def _requests(rows: list[dict], context: _Context) -> tuple[list[LoraRequest], l
         weights = None
         note = {}
         if settings.weighted:
-            present = touched_blocks(context.key_map, lora) if settings.mode == "inspire" else None
-            weights = blocks.resolve_vector(context.arch, settings.mode, settings.vector, present_blocks=present,
-                                            seed=settings.seed, A=settings.A, B=settings.B,
-                                            inverse=settings.inverse)
+            weights = resolve_with_key_map(context.key_map, lora, settings)
             note = {"block_mode": settings.mode, "block_vector": settings.vector, "seed": settings.seed,
                     "A": settings.A, "B": settings.B, "inverse": settings.inverse}
         requests.append(LoraRequest(lora, float(row.get("strength_model", 1.0)),

@@ -533,7 +533,9 @@ def test_sweep_ksampler_grid_chain(sd15, loras):
     grid, summary = tools.LoRACoreSweepGrid().assemble(images, columns=[3], heatmap=[True], threshold=[0.01],
                                                        labels=labels)
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
-    assert grid.shape[1] == 2 * (8 * 2 + max(14, min(28, 8 // 12))) and grid.shape[2] == 3 * 8
+    # two rows of tiles: image + heatmap (8 px each) under a label band sized to the wrapped text
+    band = grid.shape[1] // 2 - 8 * 2
+    assert grid.shape[1] % 2 == 0 and band >= tools.LABEL_FONT_PX + 3 and grid.shape[2] == 3 * 8
     assert 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
     lines = summary.splitlines()
     assert len(lines) == 5 and lines[0].startswith(labels[0])

@@ -323,6 +323,10 @@ class Family:
         host, in words a user can act on; None when the family has nothing specific to say."""
         return None
 
+    def conv_kernel(self, target, variant: ArchSpec) -> Optional[int]:
+        """Kernel size of a denoiser target that is a convolution in this family (None: a linear layer)."""
+        return None
+
     def denoiser_words(self) -> Sequence[str]:
         """Leading words of this family's denoiser module names (for telling a denoiser name from others)."""
         return ()

@@ -44,6 +44,7 @@ class Target:
     pieces: Optional[tuple[Piece, ...]] = None
     module_rows: int = 0
     col_parts: tuple = ()
+    rows: int = 0          # the canonical module's rows when the family knows them
 
     @property
     def host_keys(self) -> tuple[str, ...]:
@@ -193,13 +194,13 @@ def _target(component: str, module, host_pieces, alias_pieces, alias_rows: int) 
     plain = alias_pieces is None and not module.parts and _whole_pieces(host_pieces)
     if plain:
         return Target(component, module.path, first_key, module.block, module.kind, module.param,
-                      col_parts=module.col_parts)
+                      col_parts=module.col_parts, rows=module.rows)
     rows = module.rows
     if rows <= 0:
         # a weight of unknown size can only be addressed whole
         if alias_pieces is None and _whole_pieces(host_pieces):
             return Target(component, module.path, first_key, module.block, module.kind, module.param,
-                          col_parts=module.col_parts)
+                          col_parts=module.col_parts, rows=module.rows)
         return None
     canon_hosts = tuple((key, c, h, n if n is not None else rows) for key, c, h, n in host_pieces)
     alias = alias_pieces if alias_pieces is not None else ((0, 0, rows),)
@@ -213,6 +214,6 @@ def _target(component: str, module, host_pieces, alias_pieces, alias_rows: int) 
                 and _whole_pieces(host_pieces) and len({p.kind for p in pieces}) == 1)
     if identity:
         return Target(component, module.path, primary, module.block, module.kind, module.param,
-                      col_parts=module.col_parts)
+                      col_parts=module.col_parts, rows=rows)
     return Target(component, module.path, primary, module.block, module.kind, module.param, pieces, module_rows,
-                  module.col_parts)
+                  module.col_parts, rows)

@@ -147,3 +147,14 @@ def canonical_te_path(host_path: str, spec: Optional[TextEncoderSpec] = None) ->
 def short_te_path(path: str) -> str:
     """The same path without CLIP's `text_model.` (what transformers 5 and some writers use)."""
     return path[len("text_model."):] if path.startswith("text_model.") else path
+
+
+_KOHYA_CLIP = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+def kohya_names(spec: TextEncoderSpec, path: str) -> bool:
+    """Whether kohya (and ComfyUI's map of kohya names) name this module `lora_te<N>_<path _>`: CLIP's encoder
+    attention and MLP linears; every T5 weight; LLM encoders have no kohya names in ComfyUI."""
+    if spec.kind == "clip":
+        return bool(_KOHYA_CLIP.match(path))
+    return spec.kind == "t5"

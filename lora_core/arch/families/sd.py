@@ -587,7 +587,7 @@ class SDFamily(Family):
                             transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_middle=10,
                             transformer_depth_output=(0, 0, 0, 2, 2, 2, 10, 10, 10), context_dim=2048,
                             use_linear_in_transformer=True, adm_in_channels=2816),
-            components={"unet": _UNET, "te1": _te("te1", CLIP_L, _TE1, "text_encoder."),
+            components={"unet": _UNET, "te1": _te("te1", CLIP_L, ("lora_te1_", "lora_te_"), "text_encoder."),
                         "te2": _te("te2", OPENCLIP_G, ("lora_te2_", "lora_prior_te_"), "text_encoder_2.")},
             aliases=("sdxl", "pony", "illustrious", "noobai", "sdxl1.0"), layout_key="sdxl",
             metadata={"ss_base_model_version": "sdxl_base_v1-0",
@@ -669,6 +669,9 @@ class SDFamily(Family):
     def diffusers_host_pieces(self, config: "UNetSpec", variant=None) -> dict:
         return {f"{d}.weight": (m.ldm, None, "weight") for m in unet_modules(config) for d in m.diffusers}
 
+    def preferred_variant(self, names):
+        return None   # SD1 and SD2 LoRAs with the same names: guessing would be wrong, ask
+
     def lora_votes(self, modules, variant, key_map) -> int:
         """+1 / -1 per module whose shape fits / contradicts `variant`: transformer proj_in/out a 1x1 conv (SD1)
         or a linear (SD2, SDXL); cross-attention key/value input width = the context width; TE width = hidden
@@ -690,6 +693,13 @@ class SDFamily(Family):
             elif target.component in variant.text_encoders and target.path.endswith(".self_attn.q_proj"):
                 votes += 1 if shape[1] == variant.text_encoders[target.component].hidden_size else -1
         return votes
+
+    def conv_kernel(self, target, variant) -> Optional[int]:
+        if target.kind in ("resnet_conv", "conv_in", "conv_out", "downsample", "upsample"):
+            return 1 if target.path.endswith("skip_connection") else 3
+        if target.kind == "proj" and variant.config.use_linear_in_transformer is False:
+            return 1   # SD1's transformer proj_in / proj_out are 1x1 convs
+        return None
 
     def denoiser_words(self):
         return ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block", "conv_in",
