@@ -526,3 +526,37 @@ def test_loader_output_bakes_into_core_save_checkpoint(sd15, sd15_sources, tmp_p
         saved_key = "cond_stage_model.transformer." + key[len("clip_l.transformer."):]
         assert torch.allclose(saved[saved_key].float(), want[key], atol=TOL), key
     comfy.model_management.unload_all_models()
+
+
+def test_inspire_vector_means_the_same_in_loader_stack_and_merge(tmp_path):
+    """A full-size SD1.5 LoCon touches middle_block.0/1/2, which Inspire counts as three slots: a 27-value
+    Inspire vector must put OUT00/OUT01 at the same factor whether the LoRA is loaded, stacked or merged."""
+    from tests.test_flux import assert_same, bake
+
+    model = tm.comfy_sd15(channel_mult=(1, 2, 2, 2))   # 4 levels: input_blocks 0-11, output_blocks 0-11
+    layers = {p: m for p, m in lw.unet_targets(model.model.diffusion_model, convs=True).items()
+              if not p.startswith(("input_blocks.0.", "out.", "time_embed"))}   # kohya's LoCon: not conv_in / out
+    locon = lw.kohya_state_dict(layers, "lora_unet", seed=21)
+    lw.save_safetensors(locon, tmp_path / "locon.safetensors")
+    vector = ",".join(["1"] * 12 + ["0.5", "0.25", "0.75"] + ["0", "0"] + ["1"] * 10)   # 27: M00.0-2, OUT00-01 = 0
+    bw, mix_nodes = node_module("block_weight"), node_module("mix")
+    with loras_folder(tmp_path):
+        loaded, _, table = bw.LoRACoreBlockWeight().load(model, "locon.safetensors", 1.0, 0.0, "inspire", "custom",
+                                                         vector, 0, 1.0, 1.0, False)
+        assert "OUT00  0" in table and "OUT01  0" in table
+        rows = {f"{k}_{i}": v for i in range(1, 6) for k, v in dict(
+            enabled=i == 1, lora="locon.safetensors" if i == 1 else "None", strength_model=1.0,
+            strength_clip=0.0, mode="inspire", preset="custom", vector=vector if i == 1 else "").items()}
+        stack = bw.LoRACoreBlockStack().build(0, 1.0, 1.0, False, **rows)[0]
+        stacked, _, _ = bw.LoRACoreApplyBlockStack().apply(model, stack)
+        for connect in (None, model):
+            path = mix_nodes.LoRACoreMergeSave().merge("exact", 0, 0.0, f"merged_{connect is None}", False, "sd1",
+                                                       "fp32", block_stack=stack, model=connect)["result"][0]
+            merged = comfy.utils.load_torch_file(path, safe_load=True)
+            assert not any("output_blocks_0_" in k or "output_blocks_1_" in k for k in merged), \
+                "OUT00/OUT01 have factor 0: the merge must leave them out, as the loader does"
+            core_model, _ = comfy.sd.load_lora_for_models(model, None, merged, 1.0, 0.0)
+            base = {k: v.clone() for k, v in model.model.state_dict().items()}
+            want = bake(loaded)
+            assert_same(bake(core_model), want, base, f"merge (model connected: {connect is not None})")
+    assert_same(bake(stacked), bake(loaded), base, "stack")
