@@ -435,14 +435,6 @@ default_cache = LoraFileCache(_cache_budget_bytes())
 
 # --------------------------------------------------------------------------------------------- metadata
 
-# kohya ss_base_model_version values and modelspec.architecture prefixes -> a readable base model name.
-_BASE_MODEL_NAMES = (
-    ("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("sd_v1", "SD1.x"), ("stable-diffusion-v1", "SD1.x"),
-    ("sd_v2", "SD2.x"), ("stable-diffusion-v2", "SD2.x"), ("sd3", "SD3"), ("stable-diffusion-3", "SD3"),
-    ("flux", "Flux.1"), ("chroma", "Chroma"), ("lumina", "Lumina 2"), ("hunyuan", "HunyuanImage"),
-)
-# Cross-attention context width (in-features of attn2.to_k) per UNet family.
-_CONTEXT_WIDTH_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 TOP_TAGS = 5
 
 
@@ -459,7 +451,9 @@ def lora_metadata_summary(lora_file: LoraFile) -> dict:
     """
     meta = lora_file.metadata or {}
     summary: dict = {}
-    base, source = _base_model(meta, lora_file.tensors)
+    from .arch.registry import base_model_name   # the families know the names (lora_core/arch)
+
+    base, source = base_model_name(lora_file)
     summary["base_model"] = base
     summary["base_model_source"] = source
     _copy_present(summary, meta, {
@@ -566,36 +560,6 @@ def _algorithm(meta: Mapping[str, str], network_args) -> Optional[str]:
     known = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft",
              "networks.lora_fa": "lora-fa", "lycoris.kohya": "lycoris"}
     return known.get(module, module.rsplit(".", 1)[-1])
-
-
-def _base_model(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    for meta_key in ("modelspec.architecture", "ss_base_model_version"):
-        value = _present(meta.get(meta_key))
-        if value:
-            lowered = value.lower()
-            for prefix, name in _BASE_MODEL_NAMES:
-                if lowered.startswith(prefix):
-                    return name, "metadata"
-            return value.split("/")[0], "metadata"
-    if _present(meta.get("ss_v2")) == "True":
-        return "SD2.x", "metadata"
-    return _base_model_from_keys(tensors)
-
-
-def _base_model_from_keys(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    keys = list(tensors)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_te1_")) for k in keys):
-        return "SDXL", "keys"
-    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
-        return "Flux.1", "keys"
-    for key, tensor in tensors.items():
-        # The down factor of a cross-attention key projection has the context width as its input size.
-        if ("attn2_to_k" in key or "attn2.to_k" in key) and ("down" in key or "lora_A" in key) \
-                and tensor.ndim == 2:
-            name = _CONTEXT_WIDTH_NAMES.get(int(tensor.shape[1]))
-            if name:
-                return name, "keys"
-    return "", ""
 
 
 def _top_tags(meta: Mapping[str, str], limit: int = 20) -> list:

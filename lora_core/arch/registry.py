@@ -105,6 +105,21 @@ def arch_of_metadata(metadata: Mapping[str, str]) -> Optional[ArchSpec]:
     return None
 
 
+def base_model_name(lora_file) -> tuple[str, str]:
+    """(readable base-model name, source) of a LoRA for reports: ("SDXL", "metadata"), ("Flux.1", "keys"),
+    ("SD3", "metadata") for a model named but not described here, ("", "") when nothing tells."""
+    variant = arch_of_metadata(lora_file.metadata)
+    if variant is not None:
+        return variant.metadata.get("short", variant.name), "metadata"
+    named = named_base_model(lora_file.metadata)
+    if named:
+        return named, "metadata"
+    variant = detect_lora(lora_file)
+    if variant is not None:
+        return variant.metadata.get("short", variant.name), "keys"
+    return "", ""
+
+
 def named_base_model(metadata: Mapping[str, str]) -> Optional[str]:
     """A readable base-model name from metadata that names a model LoRA Core does not know (e.g. 'SD3'),
     for reports; None when nothing is named."""
@@ -131,13 +146,16 @@ def detect_lora(lora_file) -> Optional[ArchSpec]:
     layout that resolves most of its modules (ties broken by each family's shape votes), else None."""
     from ..formats import parse_modules
 
+    from ..formats import split_key
+
     from_meta = arch_of_metadata(lora_file.metadata)
     if from_meta is not None:
         return from_meta
     modules = parse_modules(lora_file).modules
-    if not modules:
+    names = set(modules) | {split[0] for split in map(split_key, lora_file.tensors) if split is not None}
+    if not names:
         return None
-    counts = {name: sum(1 for n in modules if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
+    counts = {name: sum(1 for n in names if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
     best = max(counts.values())
     if best == 0:
         return None

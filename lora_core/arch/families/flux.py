@@ -171,26 +171,26 @@ class FluxFamily(Family):
                                       "resolution": 1024, **meta})
 
         self.DEV = flux("Flux.1-dev", "Flux.1 [dev]", ("flux", "flux1", "flux.1", "flux-dev", "flux1-dev"),
-                        FluxSpec(), {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev",
+                        FluxSpec(), {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev", "short": "Flux.1",
                                      "match": ("flux-1-dev", "flux.1-dev", "flux1", "flux.1", "flux_1", "flux-1",
                                                "flux")})
         self.SCHNELL = flux("Flux.1-schnell", "Flux.1 [schnell]", ("flux-schnell", "schnell", "flux1-schnell"),
                             FluxSpec(guidance=False),
-                            {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell",
+                            {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell", "short": "Flux.1 schnell",
                              "match": ("flux-1-schnell", "flux.1-schnell", "flux_schnell", "flux1_schnell")})
         self.KONTEXT = flux("Flux.1-Kontext", "Flux.1 Kontext [dev]", ("kontext", "flux-kontext", "flux.1-kontext"),
-                            FluxSpec(), {"ss_base_model_version": "flux_kontext",
+                            FluxSpec(), {"ss_base_model_version": "flux_kontext", "short": "Flux.1 Kontext",
                                          "modelspec.architecture": "flux-1-kontext-dev",
                                          "match": ("flux_kontext", "flux.1_kontext", "flux-1-kontext", "flux.1-kontext",
                                                    "flux1-kontext", "kontext")})
         self.FILL = flux("Flux.1-Fill", "Flux.1 Fill [dev]", ("flux-fill", "fill", "flux.1-fill"), FluxSpec(),
-                         {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-fill-dev",
+                         {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-fill-dev", "short": "Flux.1 Fill",
                           "match": ("flux-1-fill", "flux.1-fill", "flux_fill", "flux1-fill")})
         self.CHROMA = ArchSpec(
             name="Chroma", title="Chroma (Flux.1-schnell based)", family=self,
             config=FluxSpec(modulation=False, guidance=False, vector_in=False, approximator_layers=5),
             components=chroma_components, aliases=("chroma",), layout_key="chroma",
-            metadata={"ss_base_model_version": "chroma", "modelspec.architecture": "chroma",
+            metadata={"ss_base_model_version": "chroma", "modelspec.architecture": "chroma", "short": "Chroma",
                       "modelspec.implementation": "https://huggingface.co/lodestones/Chroma",
                       "ss_network_module": "networks.lora_flux", "resolution": 1024, "match": ("chroma",)})
         self.variants = (self.DEV, self.SCHNELL, self.KONTEXT, self.FILL, self.CHROMA)

@@ -572,7 +572,7 @@ class SDFamily(Family):
             aliases=("sd1", "sd15", "sd1.5", "sd1.x", "sd14"), layout_key="sd1",
             metadata={"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1",
                       "modelspec.implementation": "diffusers", "train_implementation": "diffusers",
-                      "resolution": 512, "match": ("sd_v1", "stable-diffusion-v1", "sd1", "sd15")})
+                      "resolution": 512, "short": "SD1.x", "match": ("sd_v1", "stable-diffusion-v1", "sd1", "sd15")})
         self.SD2 = ArchSpec(
             name="SD2", title="Stable Diffusion 2.x", family=self,
             config=UNetSpec(**sd, context_dim=1024, use_linear_in_transformer=True),
@@ -580,7 +580,7 @@ class SDFamily(Family):
             aliases=("sd2", "sd20", "sd21", "sd2.0", "sd2.1", "sd2.x"), layout_key="sd2",
             metadata={"ss_base_model_version": "sd_v2", "modelspec.architecture": "stable-diffusion-v2-512",
                       "modelspec.implementation": "diffusers", "train_implementation": "diffusers",
-                      "resolution": 512, "match": ("sd_v2", "stable-diffusion-v2", "sd2")})
+                      "resolution": 512, "short": "SD2.x", "match": ("sd_v2", "stable-diffusion-v2", "sd2")})
         self.SDXL = ArchSpec(
             name="SDXL", title="Stable Diffusion XL (also Pony, Illustrious, NoobAI)", family=self,
             config=UNetSpec(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2),
@@ -594,7 +594,7 @@ class SDFamily(Family):
                       "modelspec.architecture": "stable-diffusion-xl-v1-base",
                       "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
                       "train_implementation": "https://github.com/Stability-AI/generative-models",
-                      "resolution": 1024, "match": ("sdxl", "stable-diffusion-xl")})
+                      "resolution": 1024, "short": "SDXL", "match": ("sdxl", "stable-diffusion-xl")})
         self.variants = (self.SD1, self.SD2, self.SDXL)
 
     # ----------------------------------------------------------------------------- recognition
