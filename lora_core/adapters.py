@@ -624,9 +624,63 @@ def validate(module: ModuleLora, weight_shape: torch.Size, key: str) -> None:
     weight_shape, or LoraFormatError when its own tensors are inconsistent. Shape arithmetic only."""
     fits, lora_shape = _natural_shape_fits(module, weight_shape)
     if not fits:
+        origin = f"{module.source}: " if module.source else ""
         raise LoraMatchError(
-            f"{module.name} ({module.algo}) does not fit {key}: the LoRA's tensors give shape "
+            f"{origin}{module.name} ({module.algo}) does not fit {key}: the LoRA's tensors give shape "
             f"{tuple(lora_shape)} but the model weight has shape {tuple(weight_shape)}. The LoRA was made for a "
             f"different model (e.g. SD1.x vs SDXL, or another text encoder); use a LoRA trained for this model.")
     if module.dora_scale is not None:
         _check_dora(module, weight_shape, key)
+
+
+def delta_bound(module: ModuleLora) -> Optional[float]:
+    """An upper bound of max|D| from the module's own (small) tensors, without the weight: used to tell cheaply
+    that a patch cannot overflow its weight's dtype. None for adapters whose change depends on W (DoRA, OFT,
+    BOFT, GLoRA, (IA)^3, set) or that are unknown."""
+    if not is_additive(module):
+        return None
+    cached = module.__dict__.get("_delta_bound")   # a ModuleLora is read-only once parsed
+    if cached is not None:
+        return cached
+    bound = _delta_bound(module)
+    module.__dict__["_delta_bound"] = bound
+    return bound
+
+
+def _delta_bound(module: ModuleLora) -> float:
+    def peak(role: str) -> float:
+        tensor = _opt_role(module, role)
+        return float(tensor.detach().abs().max()) if tensor is not None and tensor.numel() else 0.0
+
+    def inner(role: str) -> int:   # the summed dimension of a factor product
+        tensor = _opt_role(module, role)
+        return int(tensor.shape[0]) if tensor is not None and tensor.dim() else 1
+
+    algo = module.algo
+    if algo == "lora":
+        rank = inner("down")
+        bound = peak("up") * peak("down") * rank * _rank_scale(module.alpha, rank)
+        if _opt_role(module, "mid") is not None:
+            bound *= peak("mid") * rank * _numel(_role(module, "mid").shape[2:])
+        return abs(bound)
+    if algo == "loha":
+        rank = inner("w1b")
+        halves = []
+        for a, b, t in (("w1a", "w1b", "t1"), ("w2a", "w2b", "t2")):
+            half = peak(a) * peak(b) * inner(b)
+            if _opt_role(module, t) is not None:
+                half *= peak(t) * inner(b) * _numel(_role(module, t).shape[2:])
+            halves.append(half)
+        return abs(halves[0] * halves[1] * _rank_scale(module.alpha, rank))
+    if algo == "lokr":
+        w1 = peak("w1") if _opt_role(module, "w1") is not None else peak("w1a") * peak("w1b") * inner("w1b")
+        if _opt_role(module, "w2") is not None:
+            w2 = peak("w2")
+        else:
+            w2 = peak("w2a") * peak("w2b") * inner("w2b")
+            if _opt_role(module, "t2") is not None:
+                w2 *= peak("t2") * inner("w2b") * _numel(_role(module, "t2").shape[2:])
+        rank = _lokr_rank(module)
+        scale = _rank_scale(module.alpha, rank) if rank is not None else 1.0
+        return abs(w1 * w2 * scale)
+    return peak({"full": "diff", "norm": "w_norm"}.get(algo, "diff"))

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import adapters
-from .engine import WeightPatch, check_strength
+from .engine import WeightPatch, check_overflow, check_strength
 from .errors import LoraMatchError, LoraValueError
 from .formats import ParsedLora, parse_modules
 from .io import lora_metadata_summary
@@ -263,8 +263,11 @@ def _bias_key(weight_key: str) -> str:
 
 
 def plan_stack(requests: Sequence[LoraRequest], key_map, shapes: Mapping[str, torch.Size],
-               components: Sequence[str]) -> Plan:
-    """One plan for a whole stack: per host tensor, every LoRA's patch in stack order (fused by the engine)."""
+               components: Sequence[str], tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Plan:
+    """One plan for a whole stack: per host tensor, every LoRA's patch in stack order (fused by the engine).
+
+    `tensors` (host key -> the live weight), when given, lets the plan refuse a stack whose result would not fit
+    a weight's dtype (an fp16 weight overflows past 65504) before anything is patched (`check_overflow`)."""
     merged: dict[str, list[WeightPatch]] = {}
     reports = []
     for request in requests:
@@ -272,7 +275,12 @@ def plan_stack(requests: Sequence[LoraRequest], key_map, shapes: Mapping[str, to
         for key, items in patches.items():
             merged.setdefault(key, []).extend(items)
         reports.append(report)
+    if tensors is not None:
+        check_overflow(merged, tensors)
     return Plan(merged, reports)
+
+
+
 
 
 class LoraPatcher:
@@ -330,7 +338,7 @@ class LoraPatcher:
         self.engine = PatchEngine(tensors, backup_device=backup_device)
 
     def plan(self, requests: Sequence[LoraRequest]) -> Plan:
-        return plan_stack(requests, self.key_map, self.shapes, self.key_map.components)
+        return plan_stack(requests, self.key_map, self.shapes, self.key_map.components, self.engine.tensors)
 
     def apply(self, requests: Sequence[LoraRequest]) -> Plan:
         plan = self.plan(requests)

@@ -351,9 +351,12 @@ def resolve_vector(arch, mode: str, vector: str, *, present_blocks=None, seed: i
     arch = _arch_key(arch)
     if not isinstance(vector, str):
         raise LoraValueError(f"block vector must be a string, got {type(vector).__name__}: {vector!r}")
+    from .engine import MAX_STRENGTH
+
     for name, value in (("A", A), ("B", B)):
-        if not math.isfinite(float(value)):
-            raise LoraValueError(f"block-weight variable {name}={value!r} is not a finite number")
+        if not math.isfinite(float(value)) or abs(float(value)) > MAX_STRENGTH:
+            raise LoraValueError(f"block-weight variable {name}={value!r} is not a finite number between "
+                                 f"{-MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     text = vector.strip()
     if not text:
         raise LoraValueError(f"empty {mode} block vector: give a preset name or values ({_lengths_text(mode, arch)})")
@@ -366,6 +369,21 @@ def resolve_vector(arch, mode: str, vector: str, *, present_blocks=None, seed: i
     weights.vector = vector
     if element and element.strip():
         _apply_elements(weights, element.strip())
+    return _check_range(weights)
+
+
+def _check_range(weights: "BlockWeights") -> "BlockWeights":
+    """Every factor within +-MAX_STRENGTH: a value like 1e39 fails here, naming the block, not at sampling."""
+    from .engine import MAX_STRENGTH
+
+    found = [(b, v) for b, v in weights.factors.items()]
+    found += [(f"{b}.{k}", v) for b, kinds in weights.element_factors.items() for k, v in kinds.items()]
+    found += [(b, v) for b, v in weights.sub_factors.items()] + [(p, v) for p, v in weights.key_factors.items()]
+    for where, value in found:
+        if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
+            raise LoraValueError(f"block-weight factor {value:g} for {where} ({weights.mode} vector "
+                                 f"{weights.vector[:60]!r}) is out of range: use values between {-MAX_STRENGTH:g} "
+                                 f"and {MAX_STRENGTH:g}")
     return weights
 
 
@@ -913,7 +931,7 @@ def parse_diffusers_scales(arch, scales: Union[dict, float]) -> BlockWeights:
                              f"use named syntax for {arch} (e.g. 'DB00-DB09=0.5, SB*=0')")
     if not isinstance(scales, dict):
         value = _finite(scales, "scale")
-        return _uniform_table(arch, value, "diffusers", repr(scales))
+        return _check_range(_uniform_table(arch, value, "diffusers", repr(scales)))
     top = dict(scales)
     unet = top.pop("unet", None)
     unet_parts = {k: top.pop(k) for k in _DIFFUSERS_UNET_KEYS if k in top}
@@ -935,9 +953,9 @@ def parse_diffusers_scales(arch, scales: Union[dict, float]) -> BlockWeights:
         for block in factors:
             if block not in te_keys.values():
                 factors[block] = value
-        return weights
+        return _check_range(weights)
     _apply_unet_scales(weights, unet if unet is not None else unet_parts)
-    return weights
+    return _check_range(weights)
 
 
 def _finite(value, what: str) -> float:

@@ -70,14 +70,22 @@ def _column_factors(cols, in_channels: int, width: int, device) -> Optional[torc
     return factors.to(device)
 
 
-def check_strength(value: float, what: str) -> float:
-    """Strengths must be finite numbers; NaN or inf would poison every patched weight."""
+# Strengths and block factors past this are input errors, not styles: they only turn weights into overflow
+# (an fp16 weight holds at most 65504). Bounded where they enter, so a bad value fails before anything is patched.
+MAX_STRENGTH = 1e4
+
+
+def check_strength(value: float, what: str, limit: Optional[float] = MAX_STRENGTH) -> float:
+    """Strengths must be finite numbers within +-`limit`; NaN, inf or 1e30 would poison every patched weight."""
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise LoraValueError(f"{what} must be a number, got {value!r}.") from None
     if not math.isfinite(value):
         raise LoraValueError(f"{what} is {value}; use a finite number such as 1.0 (0 disables the LoRA).")
+    if limit is not None and abs(value) > limit:
+        raise LoraValueError(f"{what} is {value:g}, out of range: use a value between {-limit:g} and {limit:g} "
+                             f"(1.0 is full strength; 0 disables the LoRA).")
     return value
 
 
@@ -188,7 +196,7 @@ def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPat
 
     shape = logical_shape(tensor)
     for patch in patches:
-        check_strength(patch.strength, f"strength for {patch.module.name}")
+        check_strength(patch.strength, f"strength for {patch.module.name}", MAX_STRENGTH ** 2)
         if patch.rows is not None and any(dst < 0 or dst + n > shape[0] for dst, _, n in patch.rows):
             from .errors import LoraMatchError
 
@@ -203,6 +211,40 @@ def validate_patches(key: str, tensor: torch.Tensor, patches: Sequence[WeightPat
             raise LoraMatchError(
                 f"{patch.module.name}: bias delta has {patch.module.bias_diff.numel()} values but {key} has "
                 f"{math.prod(shape)}; the LoRA was made for a different model.")
+
+
+_OVERFLOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_overflow(patches: Mapping[str, Sequence[WeightPatch]], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse patches whose result would be Inf/NaN in the weight's dtype, naming the weight, the modules and their
+    files. Cheap in the normal case: each patch's change is bounded from the LoRA's own tensors
+    (adapters.delta_bound); only weights whose bound comes near the dtype's limit (or whose change depends on the
+    weight) are computed exactly here. fp8 weights are left alone: ComfyUI saturates them."""
+    from .weights import holds_values
+
+    for key, items in patches.items():
+        tensor = tensors.get(key)
+        if tensor is None or tensor.dtype not in _OVERFLOW_DTYPES:
+            continue
+        limit = torch.finfo(tensor.dtype).max
+        bounds = [adapters.delta_bound(p.module) for p in items]
+        if all(b is not None for b in bounds) and sum(abs(p.strength) * b for p, b in zip(items, bounds)) < limit / 4:
+            continue
+        if any(b is None for b in bounds) and tensor.dtype == torch.float32:
+            continue   # weight-dependent changes (DoRA, OFT, ...) stay within a few times |W|: fp32 cannot overflow
+        if not holds_values(tensor):
+            continue
+        with torch.no_grad():
+            result = patch_weight(tensor.detach().to(torch.float32, copy=True), items, key)
+            peak = result.abs().max()
+        if not torch.isfinite(peak) or float(peak) > limit:
+            names = ", ".join(dict.fromkeys(f"{p.module.name}" + (f" ({p.module.source})" if p.module.source else "")
+                                            for p in items))
+            raise LoraValueError(
+                f"patching {key} would overflow its {str(tensor.dtype).replace('torch.', '')} weight "
+                f"(largest value {float(peak):.3g}, limit {limit:.3g}): {names}. The LoRA's strength, alpha or "
+                f"block factor is far too large, or the file is damaged; nothing was patched.")
 
 
 def _tensor_identity(tensor) -> tuple:
@@ -584,9 +626,10 @@ class PatchEngine:
             applied = self._applied.get(key)
             if applied is not None and _modules_of(applied[1]) == _modules_of(signatures[key]):
                 for patch in plan[key]:
-                    check_strength(patch.strength, f"strength for {patch.module.name}")
+                    check_strength(patch.strength, f"strength for {patch.module.name}", MAX_STRENGTH ** 2)
             else:
                 validate_patches(key, self._tensor(key), plan[key])
+        check_overflow({k: plan[k] for k in to_write}, self.tensors)
         to_restore = [k for k in self._applied if k not in plan]
         previous = dict(self._applied)
         done: list[str] = []

@@ -273,7 +273,7 @@ def _build_module(group: _Group, unused: list, label: str) -> Optional[ModuleLor
         flags["reshape_weight"] = [int(v) for v in reshape.flatten().tolist()]
     _list_leftovers(group.name, roles, unused, f"not used by the {algo} adapter of this module")
     return ModuleLora(name=group.name, algo=algo, tensors=tensors, alpha=alpha, dora_scale=dora_scale,
-                      bias_diff=bias_diff, flags=flags, source_keys=tuple(consumed))
+                      bias_diff=bias_diff, flags=flags, source_keys=tuple(consumed), source=label)
 
 
 def _take_weight_adapter(group: _Group, roles: dict, take, unused: list, label: str):

@@ -64,6 +64,49 @@ def read_lora_file(path: PathLike) -> LoraFile:
     return LoraFile(path=path_str, tensors=tensors, metadata=metadata)
 
 
+_META_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.float16),
+                "F8_E5M2": getattr(torch, "float8_e5m2", torch.float16)}
+
+
+HEADER_SMALL_TENSOR = 64   # elements: scalars and flags (alpha, on_input) are read with the header
+
+
+def read_lora_header(path: PathLike) -> Optional[LoraFile]:
+    """The LoRA file's keys, shapes, dtypes and metadata without its data: a LoraFile whose tensors are on the
+    meta device (shape arithmetic works, values do not exist) except tiny ones such as alphas. Lets a caller refuse a file that cannot fit a
+    model before reading gigabytes of it. None for pickle files (their layout is only known once loaded)."""
+    path_str = os.fspath(path)
+    _check_is_readable_file(path_str)
+    if os.path.splitext(path_str)[1].lower() not in SAFETENSORS_EXTENSIONS:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path_str, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {}
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                shape = piece.get_shape()
+                if math.prod(shape) <= HEADER_SMALL_TENSOR:   # alphas, flags: their values are read
+                    tensors[key] = handle.get_tensor(key)
+                    continue
+                dtype = _META_DTYPES.get(piece.get_dtype(), torch.float32)
+                tensors[key] = torch.empty(shape, dtype=dtype, device="meta")
+    except SafetensorError as error:
+        raise LoraFileError(_explain_safetensors_error(path_str, error)) from error
+    except (OSError, ValueError, RuntimeError) as error:
+        raise LoraFileError(f"{path_str}: could not read the safetensors header ({error}). The file is damaged; "
+                            f"download or copy it again.") from error
+    if not tensors:
+        raise LoraFileError(f"{path_str}: the file holds no tensors, so there is nothing to apply. "
+                            f"The file is empty or was saved wrongly; pick another LoRA file.")
+    _refuse_checkpoint(path_str, tensors.keys())
+    return LoraFile(path=path_str, tensors=tensors, metadata=metadata)
+
+
 def _check_is_readable_file(path: str) -> None:
     if not os.path.exists(path):
         raise LoraFileError(f"{path}: LoRA file does not exist. Check the path, or put the file in models/loras.")

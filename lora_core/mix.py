@@ -307,7 +307,7 @@ def _check_options(mode: str, rank, energy) -> tuple[str, int, float]:
         rank = int(rank)
     except (TypeError, ValueError):
         raise LoraValueError(f"rank must be a whole number, got {rank!r}.") from None
-    energy = check_strength(energy, "energy")
+    energy = check_strength(energy, "energy", None)
     if rank < 0:
         raise LoraValueError(f"rank is {rank}; use 0 (no cap) or a positive rank such as 32.")
     if not 0.0 <= energy <= 1.0:

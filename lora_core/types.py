@@ -36,6 +36,7 @@ class ModuleLora:
     bias_diff: Optional[torch.Tensor] = None   # diff_b / b_norm: a delta for the module's bias
     flags: dict = field(default_factory=dict)  # e.g. {"on_input": True} for (IA)^3
     source_keys: tuple[str, ...] = ()          # every file key this module consumed
+    source: str = ""                           # the file it came from (for messages)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import folder_paths
@@ -14,7 +15,7 @@ import folder_paths
 from lora_core import api, paths
 from lora_core.arch import bind_comfy_clip, bind_comfy_model, bind_layout, build_key_map
 from lora_core.errors import LoraFileError
-from lora_core.io import default_cache
+from lora_core.io import default_cache, read_lora_header
 
 from ._patches import to_comfy_patches
 
@@ -59,9 +60,20 @@ def resolve_lora_path(name: str) -> str:
     return paths.existing_file(folders, name, what="LoRA", label="models/loras", extensions=LORA_EXTENSIONS)
 
 
-def load_lora(name: str):
-    """Read (or fetch from the shared RAM cache) the LoRA file behind a node's name."""
-    return default_cache.get(resolve_lora_path(name))
+# Files larger than this are checked against the model from their header before their data is read, so a file
+# that cannot fit (a 2 GiB tensor for another model) fails in milliseconds instead of after reading gigabytes.
+PREFLIGHT_BYTES = 64 << 20
+
+
+def load_lora(name: str, host: Optional["HostModels"] = None):
+    """Read (or fetch from the shared RAM cache) the LoRA file behind a node's name. With `host`, a large file
+    not yet cached is first planned against that model from its header alone (shapes, no data)."""
+    path = resolve_lora_path(name)
+    if host is not None and path not in default_cache and os.path.getsize(path) > PREFLIGHT_BYTES:
+        header = read_lora_header(path)
+        if header is not None:
+            host.preflight(header, name)
+    return default_cache.get(path)
 
 
 class HostModels:
@@ -113,8 +125,14 @@ class HostModels:
             present = {c for c in present if not c.startswith("te")}
         return tuple(sorted(present))
 
+    def preflight(self, header, name: str) -> None:
+        """Plan a LoRA's header (meta tensors: shapes only) against this host: shape and fit errors surface
+        before the file's data is read."""
+        api.plan_lora(api.LoraRequest(header, 1.0, 1.0 if self.clip is not None else 0.0, name=name),
+                      self.key_map, self.shapes, self.components())
+
     def plan(self, requests: Sequence[api.LoraRequest]) -> api.Plan:
-        return api.plan_stack(requests, self.key_map, self.shapes, self.components())
+        return api.plan_stack(requests, self.key_map, self.shapes, self.components(), _LiveTensors(self))
 
     def apply(self, plan: api.Plan):
         """Clones of MODEL and CLIP carrying the plan as ComfyUI patches (one patch per tensor)."""
@@ -142,6 +160,31 @@ def _shapes(module) -> dict:
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     return {k: logical_shape(tensors.get(k, v)) for k, v in module.state_dict(keep_vars=True).items()}
+
+
+class _LiveTensors(Mapping):
+    """The host's weights by key, looked up when asked (for lora_core's overflow check), never copied."""
+
+    def __init__(self, host: "HostModels"):
+        self._modules = [m for m in (host.model.model if host.model is not None else None,
+                                     host.clip.cond_stage_model if host.clip is not None else None) if m is not None]
+        self._state = None
+
+    def _all(self) -> dict:
+        if self._state is None:
+            self._state = {}
+            for module in self._modules:
+                self._state.update(module.state_dict(keep_vars=True))
+        return self._state
+
+    def __getitem__(self, key):
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
 
 
 def _check_added(added, plan, what: str) -> None:

@@ -241,7 +241,7 @@ def build_requests(host: HostModels, rows: Sequence[dict]) -> tuple[list[LoraReq
         strength_clip = float(row.get("strength_clip", 1.0))
         if row["name"] in NONE_NAMES or (strength_model == 0 and strength_clip == 0):
             continue
-        lora_file = load_lora(row["name"])
+        lora_file = load_lora(row["name"], host)
         settings = BlockSettings.from_row(row)
         weights = resolve_block_weights(host, lora_file, settings)
         requests.append(LoraRequest(lora_file, strength_model, strength_clip, block_weights=weights,

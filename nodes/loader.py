@@ -53,8 +53,7 @@ class LoRACoreLoader:
                    "clear error; partial matches are listed in the report.")
 
     def load(self, model, lora_name, strength_model, strength_clip, clip=None):
-        return apply_requests(model, clip, [LoraRequest(load_lora(lora_name), strength_model, strength_clip,
-                                                        name=lora_name)])
+        return apply_named(model, clip, [(lora_name, strength_model, strength_clip)])
 
 
 class LoRACoreLoaderModelOnly:
@@ -77,8 +76,7 @@ class LoRACoreLoaderModelOnly:
     DESCRIPTION = "Applies a LoRA to the diffusion model only."
 
     def load(self, model, lora_name, strength_model):
-        model, _, report = apply_requests(model, None, [LoraRequest(load_lora(lora_name), strength_model, 0.0,
-                                                                    name=lora_name)])
+        model, _, report = apply_named(model, None, [(lora_name, strength_model, 0.0)])
         return model, report
 
 
@@ -133,8 +131,7 @@ class LoRACoreApplyStack:
     DESCRIPTION = "Applies every LoRA of a LORA_STACK in one pass, with one report per LoRA."
 
     def apply(self, model, lora_stack, clip=None):
-        requests = [LoraRequest(load_lora(name), sm, sc, name=name) for name, sm, sc in normalise_stack(lora_stack)]
-        return apply_requests(model, clip, requests)
+        return apply_named(model, clip, list(normalise_stack(lora_stack)))
 
 
 def normalise_stack(lora_stack):
@@ -148,12 +145,23 @@ def normalise_stack(lora_stack):
         yield name, strength_model, strength_clip
 
 
-def apply_requests(model, clip, requests):
+def apply_named(model, clip, rows):
+    """Load (name, strength_model, strength_clip) rows against this host (a large file is checked against the
+    model from its header first) and apply them as one patch set."""
+    rows = [(n, sm, sc) for n, sm, sc in rows if sm != 0 or sc != 0]
+    if not rows:
+        return model, clip, "No LoRA applied (all strengths are 0)."
+    host = HostModels(model, clip)
+    requests = [LoraRequest(load_lora(name, host), sm, sc, name=name) for name, sm, sc in rows]
+    return apply_requests(model, clip, requests, host)
+
+
+def apply_requests(model, clip, requests, host=None):
     """Shared by every loader: plan first (may raise, nothing changed yet), then clone and patch."""
     requests = [r for r in requests if r.strength_model != 0 or r.strength_clip != 0]
     if not requests:
         return model, clip, "No LoRA applied (all strengths are 0)."
-    host = HostModels(model, clip)
+    host = host or HostModels(model, clip)
     plan = host.plan(requests)
     new_model, new_clip = host.apply(plan)
     return new_model, new_clip, log_report(plan)

@@ -211,3 +211,38 @@ def test_merge_and_resize_filenames_are_checked_with_one_rule(host, loras, filen
     with pytest.raises(LoraValueError, match="not a usable file name"):
         mix_nodes.LoRACoreResize().resize("ok.safetensors", 2, 0.0, filename, False, "auto", "fp32")
     assert sorted(p.name for p in loras.iterdir()) == ["ok.safetensors"]
+
+
+def test_shape_error_inside_a_stack_names_the_file(host, loras):
+    model, clip = host
+    weight = model.model.state_dict()["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
+    save_file(good_lora(model), str(loras / "fine.safetensors"))
+    save_file(kohya_pair(1280, weight.shape[0]), str(loras / "misfit.safetensors"))
+    before = snapshot(model, clip)
+    with pytest.raises(LoraMatchError) as caught:
+        node_module("loader").LoRACoreApplyStack().apply(model, [("fine.safetensors", 1.0, 1.0),
+                                                                 ("misfit.safetensors", 1.0, 1.0)], clip)
+    assert "misfit.safetensors" in str(caught.value) and "fine.safetensors" not in str(caught.value)
+    assert_untouched(before, model, clip)
+
+
+def test_large_file_that_cannot_fit_is_refused_from_its_header(host, loras, monkeypatch):
+    """A file past the preflight size is planned from its header (shapes only) first: a tensor that fits no
+    weight fails before the file's data is read."""
+    from lora_core import io as lora_io
+
+    model, clip = host
+    weight = model.model.state_dict()["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
+    save_file(kohya_pair(4096, weight.shape[0], rank=64), str(loras / "wide_big.safetensors"))
+    host_module = node_module("_host")
+    monkeypatch.setattr(host_module, "PREFLIGHT_BYTES", 0)
+    reads = []
+    original = lora_io.read_lora_file
+    monkeypatch.setattr(lora_io, "read_lora_file", lambda path: reads.append(path) or original(path))
+    lora_io.default_cache.clear()
+    with pytest.raises(LoraMatchError, match="wide_big.safetensors.*does not fit"):
+        load(model, clip, "wide_big.safetensors")
+    assert reads == [], "the data was read although the header already showed the file cannot fit"
+    save_file(good_lora(model), str(loras / "ok_big.safetensors"))
+    new_model, _, _ = load(model, clip, "ok_big.safetensors")
+    assert len(reads) == 1 and len(new_model.patches) == 1
