@@ -696,7 +696,11 @@ def _resolve_inspire(arch: str, text: str, present, seed: int, A: float, B: floa
     slots = _parse_slots(arch, present) if present is not None else None
     entries, body = _inspire_tokens(arch, text, slots)
     notes = []
-    if slots is None:
+    if not _layout(arch).inspire_groups:
+        slots = []
+        notes.append(f"Inspire Pack has no block layout for {arch}: as in Inspire, every module takes the BASE "
+                     f"value (the first one); use named syntax to weight its blocks")
+    elif slots is None:
         slots = _standard_slots(arch, len(entries))
         notes.append(f"no present_blocks: assumed the standard {len(entries)}-value Inspire layout")
     rng = np.random.RandomState(int(seed) % (2 ** 31))
