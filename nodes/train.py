@@ -108,8 +108,12 @@ def _resolve_folder(folder: str) -> str:
 
 def _dataset_summary(dataset) -> str:
     buckets = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(dataset.bucket_counts().items()))
-    return (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
-            f"buckets {buckets}")
+    summary = (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
+               f"buckets {buckets}")
+    for note in dataset.size_notes():
+        log.warning("LoRA Core dataset: %s", note) if "enlarged" in note else log.info("LoRA Core dataset: %s", note)
+        summary += f"\nnote: {note}"
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI backend
