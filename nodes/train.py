@@ -111,7 +111,7 @@ def _dataset_summary(dataset) -> str:
     summary = (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
                f"buckets {buckets}")
     for note in dataset.size_notes():
-        log.warning("LoRA Core dataset: %s", note) if "enlarged" in note else log.info("LoRA Core dataset: %s", note)
+        log.info("LoRA Core dataset: %s", note)
         summary += f"\nnote: {note}"
     return summary
 
