@@ -216,7 +216,10 @@ def quality(args):
           f"{args.q_steps} steps, lr {args.q_lr:g}, rank {args.q_rank}, batch 1, seeds {args.seeds}; one process "
           f"per run, torch threads {args.threads}")
     base = host.error(host.model)
-    print("sigmas " + " ".join(f"{s:.2f}" for s in base.sigmas))
+    share = base.x0_per_sigma[0] / sum(base.x0_per_sigma)
+    print("sigmas " + " ".join(f"{s:.2f}" for s in base.sigmas) + "; x0 error before, per sigma "
+          + " ".join(f"{e:.4f}" for e in base.x0_per_sigma) + f" (the first is {100 * share:.0f}% of the sum); eps "
+          + " ".join(f"{e:.4f}" for e in base.pred_per_sigma))
     _, summary = _quality_dataset(node_module("train"), host)
     print("dataset (LoRACoreTrainDataset defaults, resolution 512): " + summary.replace("\n", "; "))
     rows = {name: dict(targets=label, seconds=[], mib=[], after=[], red=[]) for name, _, label in QUALITY_RUNS}
@@ -314,8 +317,10 @@ def main():
     from tests.comfy_host import import_comfy
 
     import_comfy()
+    import comfy.utils
     import torch
 
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # core's per-step tqdm bar
     torch.set_num_threads(args.threads)
     if args.q_worker:
         return quality_worker(args)
