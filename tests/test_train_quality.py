@@ -79,7 +79,7 @@ def test_dataset_keeps_small_images_at_their_size():
     dataset, summary = dataset_at_node_defaults(images)
     assert {s.bucket for s in dataset.samples} == {(64, 64)}
     assert torch.allclose(dataset.samples[0].image, images[0].movedim(-1, 0), atol=1e-6)
-    assert "3 image(s) smaller than the 512 px resolution train at their own size (64x64)" in summary
+    assert "3 image(s) too small for a 512 px bucket train at their own size (64x64)" in summary
     square, summary = dataset_at_node_defaults(images, bucketing=False)
     assert {s.bucket for s in square.samples} == {(512, 512)}
     assert "enlarged up to 8.0x" in summary

@@ -79,8 +79,8 @@ class TrainDataset:
         return counts
 
     def size_notes(self) -> list[str]:
-        """What fitting the images to buckets did that a user should know: images kept below the training
-        resolution (not enlarged) and, without bucketing, images enlarged to the square."""
+        """What fitting the images to buckets did that a user should know: images that got a bucket of their own
+        size (rather than being enlarged) and, without bucketing, images enlarged to the square."""
         smaller, enlarged = [], []
         for s in self.samples:
             if s.original_size is None or s.image is None:
@@ -94,8 +94,8 @@ class TrainDataset:
         notes = []
         if smaller:
             sizes = ", ".join(sorted(set(smaller)))
-            notes.append(f"{len(smaller)} image(s) smaller than the {self.resolution} px resolution train at their own "
-                         f"size ({sizes}), not enlarged")
+            notes.append(f"{len(smaller)} image(s) too small for a {self.resolution} px bucket train at their own size "
+                         f"({sizes}) instead of being enlarged")
         if enlarged:
             notes.append(f"{len(enlarged)} image(s) enlarged up to {max(enlarged):.1f}x to the {self.resolution} px "
                          f"square (bucketing off): the LoRA learns the enlarged, blurred versions; lower the "
