@@ -25,6 +25,8 @@ TARGET_CHOICES = {
     "attn+proj": ("attn", "proj"),
     "attn+ff": ("attn", "ff"),
     "attn": ("attn",),
+    # every Linear/Conv2d weight of the UNet (resnets, samplers, conv_in/out, time embedding), like core's node
+    "all layers": lt.UNET_KINDS,
 }
 RUN_MODES = ("new run", "continue")
 
@@ -106,8 +108,12 @@ def _resolve_folder(folder: str) -> str:
 
 def _dataset_summary(dataset) -> str:
     buckets = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(dataset.bucket_counts().items()))
-    return (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
-            f"buckets {buckets}")
+    summary = (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
+               f"buckets {buckets}")
+    for note in dataset.size_notes():
+        log.info("LoRA Core dataset: %s", note)
+        summary += f"\nnote: {note}"
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI backend
@@ -265,7 +271,9 @@ class LoRACoreTrain:
                 "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 512.0, "step": 0.5,
                                     "tooltip": "Scale = alpha/rank (0 = rank)."}),
-                "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj"}),
+                "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj", "tooltip": "UNet layers to "
+                                 "train: kohya's attention/feed-forward/projection sets, or 'all layers' (every "
+                                 "Linear/Conv weight, like core's Train LoRA; 3x3 convs as LoCon)."}),
                 "blocks": ("STRING", {"default": "", "tooltip": "Train only these blocks, e.g. 'IN04-IN08, M00, OUT03'. "
                                       "Empty = all."}),
                 "block_lr": ("STRING", {"default": "", "tooltip": "Per-block LR factors, e.g. 'IN04=0.5, OUT00-OUT02=2'."}),
@@ -314,7 +322,9 @@ class LoRACoreTrain:
         if unet_targets not in TARGET_CHOICES:
             raise LoraValueError(f"unet_targets must be one of {list(TARGET_CHOICES)}, got {unet_targets!r}.")
         valid_blocks = model_block_ids(model)
-        kinds = TARGET_CHOICES[unet_targets] + (("resnet",) if algorithm == "LoCon" else ())
+        kinds = TARGET_CHOICES[unet_targets]
+        if algorithm == "LoCon" and "resnet" not in kinds:
+            kinds += ("resnet",)
         config = lt.TrainConfig(
             steps=steps, batch_size=batch_size, grad_accum=grad_accumulation, seed=seed, algorithm=algorithm,
             rank=rank, alpha=alpha, unet_kinds=kinds, blocks=parse_block_list(blocks, valid_blocks),

@@ -2,7 +2,10 @@
 augmentation (shuffle with keep-tokens, dropout). Pure torch/PIL; no ComfyUI.
 
 Images are loaded once, resized to cover their bucket and centre-cropped, and kept as float tensors in
-[0, 1] (C, H, W). Which images form each step's batch is a pure function of (seed, batch index), so a
+[0, 1] (C, H, W). With bucketing, an image is not enlarged by a bucket step or more: one that much smaller
+than the bucket its aspect ratio picks gets a bucket of its own size instead (cut to the bucket step), so a LoRA
+learns small images at the size they have, not blurred 8x enlargements of them (and at their cost, not 64x more
+per step). Which images form each step's batch is a pure function of (seed, batch index), so a
 run resumed from a state file sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Sample:
     latent: Optional[torch.Tensor] = None
     cond: Optional[object] = None
     source: str = ""
+    original_size: Optional[tuple] = None   # (w, h) of the image before fitting it to its bucket
 
     @property
     def bucket(self) -> tuple:
@@ -73,6 +77,30 @@ class TrainDataset:
         for s in self.samples:
             counts[s.bucket] = counts.get(s.bucket, 0) + self.repeats
         return counts
+
+    def size_notes(self) -> list[str]:
+        """What fitting the images to buckets did that a user should know: images that got a bucket of their own
+        size (rather than being enlarged) and, without bucketing, images enlarged to the square."""
+        smaller, enlarged = [], []
+        for s in self.samples:
+            if s.original_size is None or s.image is None:
+                continue
+            w, h = s.original_size
+            bh, bw = s.image.shape[-2:]
+            if bw > w or bh > h:
+                enlarged.append(max(bw / w, bh / h))
+            elif self.buckets and (bw, bh) not in self.buckets:
+                smaller.append(f"{bw}x{bh}")
+        notes = []
+        if smaller:
+            sizes = ", ".join(sorted(set(smaller)))
+            notes.append(f"{len(smaller)} image(s) too small for a {self.resolution} px bucket train at their own size "
+                         f"({sizes}) instead of being enlarged")
+        if enlarged:
+            notes.append(f"{len(enlarged)} image(s) enlarged up to {max(enlarged):.1f}x to the {self.resolution} px "
+                         f"square (bucketing off): the LoRA learns the enlarged, blurred versions; lower the "
+                         f"resolution to train at their own size")
+        return notes
 
     def tag_frequency(self) -> dict:
         """kohya's ss_tag_frequency: {dataset: {tag: count}}."""
@@ -161,11 +189,28 @@ def tensor_to_bucket(image: torch.Tensor, bucket: tuple) -> torch.Tensor:
     return image[:, top:top + target_h, left:left + target_w].clamp(0, 1).contiguous()
 
 
+def own_size_bucket(width: int, height: int, resolution: int, step: int) -> tuple:
+    """(w, h) within the image itself: its own size (scaled down to the resolution's area when larger), each
+    side cut to a multiple of `step`, or of 8 px (the latent grid) for a side shorter than one step."""
+    import math
+
+    k = min(1.0, resolution / math.sqrt(width * height))
+    w, h = width * k, height * k
+    return tuple(max(8, int(side) // (step if side >= step else 8) * (step if side >= step else 8)) for side in (w, h))
+
+
 def choose_bucket(width: int, height: int, resolution: int, bucketing: bool, step: int,
                   min_size: int, max_size: int) -> tuple:
+    """The (w, h) an image trains at. Without bucketing: the resolution's square. With bucketing: the bucket whose
+    aspect ratio is nearest, unless covering it would enlarge the image by a bucket step or more (a 64 px image in
+    a 512 px bucket); then a bucket of its own size (`own_size_bucket`). Smaller enlargements (500 px to 512) are
+    what snapping to the bucket grid costs anyway and stay as they were."""
     if not bucketing:
         return (resolution, resolution)
-    return nearest_bucket(width, height, make_buckets(resolution, min_size, max_size, step))
+    bucket = nearest_bucket(width, height, make_buckets(resolution, min_size, max_size, step))
+    if bucket[0] >= width + step or bucket[1] >= height + step:
+        return own_size_bucket(width, height, resolution, step)
+    return bucket
 
 
 # ------------------------------------------------------------------------------------------ folder
@@ -217,7 +262,8 @@ def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing:
                 img.load()
                 bucket = choose_bucket(img.width, img.height, resolution, bucketing, bucket_step,
                                        min_bucket, max_bucket)
-                samples.append(Sample(caption, image=fit_to_bucket(img, bucket), source=path))
+                samples.append(Sample(caption, image=fit_to_bucket(img, bucket), source=path,
+                                      original_size=(img.width, img.height)))
         except (UnidentifiedImageError, OSError, ValueError) as error:
             broken.append(f"{os.path.basename(path)} ({type(error).__name__})")
     if broken:
@@ -228,7 +274,12 @@ def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing:
                             f"{missing[:5]} (expected e.g. {os.path.splitext(missing[0])[0]}.txt). Add the .txt "
                             f"files or set the missing-caption policy to use the caption widget, the file name or "
                             f"an empty caption.")
-    return TrainDataset(samples, repeats=repeats, captions=captions or CaptionOptions(), resolution=resolution)
+    return TrainDataset(samples, repeats=repeats, captions=captions or CaptionOptions(), resolution=resolution,
+                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket))
+
+
+def _bucket_list(resolution: int, bucketing: bool, step: int, min_size: int, max_size: int) -> list:
+    return make_buckets(resolution, min_size, max_size, step) if bucketing else [(resolution, resolution)]
 
 
 def from_images(images: Sequence[torch.Tensor], captions: Sequence[str], resolution: int = 512, repeats: int = 1,
@@ -244,8 +295,10 @@ def from_images(images: Sequence[torch.Tensor], captions: Sequence[str], resolut
     for i, (image, caption) in enumerate(zip(images, captions)):
         _, h, w = image.shape
         bucket = choose_bucket(w, h, resolution, bucketing, bucket_step, min_bucket, max_bucket)
-        samples.append(Sample(caption, image=tensor_to_bucket(image.float(), bucket), source=f"image {i}"))
-    return TrainDataset(samples, repeats=repeats, captions=caption_options or CaptionOptions(), resolution=resolution)
+        samples.append(Sample(caption, image=tensor_to_bucket(image.float(), bucket), source=f"image {i}",
+                              original_size=(w, h)))
+    return TrainDataset(samples, repeats=repeats, captions=caption_options or CaptionOptions(), resolution=resolution,
+                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket))
 
 
 # ------------------------------------------------------------------------------------------ batching

@@ -20,8 +20,10 @@ from torch import nn
 
 from lora_core.errors import LoraFormatError, LoraValueError
 
-# UNet element kinds a user can choose to train (LoCon adds "resnet").
-UNET_KINDS = ("attn", "ff", "proj", "resnet")
+# UNet element kinds a user can choose to train (LoCon adds "resnet"). "other" is every Linear/Conv2d none of
+# the others names: conv_in, conv_out, the time and label embeddings (with all five kinds, every weight of rank
+# >= 2 in the UNet is trained, like ComfyUI core's Train LoRA node, in kohya naming).
+UNET_KINDS = ("attn", "ff", "proj", "resnet", "other")
 
 _ATTN_RE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _FF_RE = re.compile(r"\.ff\.net\.(0\.proj|2)$")
@@ -33,7 +35,8 @@ _TE_RE = re.compile(r"(^|\.)layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out
 
 
 def unet_kind(path: str) -> Optional[str]:
-    """Which trainable kind a UNet module path is (either LDM or diffusers naming), or None."""
+    """Which trainable kind a UNet module path is (either LDM or diffusers naming), or None for a module none of
+    the named kinds covers (trained as "other")."""
     if _ATTN_RE.search(path):
         return "attn"
     if _FF_RE.search(path):
@@ -76,8 +79,8 @@ def find_unet_targets(unet: nn.Module, kinds: Iterable[str] = ("attn", "ff", "pr
     for path, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        kind = unet_kind(path)
-        if kind is None or kind not in kinds:
+        kind = unet_kind(path) or "other"
+        if kind not in kinds:
             continue
         ldm = ldm_path_of(path) if ldm_path_of is not None else path
         name_path = ldm or path

@@ -152,7 +152,9 @@ def kohya_metadata(*, config, network, dataset=None, arch: str = "SD1", predicti
         if arch == "SD2":
             architecture = "stable-diffusion-v2-768-v/lora"
     network_args = {}
-    if config.algorithm == "LoCon":
+    spatial = any(isinstance(t.module, torch.nn.Conv2d) and tuple(t.module.kernel_size) != (1, 1)
+                  for t in getattr(network, "targets", {}).values())
+    if config.algorithm == "LoCon" or spatial:
         network_args = {"conv_dim": str(config.conv_rank or config.rank), "conv_alpha": str(config.conv_alpha or config.alpha)}
     resolution = dataset.resolution if dataset is not None else native
     meta = {
