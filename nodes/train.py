@@ -174,7 +174,7 @@ class ComfyBackend:
     def encode_text(self, captions: list[str]) -> dict:
         conds, pooled = [], []
         for caption in captions:
-            tokens = self.clip.tokenize(caption)
+            tokens = truncate_tokens(self.clip.tokenize(caption), caption)
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             conds.append(out["cond"])
             if out.get("pooled_output") is not None:
@@ -183,6 +183,30 @@ class ComfyBackend:
         if pooled and len(pooled) == len(conds):
             result["pooled_output"] = torch.cat(pooled, 0)
         return result
+
+
+MAX_T5_TOKENS = 512   # what Flux / SD3 pipelines give T5
+
+
+def truncate_tokens(tokens: dict, caption: str) -> dict:
+    """ComfyUI's tokenizers return every encoder's tokens as chunks (CLIP: 77 each, as many as the text needs;
+    T5: one chunk of any length). Training encodes one chunk per encoder, the tokenizer's limit: a 200 KB caption
+    would otherwise make thousands of chunks (gigabytes of text-encoder activations). Warns when it cuts."""
+    out, cut = {}, False
+    for name, chunks in tokens.items():
+        if not isinstance(chunks, list) or not chunks:
+            out[name] = chunks
+            continue
+        first = chunks[0]
+        if isinstance(first, list) and len(first) > MAX_T5_TOKENS:
+            first, cut = first[:MAX_T5_TOKENS], True
+        cut = cut or len(chunks) > 1
+        out[name] = [first]
+    if cut:
+        log.warning("LoRA Core: caption %r... is longer than the text encoder reads; training uses its first %s",
+                    caption[:60], "77 CLIP tokens" if any(len(c[0]) <= 77 for c in out.values()
+                                                        if isinstance(c, list) and c) else "tokens")
+    return out
 
 
 def te_targets_of_clip(clip) -> list:
@@ -230,20 +254,22 @@ class _OutOfPlaceClipLayers:
 
 
 def model_arch(model) -> str:
-    """SD1 / SD2 / SDXL from the model's config (for metadata)."""
-    config_name = type(getattr(model.model, "model_config", None)).__name__.upper()
-    if "SDXL" in config_name or "VEGA" in config_name or "SSD1B" in config_name or "KOALA" in config_name:
-        return "SDXL"
-    if config_name.startswith("SD2"):
-        return "SD2"
-    return "SD1"
+    """The model's variant name (SD1, SD2, SDXL, ...) as its family recognises it (for metadata)."""
+    from ._host import HostModels
+
+    arch = HostModels(model).key_map.arch
+    if arch is None:
+        raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL.")
+    return arch.name
 
 
 def model_block_ids(model) -> list[str]:
-    from lora_core.arch import UNetSpec
+    """The denoiser blocks this model has, in its family's layout order (for `blocks` / `block_lr`)."""
+    from ._host import HostModels
 
-    config = getattr(model.model, "model_config", None)
-    return list(UNetSpec.from_comfy_config(config.unet_config).block_ids())
+    key_map = HostModels(model).key_map
+    present = {t.block for t in key_map.targets if not t.component.startswith("te")}
+    return [b for b in key_map.arch.blocks if b in present]
 
 
 # ------------------------------------------------------------------------------------------ train node

@@ -184,3 +184,37 @@ def test_failure_before_the_first_step_saves_nothing(host, dataset, tmp_path):
         hook.handle.remove()
     assert isinstance(error, RuntimeError) and "boom" in str(error)
     assert files_under(tmp_path) == set()
+
+
+def test_long_captions_are_cut_to_the_tokenizers_limit(host, caplog):
+    """A 200 KB caption would make thousands of 77-token CLIP chunks: training encodes the first one, warns."""
+    import logging
+
+    model, clip, _ = host
+    backend = nt.ComfyBackend(model, clip)
+    long_caption = "sks square, " * 20000
+    with caplog.at_level(logging.WARNING):
+        long_cond = backend.encode_text([long_caption])["context"]
+    short_cond = backend.encode_text(["sks square, " * 5])["context"]
+    assert long_cond.shape == short_cond.shape and long_cond.shape[1] == 77
+    assert any("longer than the text encoder reads" in r.getMessage() for r in caplog.records)
+    tokens = clip.tokenize(long_caption)
+    assert len(next(iter(tokens.values()))) > 100   # what would have been encoded without the cut
+
+
+def test_caption_files_and_images_past_the_limits_are_named(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+    from lora_core.train import dataset as ds
+
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "ok.txt").write_text("word " * 100000)
+    with caplog.at_level(logging.WARNING):
+        loaded = ds.load_folder(str(tmp_path), resolution=64, min_bucket=32, max_bucket=128, bucket_step=16)
+    assert len(loaded.samples[0].caption) <= ds.MAX_CAPTION_CHARS and "ok.txt" in caplog.text
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)   # 81 megapixels: tiny on disk, gigabytes decoded
+    (tmp_path / "bomb.txt").write_text("x")
+    with pytest.raises(LoraFileError, match=r"bomb.png is 9000x9000 pixels, too large"):
+        ds.load_folder(str(tmp_path), resolution=64, min_bucket=32, max_bucket=128, bucket_step=16)

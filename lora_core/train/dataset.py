@@ -10,6 +10,7 @@ run resumed from a state file sees exactly the batches an uninterrupted run woul
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ import torch
 
 from lora_core.errors import LoraFileError, LoraValueError
 
+log = logging.getLogger("lora_core.train")
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Guards against pathological inputs: captions past this are cut (with a warning), images past this are refused
+# with their name (a decompression bomb would otherwise take the machine's memory).
+MAX_CAPTION_CHARS = 8000
+MAX_IMAGE_PIXELS = 64_000_000
 CAPTION_POLICIES = ("error", "use caption widget", "use file name", "empty")
 
 
@@ -233,7 +240,13 @@ def read_caption(image_path: str, policy: str, default_caption: str) -> str:
     txt = os.path.splitext(image_path)[0] + ".txt"
     if os.path.isfile(txt):
         with open(txt, encoding="utf-8", errors="replace") as handle:
-            return " ".join(handle.read().split())
+            text = handle.read(MAX_CAPTION_CHARS + 1)
+        caption = " ".join(text.split())
+        if len(text) > MAX_CAPTION_CHARS:
+            log.warning("LoRA Core: caption %s is longer than %d characters; only its start is used (a text "
+                        "encoder reads at most a few hundred tokens)", txt, MAX_CAPTION_CHARS)
+            caption = caption[:MAX_CAPTION_CHARS]
+        return caption
     if policy == "use caption widget":
         return default_caption.strip()
     if policy == "use file name":
@@ -259,11 +272,19 @@ def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing:
             continue
         try:
             with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise LoraFileError(
+                        f"Dataset image {path} is {img.width}x{img.height} pixels, too large to train on (more than "
+                        f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels, or a decompression bomb). Downscale it or remove "
+                        f"it from the folder.")
                 img.load()
                 bucket = choose_bucket(img.width, img.height, resolution, bucketing, bucket_step,
                                        min_bucket, max_bucket)
                 samples.append(Sample(caption, image=fit_to_bucket(img, bucket), source=path,
                                       original_size=(img.width, img.height)))
+        except Image.DecompressionBombError as error:
+            raise LoraFileError(f"Dataset image {path} was refused as a decompression bomb ({error}). Downscale "
+                                f"it or remove it from the folder.") from None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             broken.append(f"{os.path.basename(path)} ({type(error).__name__})")
     if broken:
