@@ -27,7 +27,7 @@ config is fixed too (4096 wide, 24 layers, 4.7 B parameters): no T5 file can be 
   only).
 
 Weights are drawn from one `torch.Generator` per file, key by key in sorted order (demo.tiny_model.fill_tensor's
-rule), so the same seed gives bit-identical files. Keys and shapes come from ComfyUI's own classes on the meta
+rule), so the same seed gives bit-identical tensors. Keys and shapes come from ComfyUI's own classes on the meta
 device (`comfy.supported_models.Flux`, `comfy.sd1_clip.SD1ClipModel`, `comfy.taesd.taesd.TAESD`), so every file
 is exactly what ComfyUI builds when it loads it.
 """
@@ -112,7 +112,7 @@ def _save(path: Path, layout: dict[str, tuple[int, ...]], seed: int, dtype: torc
 
 
 def make_tiny_flux(path: Path | str, seed: int = 10) -> Path:
-    """Write the tiny Flux.1 [dev] diffusion model (float8_e4m3fn safetensors). Same seed -> same bytes."""
+    """Write the tiny Flux.1 [dev] diffusion model (float8_e4m3fn safetensors). Same seed -> same tensors."""
     return _save(Path(path), flux_layout(), seed, FLUX_DTYPE, {
         "modelspec.architecture": "flux-1-dev",
         "modelspec.title": "LoRA Core tiny Flux.1 (1 double + 1 single block, 768-wide text input; random weights)"})

@@ -19,8 +19,9 @@
 * `make_training_folder(folder)` writes 8 small images of a coloured shape with same-name `.txt` captions.
 
 Weights are drawn from one `torch.Generator` per file, key by key in sorted order (`fill_tensor`), so the same
-seed gives bit-identical files. ComfyUI's own model classes (imported in-process, meta device) give the exact
-UNet, CLIP and TAESD keys and shapes, so the file matches what ComfyUI builds when it loads it.
+seed gives bit-identical tensors (safetensors does not fix the order of the metadata in a file's header).
+ComfyUI's own model classes (imported in-process, meta device) give the exact UNet, CLIP and TAESD keys and
+shapes, so the file matches what ComfyUI builds when it loads it.
 
 The tiny Flux.1 assets (diffusion model, CLIP-L, TAEF1, Flux LoRAs) are in demo/tiny_flux.py;
 `ensure_demo_models` builds both sets.
@@ -99,7 +100,7 @@ def fill_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) ->
 
 
 def make_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
-    """Write the tiny SD1.5-shaped checkpoint to `path` (fp16 safetensors). Same seed -> same bytes."""
+    """Write the tiny SD1.5-shaped checkpoint to `path` (fp16 safetensors). Same seed -> same tensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
