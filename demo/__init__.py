@@ -1,5 +1,5 @@
-"""End-to-end infrastructure for LoRA Core: tiny seeded SD1.5 assets, the real ComfyUI server as a subprocess,
-UI-workflow -> API conversion and validation. `python -m demo` (make demo) runs every example workflow;
+"""End-to-end infrastructure for LoRA Core: tiny seeded SD1.5 and Flux.1 assets, the real ComfyUI server as a
+subprocess, UI-workflow -> API conversion and validation. `python -m demo` (make demo) runs every example workflow;
 `python -m demo --serve` (make serve) starts the same server for a person.
 
 Not part of the node pack: ComfyUI never imports this package (the pack's __init__.py only imports nodes/).

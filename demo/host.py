@@ -1,8 +1,9 @@
 """Where the real ComfyUI host lives, and how to import its core in-process (only for reading model shapes).
 
 The demo and the end-to-end tests run ComfyUI as a separate server process (demo/server.py); this module is
-only used by demo/tiny_model.py to let ComfyUI's own classes say which keys and shapes a tiny SD1.5 UNet and
-TAESD have, so the checkpoint we write is exactly what ComfyUI builds when it loads it.
+only used by demo/tiny_model.py and demo/tiny_flux.py to let ComfyUI's own classes say which keys and shapes a
+tiny SD1.5 UNet, a tiny Flux, CLIP-L and TAESD have, so the files we write are exactly what ComfyUI builds when it
+loads them.
 """
 from __future__ import annotations
 

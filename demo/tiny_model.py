@@ -18,9 +18,13 @@
   attention and feed-forward only) and a "detail" LoCon-style LoRA on the 1x1 conv `proj_in/proj_out`.
 * `make_training_folder(folder)` writes 8 small images of a coloured shape with same-name `.txt` captions.
 
-Weights are drawn from one `torch.Generator` per file, key by key in sorted order, so the same seed gives
-bit-identical files. ComfyUI's own model classes (imported in-process, meta device) give the exact UNet,
-CLIP and TAESD keys and shapes, so the file matches what ComfyUI builds when it loads it.
+Weights are drawn from one `torch.Generator` per file, key by key in sorted order (`fill_tensor`), so the same
+seed gives bit-identical tensors (safetensors does not fix the order of the metadata in a file's header).
+ComfyUI's own model classes (imported in-process, meta device) give the exact UNet, CLIP and TAESD keys and
+shapes, so the file matches what ComfyUI builds when it loads it.
+
+The tiny Flux.1 assets (diffusion model, CLIP-L, TAEF1, Flux LoRAs) are in demo/tiny_flux.py;
+`ensure_demo_models` builds both sets.
 """
 from __future__ import annotations
 
@@ -78,7 +82,7 @@ def checkpoint_layout() -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in full.items()}
 
 
-def _fill(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def fill_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """A plausible random value for one tensor: norms at identity, biases at zero, weights scaled by fan-in
     (so activations stay finite through 12 CLIP layers and the sampler never produces NaN)."""
     if key.endswith("vae_scale"):
@@ -96,13 +100,13 @@ def _fill(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch
 
 
 def make_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
-    """Write the tiny SD1.5-shaped checkpoint to `path` (fp16 safetensors). Same seed -> same bytes."""
+    """Write the tiny SD1.5-shaped checkpoint to `path` (fp16 safetensors). Same seed -> same tensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, shape in sorted(checkpoint_layout().items()):
-        tensors[key] = _fill(key, shape, generator).to(torch.float16).contiguous()
+        tensors[key] = fill_tensor(key, shape, generator).to(torch.float16).contiguous()
     metadata = {"lora_core.tiny": ASSET_VERSION, "modelspec.architecture": "stable-diffusion-v1",
                 "modelspec.title": "LoRA Core tiny SD1.5 (random weights, for tests and the demo)"}
     tmp = path.with_suffix(".tmp")
@@ -156,8 +160,10 @@ def _lora_pair(shape: tuple[int, ...], rank: int, generator: torch.Generator, up
     return down, up
 
 
-def _write_lora(path: Path, targets: dict[str, tuple[int, ...]], rank: int, alpha: float, seed: int,
-                up_scale: float, metadata: dict[str, str]) -> Path:
+def write_kohya_lora(path: Path, targets: dict[str, tuple[int, ...]], rank: int, alpha: float, seed: int,
+                     up_scale: float, metadata: dict[str, str]) -> Path:
+    """A kohya LoRA (`<module>.lora_down/.lora_up.weight`, `.alpha`, fp16) on `targets` (kohya module name ->
+    target weight shape); `metadata` is added to (and overrides) the SD1.5 defaults below."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name in sorted(targets):
@@ -192,19 +198,19 @@ def make_tiny_loras(folder: Path | str, seed: int = 1) -> dict[str, Path]:
         detail[_kohya("lora_unet_", f"{block}.proj_in")] = (UNET_WIDTH, UNET_WIDTH, 1, 1)
         detail[_kohya("lora_unet_", f"{block}.proj_out")] = (UNET_WIDTH, UNET_WIDTH, 1, 1)
     return {
-        "character": _write_lora(
+        "character": write_kohya_lora(
             folder / "tiny_character.safetensors", character, rank=4, alpha=2.0, seed=seed, up_scale=0.2,
             metadata={"ss_output_name": "tiny_character",
                       "ss_tag_frequency": _tag_frequency("8_tinychar", {"tinychar": 8, "red circle": 8}),
                       "modelspec.title": "tiny character", "modelspec.trigger_phrase": "tinychar",
                       "modelspec.architecture": "stable-diffusion-v1/lora"}),
-        "style": _write_lora(
+        "style": write_kohya_lora(
             folder / "tiny_style.safetensors", style, rank=8, alpha=8.0, seed=seed + 1, up_scale=0.1,
             metadata={"ss_output_name": "tiny_style",
                       "ss_tag_frequency": _tag_frequency("4_tinystyle", {"tinystyle": 4, "flat colours": 4}),
                       "modelspec.title": "tiny style", "modelspec.trigger_phrase": "tinystyle",
                       "modelspec.architecture": "stable-diffusion-v1/lora"}),
-        "detail": _write_lora(
+        "detail": write_kohya_lora(
             folder / "tiny_detail_locon.safetensors", detail, rank=4, alpha=4.0, seed=seed + 2, up_scale=0.1,
             metadata={"ss_output_name": "tiny_detail_locon", "modelspec.title": "tiny detail (1x1 conv)",
                       "modelspec.architecture": "stable-diffusion-v1/lora"}),
@@ -249,8 +255,12 @@ def make_training_folder(folder: Path | str, count: int = 8, size: int = 64, see
 # ------------------------------------------------------------------------------------------ all assets
 
 def ensure_demo_models(models_dir: Path | str, force: bool = False) -> dict[str, Path]:
-    """Create (or reuse, when the version stamp matches) checkpoint, LoRAs and training folder under
-    `models_dir` (a ComfyUI models folder: checkpoints/, loras/, training/). Returns the paths."""
+    """Create (or reuse, when the version stamps match) everything the demo and the end-to-end tests need under
+    `models_dir` (a ComfyUI models folder): the SD1.5 checkpoint, its LoRAs and the training folder
+    (checkpoints/, loras/, training/), and the tiny Flux with its CLIP-L, TAEF1 and Flux LoRAs
+    (diffusion_models/, text_encoders/, vae_approx/, loras/; demo/tiny_flux.py). Returns the paths."""
+    from demo.tiny_flux import ensure_flux_models
+
     models_dir = Path(models_dir)
     stamp = models_dir / ".lora_core_tiny_version"
     paths = {
@@ -258,13 +268,13 @@ def ensure_demo_models(models_dir: Path | str, force: bool = False) -> dict[str,
         "loras": models_dir / "loras",
         "training": models_dir / "training" / "tiny_shape",
     }
-    if not force and stamp.exists() and stamp.read_text().strip() == ASSET_VERSION and paths["checkpoint"].exists():
-        return paths
-    make_tiny_checkpoint(paths["checkpoint"])
-    loras = make_tiny_loras(paths["loras"])
-    make_training_folder(paths["training"])
-    for folder in ("vae", "embeddings"):
-        (models_dir / folder).mkdir(parents=True, exist_ok=True)
-    stamp.write_text(ASSET_VERSION + "\n")
-    paths.update({f"lora_{k}": v for k, v in loras.items()})
+    if force or not stamp.exists() or stamp.read_text().strip() != ASSET_VERSION or not paths["checkpoint"].exists():
+        make_tiny_checkpoint(paths["checkpoint"])
+        loras = make_tiny_loras(paths["loras"])
+        make_training_folder(paths["training"])
+        for folder in ("vae", "embeddings"):
+            (models_dir / folder).mkdir(parents=True, exist_ok=True)
+        stamp.write_text(ASSET_VERSION + "\n")
+        paths.update({f"lora_{k}": v for k, v in loras.items()})
+    paths.update(ensure_flux_models(models_dir, force=force))
     return paths

@@ -2,9 +2,9 @@
 
 Test modules use them with `pytest_plugins = ["tests.e2e_helpers"]` (a plugin is registered once, so both
 e2e test files share the same server). The server runs the unpacked ComfyUI 0.3.75 host with this repository
-linked in as a custom-node pack, the tiny seeded SD1.5 checkpoint and LoRAs (demo/tiny_model.py, cached in
-demo-output/models with a version stamp), a fresh base directory (so the frontend sees a first visit), and
-writes images to that base directory's output/.
+linked in as a custom-node pack, the tiny seeded SD1.5 checkpoint and LoRAs (demo/tiny_model.py) and the tiny
+Flux.1 with its CLIP-L, TAEF1 and LoRAs (demo/tiny_flux.py), cached in demo-output/models with version stamps,
+a fresh base directory (so the frontend sees a first visit), and writes images to that base directory's output/.
 """
 from __future__ import annotations
 

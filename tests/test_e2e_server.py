@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from demo import SANITY_WORKFLOW, example_workflows
+from demo import SANITY_WORKFLOW, WORKFLOWS_DIR, example_workflows
 from demo.server import PACK_LINK_NAME
+from demo.tiny_flux import CLIP_L_NAME, FLUX_NAME, TAEF1_CHOICE
 from demo.workflow_api import (load_workflow, output_node_ids, ui_to_api, validate_workflow,
                                widget_layout)
 
@@ -17,6 +18,7 @@ pytest_plugins = ["tests.e2e_helpers"]
 WORKFLOW_TIMEOUT_S = 180.0
 # The core sanity graph, then workflows/*.json as they exist when the tests are collected.
 WORKFLOWS = [SANITY_WORKFLOW, *example_workflows()]
+FLUX_WORKFLOW = WORKFLOWS_DIR / "07_flux_block_weights.json"
 
 
 def test_pack_imports_and_registers_all_its_nodes(comfy_server, object_info):
@@ -38,6 +40,18 @@ def test_tiny_checkpoint_and_loras_are_offered(object_info):
     loras = object_info["LoraLoader"]["input"]["required"]["lora_name"][0]
     assert "lora_core_tiny_sd15.safetensors" in checkpoints
     assert {"tiny_character.safetensors", "tiny_style.safetensors", "tiny_detail_locon.safetensors"} <= set(loras)
+
+
+def test_tiny_flux_assets_are_offered_by_core_loaders(object_info):
+    """The tiny Flux, its CLIP-L, TAEF1 (from the two vae_approx files) and the Flux LoRAs are in the combos of
+    core's Load Diffusion Model, Load CLIP, Load VAE and Load LoRA."""
+    def choices(node, name):
+        return object_info[node]["input"]["required"][name][0]
+
+    assert FLUX_NAME in choices("UNETLoader", "unet_name")
+    assert CLIP_L_NAME in choices("CLIPLoader", "clip_name")
+    assert TAEF1_CHOICE in choices("VAELoader", "vae_name")
+    assert {"tiny_flux_character.safetensors", "tiny_flux_style.safetensors"} <= set(choices("LoraLoader", "lora_name"))
 
 
 def test_validator_reports_broken_workflows(object_info):
@@ -104,6 +118,34 @@ def test_core_loraloader_uses_every_key_of_the_tiny_loras(comfy_server, object_i
     assert comfy_server.output_images(entry)
     log = comfy_server.log_path.read_text(errors="replace")[before:]
     assert "Requested to load" in log, "the LoRA graph did not run (all cached?)"
+    assert "lora key not loaded" not in log, [l for l in log.splitlines() if "lora key not loaded" in l][:5]
+
+
+def test_core_loaders_use_every_key_of_the_tiny_flux_loras(comfy_server, object_info):
+    """The Flux example graph with core's LoraLoader (both tiny Flux LoRAs chained) in place of our block stack:
+    core loads the tiny Flux as FLUX and places every key of both files (no 'lora key not loaded'), CLIP-L
+    (lora_te1_) keys included, so the demo's Flux LoRAs are real kohya Flux files for the tiny model."""
+    api = ui_to_api(load_workflow(FLUX_WORKFLOW), object_info)
+    ours = next(nid for nid, n in api.items() if n["class_type"] == "LoRACoreApplyBlockStack")
+    stack = api.pop(api[ours]["inputs"]["block_stack"][0])["inputs"]
+    assert [stack["lora_1"], stack["lora_2"]] == ["tiny_flux_character.safetensors", "tiny_flux_style.safetensors"]
+    model, clip = api[ours]["inputs"]["model"], api[ours]["inputs"]["clip"]
+    api[ours] = {"class_type": "LoraLoader", "inputs": {
+        "model": model, "clip": clip, "lora_name": stack["lora_1"], "strength_model": 0.9, "strength_clip": 0.9}}
+    api["910"] = {"class_type": "LoraLoader", "inputs": {
+        "model": [ours, 0], "clip": [ours, 1], "lora_name": stack["lora_2"], "strength_model": 0.9,
+        "strength_clip": 0.9}}
+    for node_id, node in api.items():
+        if node_id in (ours, "910"):
+            continue
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] == ours:
+                node["inputs"][name] = ["910", value[1]]
+    before = len(comfy_server.log_path.read_text(errors="replace"))
+    entry = comfy_server.run(api, timeout=WORKFLOW_TIMEOUT_S)
+    assert comfy_server.output_images(entry)
+    log = comfy_server.log_path.read_text(errors="replace")[before:]
+    assert "Requested to load Flux" in log, "the Flux graph did not run (all cached?)"
     assert "lora key not loaded" not in log, [l for l in log.splitlines() if "lora key not loaded" in l][:5]
 
 

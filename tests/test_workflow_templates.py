@@ -6,18 +6,19 @@ and ours, explains itself in a Note, stays small enough to run in seconds on a C
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import pytest
 
-from demo import example_workflows
+from demo import REPO, example_workflows
 from demo.server import PACK_LINK_NAME
 from demo.workflow_api import VIRTUAL_NODES, load_workflow, widget_layout
 
 pytest_plugins = ["tests.e2e_helpers"]
 
 EXPECTED = ["01_load_lora", "02_lora_stack", "03_block_weight_mix", "04_block_sweep_grid",
-            "05_train_and_apply", "06_merge_export"]
+            "05_train_and_apply", "06_merge_export", "07_flux_block_weights"]
 WORKFLOWS = example_workflows()
 CORE_MODULES = ("nodes", "comfy_extras.")
 MAX_LATENT_SIDE = 64
@@ -41,6 +42,12 @@ def widgets_by_name(node: dict, object_info: dict) -> dict:
 
 def test_the_shipped_workflows_are_all_there():
     assert [path.stem for path in WORKFLOWS] == EXPECTED
+
+
+def test_readme_table_lists_every_workflow():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Example workflows\n", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^\| `([^`]+)\.json` \|", section, re.M) == EXPECTED
 
 
 def test_template_browser_lists_the_pack_workflows(comfy_server):
@@ -83,7 +90,7 @@ def test_workflow_is_small_and_can_run_again(object_info, path):
             continue
         widgets = widgets_by_name(node, object_info)
         where = f"{path.name} node {node['id']} ({kind})"
-        if kind == "EmptyLatentImage":
+        if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             assert max(widgets["width"], widgets["height"]) <= MAX_LATENT_SIDE, where
             assert widgets["batch_size"] == 1, where
         if kind == "KSampler":
