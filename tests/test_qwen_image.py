@@ -168,3 +168,97 @@ def test_base_model_model_names_where_core_fails(qwen, twin, tmp_path, caplog):
     state = qw.base_model_model(twin, seed=13)
     assert core_drops(model, None, state), "core is expected to drop these names"
     compare(qwen, tmp_path, caplog, state, core_state=qw.renamed(state, "base_model.model.", "transformer."))
+
+
+# ------------------------------------------------------------------------------------- text encoder
+
+def test_text_encoder_applies_where_the_clip_holds_it(qwen, tmp_path, caplog):
+    """Qwen2.5-VL-7B modules (language model and vision tower) under ComfyUI's generic names: equal to core with
+    the Qwen CLIP; not applied (no CLIP connected) on a model-only load; unmatched with the reason on a CLIP that
+    holds other encoders, while the transformer part still applies."""
+    model, clip = qwen
+    te = qw.text_encoder(clip, seed=15)
+    assert any(".visual.blocks.0.attn.qkv." in k for k in te) and any(".model.layers.1.mlp." in k for k in te)
+    te_modules = len({k.rsplit(".", 2)[0] for k in te if k.endswith(".weight")})
+    state = {**qw.musubi(model, seed=14), **te}
+    reports = compare(qwen, tmp_path, caplog, state, with_clip=True)
+    assert f"te1 {te_modules}" in reports[0]
+    loader = node_module("loader")
+    with loras_folder(tmp_path):
+        _, report = loader.LoRACoreLoaderModelOnly().load(model, "lora.safetensors", 1.0)
+        assert f"not applied: te1 {te_modules} (no CLIP connected)" in report and "unmatched" not in report
+        flux_clip = tm.comfy_clip_flux()
+        patched, clip_out, report = loader.LoRACoreLoader().load(model, "lora.safetensors", 1.0, 1.0, clip=flux_clip)
+    assert f"unmatched modules: {te_modules}" in report and "no Qwen2.5-VL-7B encoder is connected" in report
+    assert "applied modules: transformer" in report and patched.patches and not clip_out.patcher.patches
+
+
+# ------------------------------------------------------------------------------------- fit and mismatch
+
+def test_lora_for_another_family_or_size_is_refused_naming_both(qwen, twin, tmp_path):
+    model, _ = qwen
+    flux = tm.comfy_flux()
+    sd15 = tm.comfy_sd15()
+    z_image = tq.comfy_z_image()
+    files = {
+        "qwen_native": qw.comfy_native(model, seed=20),
+        "qwen_musubi": qw.musubi(model, seed=21),
+        "qwen_peft": qw.diffusers_peft(twin, seed=22),
+        "flux_kohya": dw.kohya_flux(flux, seed=23),
+        "flux_peft": dw.peft_flux(dw.diffusers_flux_twin(), seed=24)[0],
+        "sd15": lw.kohya_state_dict(lw.unet_targets(sd15.model.diffusion_model), "lora_unet", seed=25),
+        "z_image": dw.comfy_native(z_image, seed=26),
+        "qwen_wide": qw.comfy_native(tq.comfy_qwen_image(hidden=96, heads=3), seed=27),
+        "qwen_deep": qw.musubi(tq.comfy_qwen_image(depth=3), seed=28),
+    }
+    for name, state in files.items():
+        lw.save_safetensors(state, tmp_path / f"{name}.safetensors")
+    loader = node_module("loader").LoRACoreLoaderModelOnly()
+
+    def refused(host, name, *words):
+        with pytest.raises(LoraMatchError) as caught:
+            loader.load(host, f"{name}.safetensors", 1.0)
+        text = str(caught.value)
+        assert f"{name}.safetensors" in text and all(w in text for w in words), text
+        return text
+
+    with loras_folder(tmp_path):
+        # musubi's and diffusers' names share `transformer_blocks.N.attn.to_q` ... with Flux's diffusers names, and
+        # the tiny Flux has Qwen's widths: they fit in part, and are still refused as another family's
+        for name in ("qwen_native", "qwen_musubi", "qwen_peft"):
+            refused(flux, name, "made for Qwen-Image", "the model is Flux.1 [dev]")
+        for name in ("flux_kohya", "flux_peft"):
+            refused(model, name, "made for Flux.1 [dev]", "the model is Qwen-Image")
+        refused(model, "sd15", "made for Stable Diffusion 1.x", "Qwen-Image")
+        refused(sd15, "qwen_native", "made for Qwen-Image", "Stable Diffusion 1.x")
+        refused(model, "z_image", "made for Z-Image", "Qwen-Image")
+        with pytest.raises(LoraMatchError) as caught:   # no family describes Z-Image: the model is refused
+            loader.load(z_image, "qwen_native.safetensors", 1.0)
+        assert "ZImage model" in str(caught.value) and "Qwen-Image" in str(caught.value)
+        refused(model, "qwen_wide", "does not fit")
+        # a LoRA for a deeper Qwen-Image: the blocks this model has apply, the rest are named
+        _, report = loader.load(model, "qwen_deep.safetensors", 1.0)
+    assert "WARNING" in report and "key for transformer block 2, but this Qwen-Image model has 2 blocks" in report
+
+
+def test_detection_from_files_and_metadata():
+    """A file is claimed by the family whose names it uses (not by a few shared ones), and musubi's / ai-toolkit's
+    metadata strings name the variant (musubi-tuner architectures.py / sai_model_spec.py; ai-toolkit writes
+    `qwen_image` for Edit too)."""
+    from lora_core.types import LoraFile
+
+    model = tq.comfy_qwen_image()
+    state = qw.musubi(model, seed=29)
+    assert registry.detect_lora(LoraFile(None, state)).name == "Qwen-Image"
+    z_state = dw.comfy_native(tq.comfy_z_image(), seed=30)   # shares `final_layer.linear` with Flux, nothing more
+    assert registry.detect_lora(LoraFile(None, z_state)) is None
+    cases = {("Qwen-Image/lora", "qwen_image"): "Qwen-Image",
+             ("Qwen-Image-Edit/lora", "qwen_image_edit"): "Qwen-Image-Edit",
+             ("Qwen-Image-Edit-Plus/lora", "qwen_image_edit"): "Qwen-Image-Edit-2509",
+             ("Qwen-Image-Edit-2511/lora", "qwen_image_edit"): "Qwen-Image-Edit-2511",
+             ("Qwen-Image-Layered/lora", "qwen_image_layered"): "Qwen-Image-Layered",
+             ("", "qwen_image"): "Qwen-Image"}
+    for (architecture, version), want in cases.items():
+        meta = {"ss_base_model_version": version, **({"modelspec.architecture": architecture} if architecture else {})}
+        assert registry.arch_of_metadata(meta).name == want, (meta, want)
+        assert registry.detect_lora(LoraFile(None, state, meta)).name == want

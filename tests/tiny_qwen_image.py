@@ -96,3 +96,15 @@ def diffusers_qwen_image_twin(hidden: int = HIDDEN, heads: int = HEADS, depth: i
                                         attention_head_dim=cfg["attention_head_dim"], num_attention_heads=heads,
                                         joint_attention_dim=context, axes_dims_rope=cfg["axes_dims_rope"])
     return seed_weights(model.to(CPU, torch.float32), seed).eval()
+
+
+def comfy_z_image(seed: int = 0):
+    """A tiny Z-Image ModelPatcher (`comfy.supported_models.ZImage`, `model_base.Lumina2`, ComfyUI's NextDiT), for
+    mismatch tests only: a family LoRA Core does not describe, whose LoRAs must be refused on Qwen-Image and on
+    which a Qwen-Image LoRA must be refused. Sizes as model_detection.py gives Z-Image, shrunk (dim 64, 2 heads)."""
+    comfy = import_comfy()
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
+           "n_layers": 2, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12],
+           "axes_lens": [64, 64, 64], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+           "z_image_modulation": True, "time_scale": 1000.0, "multiple_of": 16}
+    return _model_patcher(comfy.supported_models.ZImage, cfg, None, seed)

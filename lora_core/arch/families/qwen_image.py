@@ -39,7 +39,15 @@ from typing import Mapping, Optional, Sequence
 from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef
 from ..text_encoders import TextEncoderSpec, register_encoder
 
-QWEN25_VL_7B = register_encoder(TextEncoderSpec("Qwen2.5-VL-7B", "qwen25_7b", 3584, 28, 28, 18944, 28, kind="llm"))
+# Qwen2.5-VL-7B's vision tower as ComfyUI keeps it (comfy/text_encoders/qwen_vl.py: 32 blocks, 1280 wide); Edit
+# encodes its input image with it.
+VISION_TOWER = (("visual.patch_embed.proj", "te_embed"),) + tuple(
+    (f"visual.blocks.{i}.{part}", kind) for i in range(32)
+    for part, kind in (("norm1", "norm"), ("norm2", "norm"), ("attn.qkv", "te_attn"), ("attn.proj", "te_attn"),
+                       ("mlp.gate_proj", "te_mlp"), ("mlp.up_proj", "te_mlp"), ("mlp.down_proj", "te_mlp"))
+) + (("visual.merger.ln_q", "norm"), ("visual.merger.mlp.0", "proj"), ("visual.merger.mlp.2", "proj"))
+QWEN25_VL_7B = register_encoder(TextEncoderSpec("Qwen2.5-VL-7B", "qwen25_7b", 3584, 28, 28, 18944, 28, kind="llm",
+                                                extra_modules=VISION_TOWER))
 
 BASE, IN, OUT, BLOCKS = "BASE", "IN", "OUT", "B"
 
