@@ -262,3 +262,193 @@ def test_detection_from_files_and_metadata():
         meta = {"ss_base_model_version": version, **({"modelspec.architecture": architecture} if architecture else {})}
         assert registry.arch_of_metadata(meta).name == want, (meta, want)
         assert registry.detect_lora(LoraFile(None, state, meta)).name == want
+
+
+# ------------------------------------------------------------------------------------- block weights
+
+def _block_weight(model, clip, tmp_path, state, vector, mode="named", strengths=(1.0, 0.0), seed=0):
+    lw.save_safetensors(state, tmp_path / "qwen_lbw.safetensors")
+    with loras_folder(tmp_path):
+        return node_module("block_weight").LoRACoreBlockWeight().load(
+            model, "qwen_lbw.safetensors", strengths[0], strengths[1], mode, "custom", vector, seed, 1.0, 1.0, False,
+            clip=clip)
+
+
+def _expected_factor(key: str) -> float:
+    """The factor `NAMED` below gives a host key, written out by hand from the module names (the test's own
+    reading of the layout: IN = img_in / txt_in / time_text_embed, B00 / B01 = transformer_blocks.0 / 1, OUT =
+    norm_out / proj_out, txt = the text stream's attention, MLP and modulation)."""
+    rest = key[len("diffusion_model."):]
+    if rest.startswith(("img_in.", "txt_in.", "time_text_embed.")):
+        return 0.0
+    if rest.startswith("norm_out."):
+        return 0.25
+    if rest.startswith("proj_out."):
+        return 1.0
+    block = int(rest.split(".")[1])
+    text_stream = any(part in rest for part in (".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.",
+                                                ".txt_mlp.", ".txt_mod."))
+    if block == 0:
+        return 2.0 if ".img_mod." in rest else 0.5
+    return 0.0 if text_stream else 1.0
+
+
+NAMED = "IN=0, B00=0.5, B00.img_mod=2, B01.txt=0, OUT.final_mod=0.25"
+
+
+def test_named_syntax_blocks_and_element_kinds(qwen, tmp_path):
+    model, _ = qwen
+    state = qw.comfy_native(model, seed=31)
+    weighted, _, table = _block_weight(model, None, tmp_path, state, NAMED)
+    plain, _, _ = _block_weight(model, None, tmp_path, state, "")
+    base = model.model.state_dict()
+    got, whole = bake(weighted), bake(plain)
+    assert set(whole) == {k for k in base if k.startswith("diffusion_model.") and k.endswith(".weight")
+                          and base[k].ndim == 2}
+    checked = set()
+    for key, value in whole.items():
+        factor = _expected_factor(key)
+        if factor == 0:
+            assert key not in got, f"{key} should be off"
+            continue
+        torch.testing.assert_close(got[key] - base[key], factor * (value - base[key]), rtol=1e-5, atol=1e-7)
+        checked.add(factor)
+    assert checked == {0.25, 0.5, 1.0, 2.0}
+    assert "B01" in table and "OUT" in table
+
+
+def test_a1111_and_inspire_modes_on_qwen_image(qwen, tmp_path):
+    """hako-mikan's A1111 extension has no Qwen-Image layout (refused, pointing to named syntax); Inspire Pack has no
+    block groups for it, so every module takes its BASE value (the first), text encoder included: equal to
+    Inspire's own rule run on core's loader (tests.test_flux_blocks.inspire_reference, which sends keys to where
+    they live; Inspire itself would send `time_text_embed` to the CLIP by its substring 'text' and drop it)."""
+    from lora_core.errors import LoraValueError
+    from tests.test_flux_blocks import inspire_reference
+
+    model, clip = qwen
+    state = {**qw.comfy_native(model, seed=32), **qw.text_encoder(clip, seed=33)}
+    with pytest.raises(LoraValueError, match="no positional layout for qwen_image: use named syntax"):
+        _block_weight(model, clip, tmp_path, state, ",".join(["1"] * 61), mode="a1111", strengths=(0.8, 0.6))
+    vector = "0.3," + ",".join(["0", "2"] * 6)
+    ours, ours_clip, table = _block_weight(model, clip, tmp_path, state, vector, mode="inspire", strengths=(0.8, 0.6))
+    ref, ref_clip = inspire_reference(model, clip, state, 0.8, 0.6, vector)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    assert_same(bake(ours), bake(ref), base, "inspire/MODEL")
+    assert_same(bake(ours_clip.patcher), bake(ref_clip.patcher), base_clip, "inspire/CLIP")
+    assert "no block layout for qwen_image" in table
+
+
+def _block_of(key: str) -> str:
+    """The block of a file key, by hand from its module name (IN / B<NN> / OUT)."""
+    if any(w in key for w in ("img_in", "txt_in", "time_text_embed")):
+        return "IN"
+    if any(w in key for w in ("norm_out", "proj_out")):
+        return "OUT"
+    return f"B{int(key.split('transformer_blocks.')[1].split('.')[0]):02d}"
+
+
+def test_block_info_and_sweep(qwen, tmp_path):
+    model, _ = qwen
+    state = qw.comfy_native(model, seed=34)
+    lw.save_safetensors(state, tmp_path / "qwen_tool.safetensors")
+    tools = node_module("block_tools")
+    with loras_folder(tmp_path):
+        text, chart = tools.LoRACoreBlockInfo().inspect("qwen_tool.safetensors", "auto", model=model)
+        info = tools.block_info("qwen_tool.safetensors", "auto", model=model)
+        layout_text, _ = tools.LoRACoreBlockInfo().inspect("qwen_tool.safetensors", "auto")   # full-size layout
+        models, labels = tools.LoRACoreBlockSweep().sweep(model, "qwen_tool.safetensors", 1.0, "blocks", 1.0, 0.0,
+                                                          "named", "", 0, 1.0, 1.0)
+        vector_models, vector_labels = tools.LoRACoreBlockSweep().sweep(
+            model, "qwen_tool.safetensors", 1.0, "vectors", 1.0, 0.0, "named", "B*=0\nB*.txt=0", 0, 1.0, 1.0)
+    assert "Qwen-Image" in text and chart.ndim == 4 and chart.shape[-1] == 3
+    assert list(info["blocks"]) == ["IN", "B00", "B01", "OUT"] and all(e["norm"] > 0 for e in info["blocks"].values())
+    for block, entry in info["blocks"].items():   # the norms are the file's own deltas (alpha 2 / rank 4), by block
+        keys = [k for k in state if k.endswith(".lora_up.weight") and _block_of(k) == block]
+        expected = sum(float((0.5 * state[k] @ state[k.replace("lora_up", "lora_down")]).square().sum())
+                       for k in keys) ** 0.5
+        assert abs(entry["norm"] - expected) <= 1e-3 * expected, (block, entry["norm"], expected)
+        assert entry["modules"] == len(keys)
+    assert "layout only" in layout_text and "B01" in layout_text
+    assert [label.split()[0] for label in labels[1:]] == ["IN", "B00", "B01", "OUT"]
+    full = set(models[0].patches)
+    assert set(models[3].patches) == {k for k in full if ".transformer_blocks.1." not in k} != full
+    assert vector_labels[1:] == ["B*=0", "B*.txt=0"]
+    assert not any(".transformer_blocks." in k for k in vector_models[1].patches)
+    assert any(".attn.to_q." in k for k in vector_models[2].patches)
+    assert not any(".attn.add_q_proj." in k or ".txt_mlp." in k for k in vector_models[2].patches)
+
+
+# ------------------------------------------------------------------------------------- merge / export
+
+def _stack_rows(**rows):
+    out = {}
+    for i in range(1, 6):
+        out.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
+                    f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
+    out.update(rows)
+    return out
+
+
+def test_merged_block_weighted_stack_loads_to_the_stacks_weights(qwen, twin, tmp_path):
+    """A block-weighted stack of a musubi file (with text-encoder modules) and a diffusers PEFT file merged into
+    one file (exact): musubi's naming for the transformer, ComfyUI's generic names for Qwen2.5-VL, the family's
+    metadata; loaded in core and in our loader it gives the weights the stack gave."""
+    model, clip = qwen
+    a = {**qw.musubi(model, seed=35), **qw.text_encoder(clip, seed=36)}
+    b = qw.diffusers_peft(twin, seed=37)
+    lw.save_safetensors(a, tmp_path / "a.safetensors")
+    lw.save_safetensors(b, tmp_path / "b.safetensors")
+    bw, mix = node_module("block_weight"), node_module("mix")
+    rows = _stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
+                       vector_1="B00=0.5, B01.txt=0", enabled_2=True, lora_2="b.safetensors",
+                       strength_model_2=-0.7, vector_2="B*.img_mlp=0.25, OUT=0, IN=2")
+    with loras_folder(tmp_path):
+        stack = bw.LoRACoreBlockStack().build(0, 1.0, 1.0, False, **rows)[0]
+        stacked, stacked_clip, _ = bw.LoRACoreApplyBlockStack().apply(model, stack, clip=clip)
+        path, _ = mix.LoRACoreMergeSave().merge("exact", 0, 0.0, "qwen_merge", False, "auto", "fp32",
+                                                block_stack=stack, model=model, clip=clip)["result"]
+        merged = comfy.utils.load_torch_file(path, safe_load=True)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata()
+        ours, ours_clip, _ = node_module("loader").LoRACoreLoader().load(model, "qwen_merge.safetensors", 1.0, 1.0,
+                                                                         clip=clip)
+    assert meta["ss_base_model_version"] == "qwen_image" and meta["modelspec.architecture"] == "Qwen-Image/lora"
+    assert meta["ss_network_module"] == "networks.lora_qwen_image"
+    modules = {k.rsplit(".", 2)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in merged}
+    assert all(m.startswith(("lora_unet_transformer_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
+                             "lora_unet_time_text_embed_", "text_encoders.qwen25_7b.transformer.")) for m in modules)
+    assert any(m.startswith("text_encoders.qwen25_7b.transformer.visual.") for m in modules)
+    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
+    assert_same(bake(ours), want, base, "merged file in our loader")
+    assert_same(bake(core_model), want, base, "merged file in core's loader")
+    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged text encoder in our loader")
+    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged text encoder in core's loader")
+
+
+def test_merge_without_a_model_keeps_the_variant(tmp_path):
+    """A file without a model: the full-size layout of the variant its metadata names; the merged file carries
+    that variant's strings (here musubi's Edit-2509 file: `Qwen-Image-Edit-Plus`)."""
+    model = tq.comfy_qwen_image()
+    state = qw.musubi(model, seed=38)
+    meta = {"ss_base_model_version": "qwen_image_edit", "modelspec.architecture": "Qwen-Image-Edit-Plus/lora",
+            "ss_network_module": "networks.lora_qwen_image"}
+    lw.save_safetensors(state, tmp_path / "edit.safetensors", metadata=meta)
+    mix = node_module("mix")
+    with loras_folder(tmp_path):
+        path, _ = mix.LoRACoreMergeSave().merge("exact", 0, 0.0, "edit_merge", False, "auto", "fp32",
+                                                lora_stack=[("edit.safetensors", 0.5, 0.0)])["result"]
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        out = handle.metadata()
+        keys = set(handle.keys())
+    assert out["modelspec.architecture"] == "Qwen-Image-Edit-Plus/lora"
+    assert out["ss_base_model_version"] == "qwen_image_edit"
+    assert {k.rsplit(".", 2)[0] for k in keys if k.endswith(".lora_down.weight")} == \
+        {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
