@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import torch
+from diffusers.loaders import QwenImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
 from tests.pack import loras_folder, node_module
@@ -452,3 +453,70 @@ def test_merge_without_a_model_keeps_the_variant(tmp_path):
     assert out["ss_base_model_version"] == "qwen_image_edit"
     assert {k.rsplit(".", 2)[0] for k in keys if k.endswith(".lora_down.weight")} == \
         {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
+
+
+# ------------------------------------------------------------------------------------- standalone (diffusers)
+
+class _TinyQwenPipeline(QwenImageLoraLoaderMixin):
+    """Just enough of a pipeline for diffusers' Qwen-Image LoRA loader: the transformer as an attribute."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.hf_device_map = None
+
+    @property
+    def components(self):
+        return {"transformer": self.transformer}
+
+
+def _diffusers_reference(path, transformer, scale):
+    pipe = _TinyQwenPipeline(copy.deepcopy(transformer))
+    pipe.load_lora_weights(path, adapter_name="lora")
+    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
+    pipe.unload_lora_weights()
+    return pipe.transformer.state_dict()
+
+
+STANDALONE_WRITERS = {
+    "diffusers-peft": lambda m, t: qw.diffusers_peft(t, seed=40),
+    "diffusion-pipe": lambda m, t: qw.diffusion_pipe(t, seed=41),
+    "ai-toolkit": lambda m, t: qw.ai_toolkit(m, seed=42),
+    "comfy-native": lambda m, t: qw.comfy_native(m, seed=43),
+    "musubi": lambda m, t: qw.musubi(m, seed=44, exclude_mod=False),
+    "diffsynth": lambda m, t: qw.diffsynth(t, seed=45),
+    "lightning": lambda m, t: qw.lightning(m, seed=46),
+}
+
+
+@pytest.mark.parametrize("writer", list(STANDALONE_WRITERS))
+def test_lora_patcher_on_diffusers_equals_diffusers_fuse_lora(qwen, twin, tmp_path, writer):
+    """`LoraPatcher(transformer=...)` on diffusers' QwenImageTransformer2DModel equals
+    `QwenImageLoraLoaderMixin.load_lora_weights` + `fuse_lora` (which converts `diffusion_model.`, musubi's
+    `lora_unet_`, `.default.` and alpha itself: `_convert_non_diffusers_qwen_lora_to_diffusers`) at 1.0 and -0.6;
+    re-applying and `restore()` stay exact."""
+    from lora_core.api import LoraPatcher, LoraRequest
+    from lora_core.io import read_lora_file
+
+    model, _ = qwen
+    path = lw.save_safetensors(STANDALONE_WRITERS[writer](model, twin), tmp_path / f"{writer}.safetensors")
+    ours = copy.deepcopy(twin)
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    patcher = LoraPatcher(transformer=ours)
+    assert patcher.key_map.arch.name == "Qwen-Image"
+    for scale in (1.0, -0.6):
+        reference = _diffusers_reference(path, twin, scale)
+        plan = patcher.apply([LoraRequest(read_lora_file(path), scale, 0.0)])
+        report = plan.reports[0]
+        assert not report.unmatched and not report.unused_keys, plan.text()
+        state = ours.state_dict()
+        assert state.keys() == reference.keys()
+        changed = 0
+        for key in reference:
+            delta = (reference[key] - base[key]).abs().max().item()
+            error = (state[key] - reference[key]).abs().max().item()
+            assert error <= 1e-5 * delta + 2 * torch.finfo(torch.float32).eps * reference[key].abs().max().item(), \
+                (key, error, delta)
+            changed += delta > 0
+        assert changed >= 10 and changed == sum(1 for k in plan.patches)
+    patcher.restore()
+    assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
