@@ -133,8 +133,8 @@ def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None)
         raise LoraMatchError(f"{label}: the file holds no LoRA modules that LoRA Core can use "
                              f"({len(report.unused_keys)} unused keys). Is it a LoRA file?")
     matched = report.matched
+    examples = "; ".join(f"{n}: {why}" for n, why in report.unmatched[:3])
     if matched == 0 or matched / total < MIN_MATCHED_SHARE:
-        examples = "; ".join(f"{n}: {why}" for n, why in report.unmatched[:3])
         made_for = ""
         if lora is not None:
             from .arch import detect_lora
@@ -146,6 +146,18 @@ def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None)
             f"{label}: only {matched} of {total} LoRA modules match this {report.model_arch or 'model'} "
             f"model, so the LoRA was made for a different architecture.{made_for} Pick a LoRA made for this base "
             f"model. Examples: {examples}")
+    if report.unmatched and lora is not None and arch is not None:
+        # A partial fit through names two families share (diffusers' `transformer_blocks.N.attn.to_q` is Flux's,
+        # SD3's and Qwen-Image's) of a file whose module names are another family's: refused like a misfit.
+        from .arch import detect_lora
+
+        by_keys = detect_lora(lora, use_metadata=False)
+        if by_keys is not None and by_keys.family is not arch.family:
+            raise LoraMatchError(
+                f"{label}: {matched} of {total} LoRA modules match this {report.model_arch or 'model'} model only "
+                f"through names both families use; the file's module names are those of {by_keys.title}. This "
+                f"LoRA was made for {by_keys.title}; the model is {report.model_arch or 'another model'}. Pick a "
+                f"LoRA made for this base model. Examples: {examples}")
     if report.unmatched:
         report.warnings.append(f"{len(report.unmatched)} of {total} modules did not match this model and were "
                                f"not applied (listed above).")

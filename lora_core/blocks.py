@@ -331,6 +331,9 @@ def _lengths_text(mode: str, arch: str) -> str:
             return f"A1111's extension has no positional layout for {arch}: use named syntax"
         return "A1111 vectors on " + arch + " have " + " or ".join(map(str, lengths)) + " values"
     if mode == "inspire":
+        if not _layout(arch).inspire_groups:
+            return (f"Inspire Pack has no block layout for {arch} (every module takes the first value); its vectors "
+                    f"have at least {INSPIRE_MIN_LENGTH} values")
         std = " or ".join(map(str, _layout(arch).inspire_layouts))
         return (f"Inspire vectors on {arch} have {INSPIRE_MIN_LENGTH} to {INSPIRE_MAX_LENGTH[arch]} values, "
                 f"standard {std}")
@@ -656,10 +659,12 @@ def _inspire_tokens(arch: str, text: str, slots: Optional[list[_Slot]]) -> tuple
                                  f"vector: use numbers like -1, 0.5 (no '.5' or '1e-1'), R r U u A a B b, or "
                                  f"a space-separated sub-vector of those")
     n = len(entries)
-    if n < INSPIRE_MIN_LENGTH or n > INSPIRE_MAX_LENGTH[arch]:
+    # On a family Inspire has no groups for, it reads only the first value (BASE) of any vector it accepts.
+    longest = INSPIRE_MAX_LENGTH[arch] if _layout(arch).inspire_groups else n
+    if n < INSPIRE_MIN_LENGTH or n > longest:
         what = " (from the % spec " + repr(source[:40]) + ")" if source.startswith("%") else ""
         other = ""
-        if n > INSPIRE_MAX_LENGTH[arch]:
+        if n > longest:
             other = (" — a vector for another architecture" + (" (Flux has 58)" if n == 58 and arch not in
                                                                    ("flux", "chroma") else "")
                      + "; this model is " + arch)
@@ -744,8 +749,9 @@ def _resolve_inspire(arch: str, text: str, present, seed: int, A: float, B: floa
 def _inspire_table(arch, slots, slot_factor, key_factors, base, populated, notes) -> BlockWeights:
     layout = _layout(arch)
     factors = {b: 1.0 for b in layout.blocks}
-    for block in layout.te_blocks + layout.other_blocks:   # Inspire's BASE: every key outside its groups
-        factors[block] = base
+    for block in layout.blocks:   # Inspire's BASE: every key outside its groups (all of them where it has none)
+        if block in layout.te_blocks or block in layout.other_blocks or layout.inspire_slot(block) is None:
+            factors[block] = base
     sub = {}
     for slot in slots:
         if slot.slot_id.startswith("M00."):

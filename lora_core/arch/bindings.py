@@ -157,9 +157,11 @@ def bind_comfy_model(host_params: HostParams, unet_config: Optional[dict] = None
     keys, found, mapping, _, _ = _denoiser_of(host_params, unet_config, config_name, "model")
     if found is None:
         known = ", ".join(f.title for f in registry.families())
-        raise LoraMatchError("ComfyUI model state dict holds no denoiser LoRA Core knows (no "
-                             "`diffusion_model.input_blocks.0.0.weight`, no Flux `double_blocks`): pass "
-                             f"`model.model.state_dict()` of a ModelPatcher of a supported model ({known})")
+        what = f" of a {config_name} model" if config_name else ""
+        raise LoraMatchError(f"ComfyUI model state dict{what} holds no denoiser LoRA Core knows (no "
+                             "`diffusion_model.input_blocks.0.0.weight`, no Flux `double_blocks`, no model of the "
+                             f"other families): LoRA Core supports {known}; pass `model.model.state_dict()` of a "
+                             "ModelPatcher of one of them")
     family, variant, structure = found
     binding = HostBinding("comfy_model", arch or variant, structure, family)
     component = family.denoiser

@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING, Optional
 
 from . import registry
+from .text_encoders import ENCODERS
 
 if TYPE_CHECKING:
     from .keymap import KeyMap
@@ -25,13 +26,21 @@ TE_PREFIXES = (
 DENOISER_PREFIXES = ("lora_unet_", "lycoris_", "model.diffusion_model.", "diffusion_model.", "unet.base_model.model.",
                      "transformer.base_model.model.", "base_model.model.", "unet.", "transformer.", "lora_transformer_",
                      "")
-# Models no family describes yet: their key marks, so a user still learns what the file is for.
+# Models no family describes yet: their key marks, so a user still learns what the file is for (on any host) ...
 FOREIGN = (
     (re.compile(r"joint_blocks|context_block|x_block"), "SD3 MMDiT key (joint_blocks): this LoRA was made for SD3/SD3.5"),
-    (re.compile(r"^(lora_transformer_|transformer\.)"), "DiT transformer key (`transformer.` / `lora_transformer_`): "
-     "this LoRA was made for a DiT model (SD3, Flux, Wan, ...), not an SD UNet"),
+    (re.compile(r"(^|[._])(noise_refiner|context_refiner|cap_embedder)[._]|(^|[._])layers[._]\d+[._](attention[._]"
+                r"(qkv|out|to_[qkv])|feed_forward[._]w[123])([._]|$)"),
+     "Z-Image / Lumina 2 key (layers.N.attention / feed_forward, refiners): this LoRA was made for Z-Image or "
+     "Lumina Image 2.0"),
     (re.compile(r"^lora_prior_unet_"), "Stable Cascade prior key: this LoRA was made for Stable Cascade"),
 )
+# ... and marks that tell only on a UNet host (a DiT host has these prefixes itself).
+FOREIGN_ON_UNET = (
+    (re.compile(r"^(lora_transformer_|transformer\.)"), "DiT transformer key (`transformer.` / `lora_transformer_`): "
+     "this LoRA was made for a DiT model (SD3, Flux, Wan, ...), not an SD UNet"),
+)
+ENCODER_KEY = re.compile(r"^text_encoders\.([a-z0-9_]+?)\.transformer\.")
 
 
 def _num(pattern: str, text: str) -> Optional[int]:
@@ -53,10 +62,10 @@ def _foreign_family(km: "KeyMap", name: str) -> Optional[str]:
             if re.search(pattern, name):
                 return (f"{name!r}: {words} key: this LoRA was made for {family.title}, not {_host_title(km)}. "
                         f"Load it on a {family.title} model")
-    if km.family is None or km.family.denoiser == "unet":
-        for rx, reason in FOREIGN:
-            if rx.search(name):
-                return f"{name!r}: {reason}"
+    unet = km.family is None or km.family.denoiser == "unet"
+    for rx, reason in FOREIGN + (FOREIGN_ON_UNET if unet else ()):
+        if rx.search(name):
+            return f"{name!r}: {reason}"
     return None
 
 
@@ -75,12 +84,21 @@ def _te_component(km: "KeyMap", name: str) -> tuple[Optional[str], str]:
         if name.startswith(prefix):
             comfy_to_component = {"clip_l": "te1", "clip_h": "te1", "clip_g": "te2"}
             return comfy_to_component.get(component, component), name[len(prefix):]
+    m = ENCODER_KEY.match(name)   # ComfyUI's generic name of any encoder LoRA Core knows (qwen25_7b, ...)
+    if m and m.group(1) in ENCODERS:
+        return "encoder:" + m.group(1), name[m.end():]
     return None, name
 
 
 def _explain_te(km: "KeyMap", name: str, component: str, rest: str) -> str:
     te_components = [c for c in km.components if c.startswith("te")]
     encoders = {c: s.encoder for c, s in km.component_specs.items() if s.is_text_encoder and s.encoder is not None}
+    if component.startswith("encoder:"):
+        wanted = ENCODERS[component[len("encoder:"):]]
+        held = ", ".join(f"{e.family} (`{e.comfy_name}`)" for e in encoders.values())
+        return (f"{name!r}: {wanted.family} text-encoder key (`{wanted.comfy_name}`), but no {wanted.family} "
+                f"encoder is connected{f' (the text encoders here: {held})' if held else ''}: this part applies "
+                f"only with the CLIP of the model the LoRA was made for")
     t5_name = bool(re.search(r"(^|[._])(encoder[._]block|SelfAttention|DenseReluDense)", rest))
     if component == "t5" or (t5_name and not any(e.kind == "t5" for e in encoders.values())):
         return (f"{name!r}: T5 text-encoder key: this LoRA was made for a model with a T5 encoder (SD3, Flux, "
@@ -100,8 +118,8 @@ def _explain_te(km: "KeyMap", name: str, component: str, rest: str) -> str:
     if layer is not None and layer >= layers:
         return (f"{name!r}: text-encoder key for layer {layer}, but {component} ({family}) has {layers} layers "
                 f"(0-{layers - 1}): this LoRA was made for a deeper encoder (e.g. OpenCLIP-G of SDXL, 32 layers)")
-    example = "encoder.block.N.layer.0.SelfAttention.q" if spec is not None and spec.kind == "t5" else \
-        "text_model.encoder.layers.N.self_attn.q_proj"
+    example = {"t5": "encoder.block.N.layer.0.SelfAttention.q", "llm": "model.layers.N.self_attn.q_proj"}.get(
+        spec.kind if spec is not None else "", "text_model.encoder.layers.N.self_attn.q_proj")
     return f"{name!r}: names no module of {component} ({family}); known modules are HF names such as {example}"
 
 

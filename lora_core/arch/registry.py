@@ -141,14 +141,20 @@ def layout_key_map(arch_name: str):
     return build_key_map(bind_layout(get_arch(arch_name)))
 
 
-def detect_lora(lora_file) -> Optional[ArchSpec]:
-    """The variant a LoRA file was made for: its metadata when that names a known model, else the full-size
-    layout that resolves most of its modules (ties broken by each family's shape votes), else None."""
+# A layout must resolve at least this share of a file's module names to claim the file by its keys: a few names
+# several families share (`final_layer.linear`, `img_in`, `proj_out`) make no file another family's.
+MIN_DETECTED_SHARE = 0.5
+
+
+def detect_lora(lora_file, use_metadata: bool = True) -> Optional[ArchSpec]:
+    """The variant a LoRA file was made for: its metadata when that names a known model (unless
+    `use_metadata` is False), else the full-size layout that resolves most of its modules, and at least half of
+    them (ties broken by each family's shape votes), else None."""
     from ..formats import parse_modules
 
     from ..formats import split_key
 
-    from_meta = arch_of_metadata(lora_file.metadata)
+    from_meta = arch_of_metadata(lora_file.metadata) if use_metadata else None
     if from_meta is not None:
         return from_meta
     modules = parse_modules(lora_file).modules
@@ -157,7 +163,7 @@ def detect_lora(lora_file) -> Optional[ArchSpec]:
         return None
     counts = {name: sum(1 for n in names if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
     best = max(counts.values())
-    if best == 0:
+    if best == 0 or best < MIN_DETECTED_SHARE * len(names):
         return None
     winners = [name for name, count in counts.items() if count == best]
     if len(winners) > 1:

@@ -30,6 +30,9 @@ class TextEncoderSpec:
     intermediate_size: int
     num_heads: int
     kind: str = "clip"          # "clip" | "t5" | "llm": the module naming scheme
+    # (HF path, element kind) of weights beyond the scheme's own, e.g. the vision tower of a vision-language
+    # encoder (`visual.blocks.N.attn.qkv`); the family that registers the encoder lists them
+    extra_modules: tuple[tuple[str, str], ...] = ()
 
 
 CLIP_L = TextEncoderSpec("CLIP-L", "clip_l", 768, 12, 12, 3072, 12)
@@ -74,22 +77,24 @@ _LAYER_RE = re.compile(r"^(?:text_model\.)?encoder\.(?:layers|block)\.(\d+)\.|^m
 
 
 def te_modules(spec: TextEncoderSpec, num_layers: Optional[int] = None) -> list[tuple[str, str]]:
-    """(HF path, element kind) of every weight-carrying module of a text encoder."""
+    """(HF path, element kind) of every weight-carrying module of a text encoder (its `extra_modules` last)."""
     layers = spec.num_layers if num_layers is None else num_layers
     if spec.kind == "t5":
         out = [("shared", "te_embed"), ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias", "te_embed")]
         for i in range(layers):
             out += [(f"encoder.block.{i}.{p}", kind) for p, kind in T5_BLOCK_PARTS]
-        return out + [("encoder.final_layer_norm", "norm")]
-    if spec.kind == "llm":
+        out.append(("encoder.final_layer_norm", "norm"))
+    elif spec.kind == "llm":
         out = [("model.embed_tokens", "te_embed")]
         for i in range(layers):
             out += [(f"model.layers.{i}.{p}", kind) for p, kind in LLM_LAYER_PARTS]
-        return out + [("model.norm", "norm")]
-    out = list(CLIP_EMBEDDING_PARTS)
-    for i in range(layers):
-        out += [(f"text_model.encoder.layers.{i}.{p}", kind) for p, kind in CLIP_LAYER_PARTS]
-    return out + list(CLIP_FINAL_PARTS)
+        out.append(("model.norm", "norm"))
+    else:
+        out = list(CLIP_EMBEDDING_PARTS)
+        for i in range(layers):
+            out += [(f"text_model.encoder.layers.{i}.{p}", kind) for p, kind in CLIP_LAYER_PARTS]
+        out += list(CLIP_FINAL_PARTS)
+    return out + list(spec.extra_modules)
 
 
 LLM_LAYER_PARTS = (
