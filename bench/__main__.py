@@ -293,7 +293,7 @@ def bench_flux(args, device: torch.device, clock, results: dict) -> None:
     from . import flux as F
 
     dtype = model_dtype(args, "flux")
-    depth = F.parse_depth(args.flux_depth, args.device)
+    depth = F.parse_depth(args.flux_depth)
     config = F.unet_config(*depth)
     impls = [i for i in args.impls if i in ("core", "nodes", "engine", "engine-batched", "engine-perweight")]
     started = time.perf_counter()
@@ -321,7 +321,8 @@ def bench_flux(args, device: torch.device, clock, results: dict) -> None:
         reference = F.FluxReference(loras, originals)
         for name in impls:
             row = run_case(makers[name], env, loras, reference, clock, device, args.repeat)
-            row.update(arch="flux", rank=F.RANK, loras=len(loras), names=names, modules=sum(len(l.parts) for l in loras))
+            row.update(arch="flux", rank=F.RANK, loras=len(loras), names=names,
+                       modules=sum(len(lora.parts) for lora in loras))
             results["rows"].append(row)
             log(summary(row))
         del reference
@@ -413,7 +414,8 @@ def markdown(results: dict) -> str:
               "|" + "---|" * (19 + (results["device"] == "cuda"))]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['arch']} {row.get('names') or ''} | {row['rank']} | {row['loras']} | {row['impl']} | failed: "
+            label = f"{row['arch']} {row['names']}" if row.get("names") else row["arch"]
+            lines.append(f"| {label} | {row['rank']} | {row['loras']} | {row['impl']} | failed: "
                          f"{row['error'][:80]} |")
             continue
         r = row.get("ratios", {})
@@ -436,9 +438,10 @@ def markdown(results: dict) -> str:
             lines.append(f"- {arch}: " + ", ".join(f"{k} {v:.4f}" for k, v in fwd.items()))
     for arch, over in results.get("overhead", {}).items():
         lines += ["", f"{arch}: engine per-weight overhead, µs per written weight of PatchEngine.apply (planning "
-                      f"in brackets), {over['depth'][0]} + {over['depth'][1]} blocks at width {over['width']}, "
-                      f"{over['threads']} thread(s), best of {over['repeat']}:", "",
-                  "| names | path | modules | weights | first patch | strength change | block change | weights "
+                      f"in brackets): Flux.1-dev's {over['depth'][0]} + {over['depth'][1]} blocks at width "
+                      f"{over['width']}, SD1.5's UNet layout at 32 channels; {over['threads']} thread(s), best of "
+                      f"{over['repeat']}:", "",
+                  "| LoRA | engine path | modules | weights | first patch | strength change | block change | weights "
                   "rewritten by the block change | restore |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in over["rows"]:

@@ -16,7 +16,7 @@ LoRAs, rank 32, fp16 factors from one seeded pool:
   single_transformer_blocks, enumerated on diffusers' own class), `transformer.<path>.lora_A/lora_B.weight`, no
   alpha (diffusers / ai-toolkit files carry none): `attn.to_q/to_k/to_v` and `add_q/k/v_proj` land on row ranges
   of the fused `img_attn.qkv` / `txt_attn.qkv`, `to_q/to_k/to_v/proj_mlp` on row ranges of `linear1`, so the
-  same weights get 52 modules and the fused-row path is what is measured.
+  same weights get 52 modules (default depth) and the fused-row path is what is measured.
 * both as a stack (rows of a fused weight covered by the kohya module and by one diffusers part each).
 
 Block change: the single blocks x0.5 -- `SB*=0.5` in our named syntax; for core the file's patches are loaded
@@ -27,11 +27,12 @@ it), dW from the file's own tensors, the fused row offsets from core's own diffu
 (`comfy.utils.flux_to_diffusers`), not from lora_core. Restore: every element of every patched weight is compared
 with its original, regenerated from the seed.
 
-Per-weight overhead (`overhead`): PatchEngine.apply time per written weight (planning excluded) on the same
-layouts at Flux.1-dev's full depth (19 + 38 blocks: 304 weights, 494 diffusers modules) and width 64, where
-every kernel is a few microseconds of work: what is left is the per-weight Python and op dispatch, the cost
-that stays when a GPU makes the math cheap. Both engine paths: per weight (CPU default) and same-shape batched
-(CUDA default).
+Per-weight overhead (`overhead`): PatchEngine.apply time per written weight (planning apart) on the same
+layouts at Flux.1-dev's full depth (19 + 38 blocks: 304 weights; 494 diffusers modules) and width 64, where every
+kernel is a few microseconds of work: what is left is the per-weight Python and op dispatch, the cost that stays
+when a GPU makes the math cheap. Both engine paths (per weight, the CPU default; same-shape batched, the CUDA
+default), one CPU thread, and SD1.5's UNet layout (192 weights at 32 channels) by the same method in the same
+run for comparison.
 """
 from __future__ import annotations
 
@@ -103,10 +104,12 @@ def diffusers_layers(config: dict) -> list[tuple[str, int, int]]:
     with torch.device("meta"):
         model = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=config["depth"], num_single_layers=config["depth_single_blocks"],
-            attention_head_dim=head, num_attention_heads=config["num_heads"], joint_attention_dim=config["context_in_dim"],
-            pooled_projection_dim=config["vec_in_dim"], guidance_embeds=True, axes_dims_rope=tuple(config["axes_dim"]))
+            attention_head_dim=head, num_attention_heads=config["num_heads"],
+            joint_attention_dim=config["context_in_dim"], pooled_projection_dim=config["vec_in_dim"],
+            guidance_embeds=True, axes_dims_rope=tuple(config["axes_dim"]))
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
     return [(name, module.out_features, module.in_features) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+            if isinstance(module, torch.nn.Linear) and name.startswith(blocks)]
 
 
 def core_diffusers_map(config: dict) -> dict:
@@ -160,13 +163,14 @@ class FluxLoras:
             cursor += n
         return views[0], views[1], cursor
 
-    def target_delta(self, rank: int) -> float:
+    def target_delta(self) -> float:
+        """Typical |dW| entry: 5% of a weight's (fill_random draws W ~ N(0, 1/fan_in), fan_in = hidden)."""
         return 0.05 / math.sqrt(self.config["hidden_size"])
 
     def kohya(self, index: int, rank: int = RANK) -> FluxLora:
         tensors, parts = {}, []
         cursor = (index * 104_729 * 97) % self.pool.numel()
-        alpha = self.target_delta(rank) * math.sqrt(rank)   # alpha/rank * sqrt(rank) * N(0,1)^2 ~ target
+        alpha = self.target_delta() * math.sqrt(rank)   # (up @ down) entries ~ sqrt(rank): alpha/rank * that
         for path, out_f, in_f in self.kohya_layers:
             down, up, cursor = self._factors(self.pool, cursor, rank, out_f, in_f)
             name = "lora_unet_" + path.replace(".", "_")
@@ -176,7 +180,7 @@ class FluxLoras:
         return FluxLora(f"kohya{index}_r{rank}", "kohya", rank, tensors, parts)
 
     def diffusers(self, index: int, rank: int = RANK) -> FluxLora:
-        pool = self.pool * math.sqrt(self.target_delta(rank) / math.sqrt(rank))   # no alpha: scale 1
+        pool = self.pool * math.sqrt(self.target_delta() / math.sqrt(rank))   # no alpha: scale 1
         tensors, parts = {}, []
         cursor = (index * 104_729 * 97) % pool.numel()
         for path, out_f, in_f in self.diffusers_layers:
@@ -216,10 +220,6 @@ class FluxReference:
                     delta = self.deltas[(lora.name, part.key)] = torch.zeros(len(rows), part.down.shape[1],
                                                                              dtype=torch.float64)
                 delta[inside] += part.scale * (part.up[rows[inside] - part.row0].double() @ part.down.double())
-
-    @property
-    def weights(self) -> int:
-        return len(self.keys)
 
     def snapshot(self, env) -> dict:
         return {key: live(env, key).detach()[self.rows[key].to(env.device)].to("cpu", copy=True) for key in self.keys}
@@ -263,67 +263,113 @@ def meta(config: dict, dtype: torch.dtype, layers: list) -> dict:
 
 # ------------------------------------------------------------------------------------- per-weight overhead
 
-def overhead(clock, device: torch.device, dtype: torch.dtype, repeat: int = 5, log=print) -> dict:
-    """µs per written weight of PatchEngine.apply (planning apart) on Flux.1-dev's full block layout at width 64,
-    best of `repeat` fresh engines after one warm-up, per layout (kohya, diffusers) and engine path (per weight,
-    batched). One LoraFile per LoRA for all its plans, as the nodes' file cache hands out (so a re-plan gives
-    the engine the same parsed modules). One CPU thread: no kernel at this width is worth a second one, and
-    OpenMP wake-ups on a shared machine would otherwise dominate the figure."""
+def _per_weight(env, files: list, vector: str, clock, repeat: int, log) -> list[dict]:
+    """µs per written weight of PatchEngine.apply (and of planning) for each (label, tensors, modules) file on
+    `env`: first patch at 1.0, strength change to 0.5, block change `vector` at 0.5, restore; best of `repeat`
+    fresh engines after one warm-up, per weight and batched. One LoraFile per file for all its plans, as the
+    nodes' file cache hands out (a re-plan gives the engine the same parsed modules)."""
     from lora_core.api import LoraRequest
+    from lora_core.blocks import resolve_vector
     from lora_core.engine import PatchEngine
     from lora_core.types import LoraFile
 
+    host = C._host_module().HostModels(env.patcher, None)
+    blocks = resolve_vector(host.key_map.arch.name, "named", vector)
+    rows = []
+    for label, tensors, modules in files:
+        file = LoraFile(None, tensors)
+
+        def plan(strength, weights=None):
+            return host.plan([LoraRequest(file, strength, strength, block_weights=weights, name=label)]).patches
+
+        for batched in (False, True):
+            best: dict = {}
+            for attempt in range(repeat + 1):   # the first pass is a warm-up
+                engine = PatchEngine(env.state_dict(), batch_same_shape=batched)
+                steps = {}
+                for step, args in (("patch", (1.0,)), ("strength", (0.5,)), ("blocks", (0.5, blocks))):
+                    patches, load = clock(plan, *args)
+                    counts, seconds = clock(engine.apply, patches)
+                    steps[step] = (counts["written"], seconds, load)
+                _, seconds = clock(engine.restore)
+                steps["restore"] = (steps["patch"][0], seconds, 0.0)
+                del engine
+                if attempt == 0:
+                    continue
+                for step, (n, seconds, load) in steps.items():
+                    best[f"{step}_weights"] = n
+                    for slot, value in ((f"{step}_us", seconds), (f"{step}_plan_us", load)):
+                        us = value / max(1, n) * 1e6
+                        best[slot] = min(best.get(slot, us), us)
+            row = {"names": label, "path": "batched" if batched else "per-weight", "modules": modules, **best}
+            rows.append(row)
+            log(f"  overhead {label:<16} {row['path']:<10}: apply {row['patch_us']:.1f} µs/weight first patch "
+                f"({row['patch_weights']} weights), {row['strength_us']:.1f} strength, {row['blocks_us']:.1f} blocks "
+                f"({row['blocks_weights']} weights), restore {row['restore_us']:.1f}; plan {row['patch_plan_us']:.1f} "
+                f"/ {row['strength_plan_us']:.1f} / {row['blocks_plan_us']:.1f}")
+    return rows
+
+
+def _sd15_unet_file(patcher, rank: int, pool: torch.Tensor) -> tuple[dict, int]:
+    """kohya LoRA on every Linear / 1x1 Conv2d of the SpatialTransformers (the bench's SD1.5 UNet targets), LDM
+    names, fp16 factors from `pool`."""
+    tensors, count, cursor = {}, 0, 0
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if type(module).__name__ != "SpatialTransformer":
+            continue
+        for child_name, child in module.named_modules():
+            conv = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
+            if not (isinstance(child, torch.nn.Linear) or conv):
+                continue
+            out_f, in_f = child.weight.shape[:2]
+            key = "lora_unet_" + f"{name}.{child_name}".replace(".", "_")
+            for role, shape in (("lora_down", (rank, in_f)), ("lora_up", (out_f, rank))):
+                n = math.prod(shape)
+                view = pool[cursor:cursor + n].view(shape)
+                tensors[f"{key}.{role}.weight"] = view.view(*shape, 1, 1) if conv else view
+                cursor += n
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank) * 0.05, dtype=torch.float32)
+            count += 1
+    return tensors, count
+
+
+def overhead(clock, device: torch.device, dtype: torch.dtype, repeat: int = 5, log=print) -> dict:
+    """The engine's per-weight overhead: PatchEngine.apply time per written weight on Flux.1-dev's full block
+    layout (19 + 38 blocks, 304 weights) at width 64, where each kernel is a few microseconds of work, for the
+    kohya and the diffusers layout; and, by the same method in the same run, on SD1.5's UNet layout (16
+    transformer blocks, 192 weights) at 32 channels, for comparison. One CPU thread: no kernel at these widths
+    is worth a second one, and OpenMP wake-ups on a shared machine would otherwise dominate the figure."""
+    from tests import tiny_models
+
     hidden, heads = OVERHEAD_WIDTH
     config = unet_config(*FLUX_DEV_DEPTH, hidden=hidden, heads=heads)
-    env = C.ComfyEnv(comfy_flux(config, dtype, device), None, device, blocks=BLOCKS)
-    factory = FluxLoras(config, kohya_layers(env.patcher), diffusers_layers(config))
-    host = C._host_module().HostModels(env.patcher, None)
-    blocks = C._block_vector(host.key_map.arch.name, BLOCK_FACTOR, BLOCKS)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
     result = {"width": hidden, "depth": list(FLUX_DEV_DEPTH), "repeat": repeat, "threads": torch.get_num_threads(),
               "rows": []}
     try:
-        for names, lora in (("kohya", factory.kohya(0)), ("diffusers", factory.diffusers(1))):
-            file = LoraFile(None, lora.tensors)
-
-            def plan(strength, vector=None):
-                return host.plan([LoraRequest(file, strength, strength, block_weights=vector, name=lora.name)]).patches
-
-            for batched in (False, True):
-                best: dict = {}
-                for attempt in range(repeat + 1):   # the first pass is a warm-up
-                    engine = PatchEngine(env.state_dict(), batch_same_shape=batched)
-                    steps = {}
-                    for step, args in (("patch", (1.0,)), ("strength", (0.5,)), ("blocks", (0.5, blocks))):
-                        patches, load = clock(plan, *args)
-                        counts, seconds = clock(engine.apply, patches)
-                        steps[step] = (counts["written"], seconds, load)
-                    _, seconds = clock(engine.restore)
-                    steps["restore"] = (steps["patch"][0], seconds, 0.0)
-                    del engine
-                    if attempt == 0:
-                        continue
-                    for step, (n, seconds, load) in steps.items():
-                        best[f"{step}_weights"] = n
-                        for slot, value in ((f"{step}_us", seconds), (f"{step}_plan_us", load)):
-                            us = value / max(1, n) * 1e6
-                            best[slot] = min(best.get(slot, us), us)
-                row = {"names": names, "path": "batched" if batched else "per-weight", "modules": len(lora.parts),
-                       **best}
-                result["rows"].append(row)
-                log(f"  overhead {names:<9} {row['path']:<10}: apply {row['patch_us']:.1f} µs/weight first patch, "
-                    f"{row['strength_us']:.1f} strength, {row['blocks_us']:.1f} blocks ({row['blocks_weights']} "
-                    f"weights), restore {row['restore_us']:.1f}; plan {row['patch_plan_us']:.1f} / "
-                    f"{row['strength_plan_us']:.1f} / {row['blocks_plan_us']:.1f}")
+        env = C.ComfyEnv(comfy_flux(config, dtype, device), None, device, blocks=BLOCKS)
+        factory = FluxLoras(config, kohya_layers(env.patcher), diffusers_layers(config))
+        files = [(f"flux {lora.names}", lora.tensors, len(lora.parts))
+                 for lora in (factory.kohya(0), factory.diffusers(1))]
+        result["rows"] += _per_weight(env, files, BLOCKS.vector(BLOCK_FACTOR), clock, repeat, log)
+        sd = tiny_models.comfy_sd15(model_channels=32, channel_mult=(1, 2, 4, 4))
+        sd.model.to(device=device, dtype=dtype)
+        env = C.ComfyEnv(sd, None, device)
+        tensors, count = _sd15_unet_file(sd, RANK, factory.pool)
+        result["rows"] += _per_weight(env, [("sd15 unet kohya", tensors, count)], C.SD_OUT_BLOCKS.vector(BLOCK_FACTOR),
+                                      clock, repeat, log)
     finally:
         torch.set_num_threads(threads)
     return result
 
 
-def parse_depth(text: Optional[str], device: str) -> tuple[int, int]:
+def parse_depth(text: Optional[str]) -> tuple[int, int]:
+    """`--flux-depth D,S` (default CPU_DEPTH)."""
     if not text:
         return CPU_DEPTH
     depth, single = (int(v) for v in text.split(","))
+    if not (1 <= depth <= FLUX_DEV_DEPTH[0] and 1 <= single <= FLUX_DEV_DEPTH[1]):
+        raise SystemExit(f"--flux-depth {text}: 1-{FLUX_DEV_DEPTH[0]} double and 1-{FLUX_DEV_DEPTH[1]} single blocks")
     return depth, single
