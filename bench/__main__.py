@@ -1,7 +1,9 @@
-"""`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL.
+"""`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL, and on
+Flux.1 at full width with fewer blocks.
 
-    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl] [--ranks 8,32,128] [--stack 1,4,8]
-                    [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)] [--out bench/results] [--threads N]
+    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux] [--ranks 8,32,128] [--stack 1,4,8]
+                    [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)]
+                    [--flux-depth 2,4] [--out bench/results] [--threads N]
 
 Compares, in one run and on the same machine: ComfyUI core, our nodes inside ComfyUI's ModelPatcher, the
 standalone PatchEngine (on the ComfyUI modules), diffusers `fuse_lora`, and our LoraPatcher on the diffusers
@@ -11,6 +13,12 @@ Default (`make bench`): SD1.5 over ranks 8/32/128 and 1/4/8 LoRAs with every imp
 rank 32, 1 and 4 LoRAs; on a CPU the SDXL part runs the ComfyUI implementations only (a second, diffusers copy
 of SDXL does not fit next to it in a small machine's memory, and the full grid takes hours on a CPU).
 About 15 minutes on a 2-core CPU (833 s measured). `--full` runs the whole grid for both architectures.
+
+Flux (bench/flux.py; `--arch flux` runs it alone): Flux.1-dev's widths built with ComfyUI's own classes, 2 double
++ 4 single blocks by default (`--flux-depth D,S`), fp32 on a CPU and bf16 on a GPU; a rank-32 kohya LoRA, a
+rank-32 diffusers-named one (parts on the fused qkv / linear1 rows) and both stacked, through core, our nodes and
+the engine (ComfyUI implementations only: no diffusers Flux copy next to it), then the engine's per-weight overhead
+on Flux.1-dev's full block layout at width 64. `--quick` leaves Flux out unless `--arch` names it.
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="SD1.5 only, ranks 8/32, 1 and 4 LoRAs")
     p.add_argument("--full", action="store_true", help="the whole grid for SDXL too, also on a CPU")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--arch", default=None, help="comma list of sd15, sdxl")
+    p.add_argument("--arch", default=None, help="comma list of sd15, sdxl, flux")
+    p.add_argument("--flux-depth", default=None, help="double,single blocks of the Flux case (default 2,4)")
     p.add_argument("--ranks", default=None, help="comma list, default 8,32,128")
     p.add_argument("--stack", default=None, help="comma list of LoRA counts, default 1,4,8")
     p.add_argument("--impls", default=None, help="default core,nodes,engine,lorapatcher,diffusers")
@@ -51,7 +60,7 @@ def parse_args(argv=None):
     # SDXL on a CPU gets a smaller case unless the grid was asked for (see the module docstring)
     args.light_sdxl = (args.device == "cpu" and not args.full and args.ranks is None and args.stack is None
                        and args.impls is None)
-    args.arch = (args.arch or ("sd15" if args.quick else "sd15,sdxl")).split(",")
+    args.arch = (args.arch or ("sd15" if args.quick else "sd15,sdxl,flux")).split(",")
     args.ranks = [int(r) for r in (args.ranks or ("8,32" if args.quick else "8,32,128")).split(",")]
     args.stack = [int(n) for n in (args.stack or ("1,4" if args.quick else "1,4,8")).split(",")]
     args.impls = (args.impls or "core,nodes,engine,lorapatcher,diffusers").split(",")
@@ -62,8 +71,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_dtype(args, arch: str) -> torch.dtype:
+    """SD: fp16 on a GPU; on a CPU fp32 for SD1.5 and bf16 for SDXL (memory). Flux: bf16 on a GPU (Flux.1's own
+    dtype); fp32 on a CPU, where 2 + 4 full-width blocks fit in 24 GB with a patched copy and the error against
+    fp64 then shows each implementation's arithmetic instead of bf16's rounding."""
     if args.dtype:
         return DTYPES[args.dtype]
+    if arch == "flux":
+        return torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.device == "cuda":
         return torch.float16
     return torch.float32 if arch == "sd15" else torch.bfloat16
@@ -103,6 +117,9 @@ class Reference:
             ref += (s * factor) * self.deltas[(lora.name, target.kohya)]
         return ref
 
+    def snapshot(self, env) -> dict:
+        return {t.kohya: env.live(t).detach().to("cpu", copy=True) for t in self.sample}
+
     def error(self, env, originals, strengths, out_factor=1.0) -> dict:
         worst, floor = 0.0, 0.0
         for t in self.sample:
@@ -111,6 +128,12 @@ class Reference:
             worst = max(worst, (live - ref).abs().max().item())
             floor = max(floor, (ref.to(originals[t.kohya].dtype).double() - ref).abs().max().item())
         return {"max_abs_err": worst, "rounding_floor": floor}
+
+    def restored(self, env, originals) -> tuple[float, bool]:
+        """(max |W - original|, every sampled weight bit-equal to its original)."""
+        lives = [(env.live(t).detach().to("cpu"), originals[t.kohya]) for t in self.sample]
+        return (max((live - orig).abs().max().item() for live, orig in lives),
+                all(torch.equal(live, orig) for live, orig in lives))
 
 
 def run_case(impl_factory, env, loras, reference, clock, device, repeat: int = 1) -> dict:
@@ -133,7 +156,7 @@ def run_case(impl_factory, env, loras, reference, clock, device, repeat: int = 1
 
 def run_case_once(impl_factory, env, loras, reference, clock, device) -> dict:
     s1, s2 = strengths(len(loras))
-    originals = {t.kohya: env.live(t).detach().to("cpu", copy=True) for t in reference.sample}
+    originals = reference.snapshot(env)
     mem0 = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     impl = impl_factory()
     row: dict = {"impl": impl.name}
@@ -148,10 +171,7 @@ def run_case_once(impl_factory, env, loras, reference, clock, device) -> dict:
     row["blocks"] = impl.repatch(clock, s2, C.OUT_FACTOR)
     row["err_blocks"] = reference.error(env, originals, s2, C.OUT_FACTOR)
     row["restore"] = impl.restore(clock)
-    diffs = [(env.live(t).detach().to("cpu") - originals[t.kohya]).abs().max().item() for t in reference.sample]
-    row["restore_max_abs_diff"] = max(diffs)
-    row["restore_exact"] = all(torch.equal(env.live(t).detach().to("cpu"), originals[t.kohya])
-                               for t in reference.sample)
+    row["restore_max_abs_diff"], row["restore_exact"] = reference.restored(env, originals)
     if hasattr(impl, "unload"):
         impl.unload()
     del impl
@@ -268,6 +288,52 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
         C.free()
 
 
+def bench_flux(args, device: torch.device, clock, results: dict) -> None:
+    """Flux.1 at full width, reduced depth (bench/flux.py): kohya, diffusers-named and both stacked, one run."""
+    from . import flux as F
+
+    dtype = model_dtype(args, "flux")
+    depth = F.parse_depth(args.flux_depth)
+    config = F.unet_config(*depth)
+    impls = [i for i in args.impls if i in ("core", "nodes", "engine", "engine-batched", "engine-perweight")]
+    started = time.perf_counter()
+    log(f"[flux] building ComfyUI Flux.1-dev at full width, {depth[0]} double + {depth[1]} single blocks "
+        f"({str(dtype)[6:]}, {device})")
+    env = C.ComfyEnv(F.comfy_flux(config, dtype, device), None, device, blocks=F.BLOCKS)
+    layers = F.kohya_layers(env.patcher)
+    meta = F.meta(config, dtype, layers)
+    results["archs"]["flux"] = meta
+    log(f"[flux] {meta['depth_text']}; {meta['width']}; {meta['targets']} patched weights, "
+        f"{meta['patched_params'] / 1e6:.0f} M parameters")
+    factory = F.FluxLoras(config, layers, F.diffusers_layers(config))
+    originals = M.Originals(env.patcher.model, F.SEED)
+    kohya, diffusers = factory.kohya(0), factory.diffusers(1)
+    cases = [("kohya", [kohya]), ("diffusers", [diffusers])] + ([] if args.quick else [("kohya+diffusers",
+                                                                                      [kohya, diffusers])])
+    makers = {"core": lambda: C.CoreImpl(env), "nodes": lambda: C.NodesImpl(env), "engine": lambda: C.EngineImpl(env),
+              "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
+              "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
+    warm = F.FluxReference([kohya], originals)
+    for name in impls:   # one untimed pass each (see warm_up)
+        run_case_once(makers[name], env, [kohya], warm, clock, device)
+    del warm
+    for names, loras in cases:
+        reference = F.FluxReference(loras, originals)
+        for name in impls:
+            row = run_case(makers[name], env, loras, reference, clock, device, args.repeat)
+            row.update(arch="flux", rank=F.RANK, loras=len(loras), names=names,
+                       modules=sum(len(lora.parts) for lora in loras))
+            results["rows"].append(row)
+            log(summary(row))
+        del reference
+    del env, makers
+    C.free()
+    log("[flux] engine per-weight overhead: Flux.1-dev's full block layout at width 64")
+    results["overhead"]["flux"] = F.overhead(clock, device, dtype, repeat=3 if args.quick else 5, log=log)
+    meta["wall_s"] = time.perf_counter() - started
+    log(f"[flux] {meta['wall_s']:.0f} s")
+
+
 def machine_name() -> str:
     """The CPU as the OS names it (/proc/cpuinfo on Linux), its family/model numbers, and the memory size."""
     name, family, model, mem_kb = platform.processor() or platform.machine(), "", "", 0
@@ -298,7 +364,8 @@ def log(text: str) -> None:
 def summary(row: dict) -> str:
     if "error" in row:
         return f"  {row['impl']:<11} r{row['rank']:<3} x{row['loras']}: FAILED {row['error']}"
-    return (f"  {row['impl']:<11} r{row['rank']:<3} x{row['loras']}: patch {total(row['patch']):.3f}s "
+    names = f" {row['names']}" if row.get("names") else ""
+    return (f"  {row['impl']:<11} r{row['rank']:<3} x{row['loras']}{names}: patch {total(row['patch']):.3f}s "
             f"strength {total(row['strength']):.3f}s blocks {total(row['blocks']):.3f}s "
             f"restore {total(row['restore']):.3f}s err {row['err_patch']['max_abs_err']:.2e} "
             f"exact {row['restore_exact']}")
@@ -308,8 +375,8 @@ def add_ratios(results: dict) -> None:
     by_case: dict = {}
     for row in results["rows"]:
         if "error" not in row:
-            by_case.setdefault((row["arch"], row["rank"], row["loras"]), {})[row["impl"]] = row
-    for (arch, rank, n), impls in by_case.items():
+            by_case.setdefault((row["arch"], row["rank"], row["loras"], row.get("names")), {})[row["impl"]] = row
+    for (arch, rank, n, names), impls in by_case.items():
         floor = results["archs"][arch]["floor_s_h200"]
         single = {}
         for row in impls.values():
@@ -323,7 +390,8 @@ def add_ratios(results: dict) -> None:
                 row["floor_fraction"] = floor / row["patch"]["patch"]
         for row in impls.values():
             one = next((r for r in results["rows"] if r.get("arch") == arch and r.get("rank") == rank
-                        and r.get("loras") == 1 and r["impl"] == row["impl"] and "error" not in r), None)
+                        and r.get("loras") == 1 and r["impl"] == row["impl"] and "error" not in r
+                        and (names is None or r.get("names") in names.split("+"))), None)
             if one is not None and n > 1:
                 row["vs_one_lora"] = total(row["patch"]) / total(one["patch"])
         del single
@@ -334,7 +402,9 @@ def markdown(results: dict) -> str:
              f"torch {results['torch']}, {results['threads']} threads, {results['machine']}", ""]
     for arch, meta in results["archs"].items():
         lines.append(f"- {arch}: {meta['targets']} kohya targets, {meta['patched_params'] / 1e6:.1f} M patched "
-                     f"params, {meta['dtype']}; H200 floor {meta['floor_s_h200'] * 1e3:.2f} ms")
+                     f"params, {meta['dtype']}; H200 floor {meta['floor_s_h200'] * 1e3:.2f} ms"
+                     + (f"; full width ({meta['width']}), reduced depth: {meta['depth_text']}; {meta['wall_s']:.0f} s"
+                        if arch == "flux" else ""))
     lines += ["", "Times in seconds: load = LoRA mapping/host-side work, patch = weight math; re-patch and restore "
               "totals include every phase. err = max |W - fp64 reference| over sampled targets "
               "(rounding floor of the dtype in brackets).", "",
@@ -344,13 +414,15 @@ def markdown(results: dict) -> str:
               "|" + "---|" * (19 + (results["device"] == "cuda"))]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['arch']} | {row['rank']} | {row['loras']} | {row['impl']} | failed: "
+            label = f"{row['arch']} {row['names']}" if row.get("names") else row["arch"]
+            lines.append(f"| {label} | {row['rank']} | {row['loras']} | {row['impl']} | failed: "
                          f"{row['error'][:80]} |")
             continue
         r = row.get("ratios", {})
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "–"  # noqa: E731
         err = row["err_patch"]
-        cells = [row["arch"], row["rank"], row["loras"], row["impl"], fmt(row["patch"].get("load")),
+        arch = f"{row['arch']} {row['names']}" if row.get("names") else row["arch"]
+        cells = [arch, row["rank"], row["loras"], row["impl"], fmt(row["patch"].get("load")),
                  fmt(row["patch"]["patch"]), fmt(total(row["patch"])), fmt(r.get("patch/core")),
                  fmt(r.get("patch/diffusers")), fmt(row.get("vs_one_lora")), fmt(total(row["strength"])),
                  fmt(r.get("strength/core")), fmt(total(row["blocks"])), fmt(r.get("blocks/core")),
@@ -364,6 +436,19 @@ def markdown(results: dict) -> str:
         lines += ["", "UNet forward after patching (s, best of 3):", ""]
         for arch, fwd in results["forward"].items():
             lines.append(f"- {arch}: " + ", ".join(f"{k} {v:.4f}" for k, v in fwd.items()))
+    for arch, over in results.get("overhead", {}).items():
+        lines += ["", f"{arch}: engine per-weight overhead, µs per written weight of PatchEngine.apply (planning "
+                      f"in brackets): Flux.1-dev's {over['depth'][0]} + {over['depth'][1]} blocks at width "
+                      f"{over['width']}, SD1.5's UNet layout at 32 channels; {over['threads']} thread(s), best of "
+                      f"{over['repeat']}:", "",
+                  "| LoRA | engine path | modules | weights | first patch | strength change | block change | weights "
+                  "rewritten by the block change | restore |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in over["rows"]:
+            lines.append(f"| {r['names']} | {r['path']} | {r['modules']} | {r['patch_weights']} | "
+                         f"{r['patch_us']:.1f} ({r['patch_plan_us']:.1f}) | {r['strength_us']:.1f} "
+                         f"({r['strength_plan_us']:.1f}) | {r['blocks_us']:.1f} ({r['blocks_plan_us']:.1f}) | "
+                         f"{r['blocks_weights']} | {r['restore_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,10 +465,14 @@ def main(argv=None) -> int:
     results = {"device": args.device, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": machine_name(),
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-               "args": {k: v for k, v in vars(args).items()}, "archs": {}, "rows": [], "forward": {}}
+               "args": {k: v for k, v in vars(args).items()}, "archs": {}, "rows": [], "forward": {},
+               "overhead": {}}
     started = time.perf_counter()
     for arch in args.arch:
-        bench_arch(args, arch, device, clock, results)
+        if arch == "flux":
+            bench_flux(args, device, clock, results)
+        else:
+            bench_arch(args, arch, device, clock, results)
     add_ratios(results)
     results["wall_s"] = time.perf_counter() - started
     out = Path(args.out)

@@ -1,13 +1,14 @@
 """The five implementations the benchmark compares, behind one small interface.
 
 Each implementation patches the same kind of model with the same kohya LoRAs and goes through the same
-steps: patch, re-patch after a strength change, re-patch after a block-vector change (UNet output blocks
-x0.5), restore. Every step returns {phase: seconds}; `weight(target)` gives the live host tensor of a
+steps: patch, re-patch after a strength change, re-patch after a block-vector change (`BlockChange`: SD's
+UNet output blocks x0.5, Flux's single blocks x0.5), restore. Every step returns {phase: seconds}; `weight(target)` gives the live host tensor of a
 target module so the runner can measure errors against an fp64 reference.
 
 * core        ComfyUI 0.3.75: `comfy.sd.load_lora_for_models` chained per LoRA (what chained LoraLoader
               nodes do), then `ModelPatcher.patch_model(force_patch_weights=True)` / `unpatch_model()`.
-              Block change: per-key strengths through `add_patches` (how block-weight packs drive core).
+              Block change: per-key strengths through `add_patches` (how block-weight packs drive core: the
+              file's patches loaded once, the keys of the changed blocks added at strength x factor).
 * nodes       LoRA Core's nodes: one plan for the stack (HostModels.plan) turned into our weight adapter inside
               ComfyUI's ModelPatcher (HostModels.apply), patched/unpatched by ModelPatcher like core.
 * engine      lora_core standalone: PatchEngine over the same ComfyUI modules' tensors (same-shape batching
@@ -21,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,6 +30,25 @@ import torch
 from .models import Lora, Target
 
 OUT_FACTOR = 0.5   # the block-vector change: UNet output blocks (LDM output_blocks = diffusers up_blocks)
+
+
+@dataclass(frozen=True)
+class BlockChange:
+    """The block-vector change of a case: `named` for our named syntax (e.g. "OUT*={:g}"), `host_word` marks the
+    host keys of those blocks (what a block-weight pack filters core's patches by)."""
+
+    named: str
+    host_word: str
+
+    def vector(self, factor: float) -> str:
+        return self.named.format(factor)
+
+    def selects(self, host_key) -> bool:
+        # core's patch keys are a tensor name, or (name, (dim, offset, size)) for a part of a fused weight
+        return self.host_word in (host_key[0] if isinstance(host_key, tuple) else host_key)
+
+
+SD_OUT_BLOCKS = BlockChange("OUT*={:g}", ".output_blocks.")
 
 
 class Clock:
@@ -62,15 +83,27 @@ def _quiet_comfy_logs() -> None:
 # ------------------------------------------------------------------------------------------ ComfyUI
 
 class ComfyEnv:
-    """One full-size ComfyUI MODEL + CLIP shared by core, nodes and engine (used one at a time)."""
+    """One full-size ComfyUI MODEL (+ CLIP, or None for a MODEL-only case) shared by core, nodes and engine
+    (used one at a time)."""
 
-    def __init__(self, patcher, clip, device: torch.device):
+    def __init__(self, patcher, clip, device: torch.device, blocks: BlockChange = SD_OUT_BLOCKS):
         import comfy.lora
 
         _quiet_comfy_logs()
-        self.patcher, self.clip, self.device = patcher, clip, device
+        self.patcher, self.clip, self.device, self.blocks = patcher, clip, device, blocks
         key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
-        self.key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        self.key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map) if clip is not None else key_map
+
+    def patchers(self, model, clip) -> list:
+        return [model] + ([clip.patcher] if clip is not None else [])
+
+    def modules(self) -> list:
+        owners = [self.patcher.model] + ([self.clip.cond_stage_model] if self.clip is not None else [])
+        return [m for owner in owners for m in owner.modules()]
+
+    def state_dict(self) -> dict:
+        owners = [self.patcher.model] + ([self.clip.cond_stage_model] if self.clip is not None else [])
+        return {k: v for owner in owners for k, v in owner.state_dict(keep_vars=True).items()}
 
     def live(self, target: Target) -> torch.Tensor:
         import comfy.utils
@@ -96,14 +129,13 @@ class _PatcherImpl:
         raise NotImplementedError
 
     def _patch_loaded(self) -> None:
-        device = self.env.device
-        self.model.patch_model(device_to=device, lowvram_model_memory=0, load_weights=True, force_patch_weights=True)
-        self.clip.patcher.patch_model(device_to=device, lowvram_model_memory=0, load_weights=True,
-                                      force_patch_weights=True)
+        for patcher in self.env.patchers(self.model, self.clip):
+            patcher.patch_model(device_to=self.env.device, lowvram_model_memory=0, load_weights=True,
+                                force_patch_weights=True)
 
     def _unpatch(self) -> None:
-        self.model.unpatch_model()
-        self.clip.patcher.unpatch_model()
+        for patcher in self.env.patchers(self.model, self.clip):
+            patcher.unpatch_model()
 
     def patch(self, clock, loras, strengths) -> dict:
         self.loras = loras
@@ -129,14 +161,13 @@ class _PatcherImpl:
 
     def held_bytes(self) -> int:
         total = 0
-        for patcher in (self.model, self.clip.patcher):
+        for patcher in self.env.patchers(self.model, self.clip):
             total += sum(b.weight.numel() * b.weight.element_size() for b in patcher.backup.values())
         return total
 
     def side_branches(self) -> int:
-        modules = list(self.env.patcher.model.modules()) + list(self.env.clip.cond_stage_model.modules())
         return sum(bool(getattr(m, "weight_function", None)) or bool(getattr(m, "bias_function", None))
-                   or bool(m._forward_hooks) or bool(m._forward_pre_hooks) for m in modules)
+                   or bool(m._forward_hooks) or bool(m._forward_pre_hooks) for m in self.env.modules())
 
 
 class CoreImpl(_PatcherImpl):
@@ -152,13 +183,14 @@ class CoreImpl(_PatcherImpl):
             for lora, strength in zip(loras, strengths):
                 model, clip = comfy.sd.load_lora_for_models(model, clip, lora.tensors, strength, strength)
             return model, clip
-        model, clip = model.clone(), clip.clone()
+        model, clip = model.clone(), (clip.clone() if clip is not None else None)
         for lora, strength in zip(loras, strengths):
             loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora.tensors), self.env.key_map)
             for key, patch in loaded.items():
-                factor = out_factor if ".output_blocks." in key else 1.0
+                factor = out_factor if self.env.blocks.selects(key) else 1.0
                 model.add_patches({key: patch}, strength * factor)
-                clip.add_patches({key: patch}, strength * factor)
+                if clip is not None:
+                    clip.add_patches({key: patch}, strength * factor)
         return model, clip
 
 
@@ -170,10 +202,10 @@ def _requests(loras, strengths, block_weights=None):
             for lora, s in zip(loras, strengths)]
 
 
-def _out_blocks(arch_name: str, factor: float):
+def _block_vector(arch_name: str, factor: float, blocks: BlockChange = SD_OUT_BLOCKS):
     from lora_core.blocks import resolve_vector
 
-    return resolve_vector(arch_name, "named", f"OUT*={factor:g}")
+    return resolve_vector(arch_name, "named", blocks.vector(factor))
 
 
 def _host_module():
@@ -190,7 +222,7 @@ class NodesImpl(_PatcherImpl):
 
     def _build(self, loras, strengths, out_factor: float = 1.0):
         host = _host_module().HostModels(self.env.patcher, self.env.clip)
-        blocks = _out_blocks(host.key_map.arch.name, out_factor) if out_factor != 1.0 else None
+        blocks = _block_vector(host.key_map.arch.name, out_factor, self.env.blocks) if out_factor != 1.0 else None
         plan = host.plan(_requests(loras, strengths, blocks))
         return host.apply(plan)
 
@@ -207,11 +239,11 @@ class EngineImpl:
             self.name = "engine-batched" if batch_same_shape else "engine-perweight"
         self.env = env
         self.host = _host_module().HostModels(env.patcher, env.clip)
-        tensors = {**env.patcher.model.state_dict(keep_vars=True), **env.clip.cond_stage_model.state_dict(keep_vars=True)}
+        tensors = env.state_dict()
         self.engine = PatchEngine(tensors, backup_device=backup_device, batch_same_shape=batch_same_shape)
 
     def _plan(self, loras, strengths, out_factor=1.0):
-        blocks = _out_blocks(self.host.key_map.arch.name, out_factor) if out_factor != 1.0 else None
+        blocks = _block_vector(self.host.key_map.arch.name, out_factor, self.env.blocks) if out_factor != 1.0 else None
         return self.host.plan(_requests(loras, strengths, blocks)).patches
 
     def patch(self, clock, loras, strengths) -> dict:
@@ -233,9 +265,8 @@ class EngineImpl:
         return self.engine.backup_bytes() + self.engine.factor_bytes()
 
     def side_branches(self) -> int:
-        modules = list(self.env.patcher.model.modules()) + list(self.env.clip.cond_stage_model.modules())
         return sum(bool(getattr(m, "weight_function", None)) or bool(m._forward_hooks) or bool(m._forward_pre_hooks)
-                   for m in modules)
+                   for m in self.env.modules())
 
 
 # ------------------------------------------------------------------------------------------ diffusers
@@ -336,7 +367,7 @@ class LoraPatcherImpl:
                                    text_encoder_2=env.modules.get("text_encoder_2"), backup_device=backup_device)
 
     def _plan(self, loras, strengths, out_factor=1.0):
-        blocks = _out_blocks(self.patcher.key_map.arch.name, out_factor) if out_factor != 1.0 else None
+        blocks = _block_vector(self.patcher.key_map.arch.name, out_factor) if out_factor != 1.0 else None
         return self.patcher.plan(_requests(loras, strengths, blocks)).patches
 
     def patch(self, clock, loras, strengths) -> dict:

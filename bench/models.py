@@ -56,6 +56,19 @@ def _pool(dtype: torch.dtype, device, seed: int, size: int = _POOL_SIZE) -> torc
     return torch.randn(size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def _fill(out: torch.Tensor, name: str, index: int, pool: torch.Tensor) -> None:
+    """The values fill_random gives parameter number `index` (named `name`), written into `out` (its shape)."""
+    flat = out.view(-1)
+    if out.ndim < 2 and "norm" in name and name.endswith("weight"):
+        flat.fill_(1.0)
+        return
+    start = (index * 7919) % (pool.numel() // 2)
+    for offset in range(0, flat.numel(), pool.numel() - start):
+        n = min(flat.numel() - offset, pool.numel() - start)
+        flat[offset:offset + n].copy_(pool[start:start + n])
+    flat.mul_(1.0 / math.sqrt(out[0].numel()) if out.ndim >= 2 else 0.02)
+
+
 @torch.no_grad()
 def fill_random(module: torch.nn.Module, seed: int = 0) -> None:
     """Weights ~ N(0, 1/fan_in) (norm weights ~ 1, biases small), tiled from one pool; no init pass."""
@@ -64,19 +77,29 @@ def fill_random(module: torch.nn.Module, seed: int = 0) -> None:
         key = (p.dtype, p.device)
         if key not in pools:
             pools[key] = _pool(p.dtype, p.device, seed)
-        pool = pools[key]
-        flat = p.data.view(-1)
-        if p.ndim < 2 and "norm" in name and name.endswith("weight"):
-            flat.fill_(1.0)
-            continue
-        start = (index * 7919) % (pool.numel() // 2)
-        for offset in range(0, flat.numel(), pool.numel() - start):
-            n = min(flat.numel() - offset, pool.numel() - start)
-            flat[offset:offset + n].copy_(pool[start:start + n])
-        flat.mul_(1.0 / math.sqrt(p[0].numel()) if p.ndim >= 2 else 0.02)
+        _fill(p.data, name, index, pools[key])
     for name, buffer in module.named_buffers():
         if name.endswith("position_ids"):  # transformers CLIP's arange buffer (left empty by to_empty)
             buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
+
+
+class Originals:
+    """The values fill_random(module, seed) gave each parameter, regenerated on demand (one tensor at a time):
+    an exact restore check over every element of every patched weight without keeping a copy of the model."""
+
+    def __init__(self, module: torch.nn.Module, seed: int):
+        self.params = {name: (index, p) for index, (name, p) in enumerate(module.named_parameters())}
+        self.seed, self.pools = seed, {}
+
+    @torch.no_grad()
+    def __getitem__(self, name: str) -> torch.Tensor:
+        index, p = self.params[name]
+        key = (p.dtype, p.device)
+        if key not in self.pools:
+            self.pools[key] = _pool(p.dtype, p.device, self.seed)
+        out = torch.empty_like(p.data)
+        _fill(out, name, index, self.pools[key])
+        return out
 
 
 # ----------------------------------------------------------------------------------------- ComfyUI
