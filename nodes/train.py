@@ -20,15 +20,12 @@ from lora_core.types import LoraFile
 log = logging.getLogger("lora_core")
 
 CATEGORY = "LoRA Core/Training"
-TARGET_CHOICES = {
-    "attn+ff+proj": ("attn", "ff", "proj"),
-    "attn+proj": ("attn", "proj"),
-    "attn+ff": ("attn", "ff"),
-    "attn": ("attn",),
-    # every Linear/Conv2d weight of the UNet (resnets, samplers, conv_in/out, time embedding), like core's node
-    "all layers": lt.UNET_KINDS,
-}
+# Target choices; what each trains is the model family's (TrainSpec.target_sets): the first is the family's common
+# trainer default (kohya's: SD attn+ff+proj; Flux.1 / Chroma every Linear of the double/single blocks), "all
+# layers" every weight-carrying Linear/Conv of the denoiser (like core's Train LoRA node).
+TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers")
 RUN_MODES = ("new run", "continue")
+TEXT_ENCODER_CHOICES = ("kohya default", "all")
 
 
 # ------------------------------------------------------------------------------------------ dataset node
@@ -118,28 +115,67 @@ def _dataset_summary(dataset) -> str:
 
 # ------------------------------------------------------------------------------------------ ComfyUI backend
 
+def objective_of_model(sampling, train_spec=None) -> "lt.Objective":
+    """The model's own objective from ComfyUI's model_sampling: EPS / V_PREDICTION with its discrete DDPM sigmas,
+    or CONST (rectified flow) with the shift and timestep multiplier its schedule has. The flow shift s is read
+    from the schedule itself (percent_to_sigma(0.5) = s / (1 + s)) and checked against ComfyUI's shifted curve at
+    other points, so whatever ModelSampling class (or node patch) the MODEL carries, training uses its shift."""
+    import comfy.model_sampling as ms
+
+    name = type(sampling).__name__
+    if isinstance(sampling, ms.CONST):
+        s = float(sampling.percent_to_sigma(0.5))
+        shift = s / (1.0 - s)
+        for percent in (0.05, 0.25, 0.75, 0.95):
+            mine = float(lt.time_shift(shift, torch.tensor(1.0 - percent, dtype=torch.float64)))
+            theirs = float(sampling.percent_to_sigma(percent))
+            if abs(mine - theirs) > 1e-5:
+                raise LoraValueError(f"This flow model's noise schedule ({name}) is not a shifted linear one "
+                                     f"(sigma {theirs:.6f} at {percent:.0%}, a shift-{shift:.4g} schedule has "
+                                     f"{mine:.6f}); training cannot follow it.")
+        multiplier = float(sampling.timestep(torch.tensor(1.0)))
+        if abs(float(sampling.timestep(torch.tensor(0.5))) - 0.5 * multiplier) > 1e-6 * max(1.0, multiplier):
+            raise LoraValueError(f"This flow model's timestep input ({name}) is not proportional to sigma.")
+        resolution = lt.ResolutionShift(*train_spec.resolution_shift) if train_spec is not None and \
+            train_spec.resolution_shift else None
+        default = train_spec.timestep_sampling if train_spec is not None else "logit-normal, model shift"
+        return lt.Objective.flow(shift, multiplier, resolution, default)
+    if isinstance(sampling, ms.X0) or not isinstance(sampling, ms.EPS):
+        raise LoraValueError(f"Training supports eps-, v-prediction and flow-matching models; this model uses "
+                             f"{name}.")
+    prediction = "v_prediction" if isinstance(sampling, ms.V_PREDICTION) else "epsilon"
+    if not hasattr(sampling, "sigmas") or sampling.sigmas.ndim != 1:
+        raise LoraValueError("This model has no discrete DDPM schedule; training supports DDPM (SD1.x/SD2.x/SDXL) "
+                             "and flow-matching models.")
+    sigmas = sampling.sigmas.detach().float().cpu()
+    return lt.Objective.ddpm(1.0 / (1.0 + sigmas ** 2), prediction)
+
+
 class ComfyBackend:
-    """lora_core.train's backend interface over a ComfyUI ModelPatcher: calls `diffusion_model` directly in
-    the model's own prediction space (EPS or V_PREDICTION) with DDPM timesteps from its model_sampling."""
+    """lora_core.train's backend interface over a ComfyUI ModelPatcher, in the model's own objective (its
+    model_sampling: EPS, V_PREDICTION or CONST flow).
 
-    def __init__(self, model, clip=None, train_text_encoder: bool = False):
-        import comfy.model_sampling as ms
+    DDPM UNets (SD1/SD2/SDXL) are called directly with DDPM timesteps, as before. Every other model is called
+    the way ComfyUI's sampler calls it (BaseModel._apply_model): its extra conditions come from the model's own
+    `extra_conds` (Flux: pooled `y` and `guidance`; Chroma: guidance 0; a new family: whatever its model class
+    asks for), the timestep from `model_sampling.timestep`, and the raw output (the velocity) is returned."""
 
+    def __init__(self, model, clip=None, train_text_encoder: bool = False, guidance: float = 1.0,
+                 train_spec=None):
         self.patcher = model
         self.base = model.model
         self.unet = self.base.diffusion_model
-        sampling = self.base.model_sampling
-        if isinstance(sampling, ms.V_PREDICTION):
-            self.prediction_type = "v_prediction"
-        elif isinstance(sampling, ms.EPS):
-            self.prediction_type = "epsilon"
-        else:
-            raise LoraValueError(f"Training supports eps- and v-prediction models (SD1.x/SD2.x/SDXL); this model "
-                                 f"uses {type(sampling).__name__}.")
-        if not hasattr(sampling, "sigmas") or sampling.sigmas.ndim != 1:
-            raise LoraValueError("This model has no discrete DDPM schedule; training supports SD1.x/SD2.x/SDXL.")
-        sigmas = sampling.sigmas.detach().float().cpu()
-        self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+        self.train_spec = train_spec
+        self.sampling = model.get_model_object("model_sampling")
+        self.objective = objective_of_model(self.sampling, train_spec)
+        self.prediction_type = self.objective.prediction
+        if self.objective.alphas_cumprod is not None:
+            self.alphas_cumprod = self.objective.alphas_cumprod
+        # DDPM UNets keep their direct call; others go through the model's own conditioning (extra_conds)
+        self.native_call = self.objective.is_flow
+        self.group_by_text_length = self.native_call
+        self.guidance = float(guidance) if (self.native_call and train_spec is not None
+                                            and train_spec.guidance_input) else None
         self.clip = clip
         self.train_text_encoder = train_text_encoder
         self.device = torch.device(model.load_device)
@@ -149,6 +185,8 @@ class ComfyBackend:
         return self.base.manual_cast_dtype or self.base.get_dtype()
 
     def denoise(self, noisy, timesteps, cond):
+        if self.native_call:
+            return self._denoise_native(noisy, timesteps, cond)
         dtype = self.compute_dtype()
         context = cond["context"].to(self.device, dtype)
         y = None
@@ -158,30 +196,88 @@ class ComfyBackend:
                                      target_width=width, target_height=height, crop_w=0, crop_h=0).to(self.device, dtype)
         return self.unet(noisy.to(dtype), timesteps.float(), context=context, y=y, transformer_options={})
 
+    def model_conds(self, noisy, cond) -> dict:
+        """The keyword conditions ComfyUI's sampler would give the diffusion model for `cond` (a dict with
+        "context" and any other text-encoder outputs, e.g. pooled_output), through the model's extra_conds."""
+        extra = {k: v for k, v in cond.items() if k not in ("context", "pooled_output")}
+        if self.guidance is not None:
+            extra["guidance"] = self.guidance
+        conds = self.base.extra_conds(cross_attn=cond["context"], pooled_output=cond.get("pooled_output"),
+                                      noise=noisy, device=self.device, **extra)
+        batch = noisy.shape[0]
+        return {name: c.process_cond(batch_size=batch, area=None, device=self.device).cond
+                for name, c in conds.items()}
+
+    def _denoise_native(self, noisy, timesteps, cond):
+        """BaseModel._apply_model without its last step (calculate_denoised): the raw model output."""
+        import comfy.model_base as mb
+
+        dtype = self.compute_dtype()
+        kwargs = self.model_conds(noisy, cond)
+        sigma = timesteps.float() / self.objective.multiplier
+        xc = self.sampling.calculate_input(sigma, noisy)
+        concat = kwargs.pop("c_concat", None)
+        if concat is not None:
+            xc = torch.cat([xc, concat.to(xc.device, xc.dtype)], dim=1)
+        context = kwargs.pop("c_crossattn", None)
+        if context is not None:
+            context = context.to(self.device, dtype)
+        extra = {}
+        for name, value in kwargs.items():
+            if hasattr(value, "dtype"):
+                value = mb.convert_tensor(value, dtype, self.device)
+            elif isinstance(value, list):
+                value = [mb.convert_tensor(v, dtype, self.device) for v in value]
+            extra[name] = value
+        t = self.base.process_timestep(timesteps.float(), x=noisy, **extra)
+        return self.unet(xc.to(dtype), t, context=context, control=None, transformer_options={}, **extra)
+
     def modules(self):
         mods = [self.unet]
         if self.clip is not None:
             mods.append(self.clip.cond_stage_model)
         return mods
 
+    def block_modules(self) -> list:
+        """The denoiser's repeated blocks, in order (the family's TrainSpec.block_lists)."""
+        names = self.train_spec.block_lists if self.train_spec is not None and self.train_spec.block_lists else \
+            ("input_blocks", "middle_block", "output_blocks")
+        blocks = []
+        for name in names:
+            part = getattr(self.unet, name, None)
+            if part is None:
+                continue
+            blocks += list(part) if isinstance(part, torch.nn.ModuleList) else [part]
+        return blocks
+
     def checkpoint_modules(self):
-        return list(self.unet.input_blocks) + [self.unet.middle_block] + list(self.unet.output_blocks)
+        return self.block_modules()
+
+    def in_place_modules(self):
+        """Modules whose residual adds run in place (DiT blocks: ComfyUI's Flux/Chroma `img += ...`); the loop
+        makes them out of place while it trains. SD's UNet needs none (its CLIP has _OutOfPlaceClipLayers)."""
+        return self.block_modules() if self.native_call else []
 
     def encode_images(self, images: torch.Tensor, vae) -> torch.Tensor:
         latents = vae.encode(images.movedim(1, -1)[..., :3].float())
         return self.base.process_latent_in(latents)
 
     def encode_text(self, captions: list[str]) -> dict:
-        conds, pooled = [], []
+        conds, pooled, others = [], [], []
         for caption in captions:
             tokens = truncate_tokens(self.clip.tokenize(caption), caption)
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             conds.append(out["cond"])
             if out.get("pooled_output") is not None:
                 pooled.append(out["pooled_output"])
+            if self.native_call:   # e.g. an attention mask: the model's extra_conds reads it
+                others.append({k: v for k, v in out.items() if k not in ("cond", "pooled_output")
+                               and isinstance(v, torch.Tensor)})
         result = {"context": lt.cat_cond(conds)}
         if pooled and len(pooled) == len(conds):
             result["pooled_output"] = torch.cat(pooled, 0)
+        if others and others[0]:
+            result.update(lt.cat_cond(others))
         return result
 
 
@@ -254,13 +350,49 @@ class _OutOfPlaceClipLayers:
 
 
 def model_arch(model) -> str:
-    """The model's variant name (SD1, SD2, SDXL, ...) as its family recognises it (for metadata)."""
+    """The model's variant name (SD1, SD2, SDXL, Flux.1-dev, Chroma, ...) as its family recognises it."""
     from ._host import HostModels
 
     arch = HostModels(model).key_map.arch
     if arch is None:
-        raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL.")
+        raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
+                             "Flux.1 and Chroma.")
     return arch.name
+
+
+def model_train_spec(model):
+    """(variant, its family's TrainSpec for this host) of a MODEL; refuses families training does not cover."""
+    from ._host import HostModels
+
+    key_map = HostModels(model).key_map
+    arch = key_map.arch
+    if arch is None:
+        model_arch(model)
+    spec = arch.family.train_spec(arch, key_map.config)
+    if spec is None:
+        raise LoraValueError(f"Training does not support {arch.title} yet.")
+    return arch, spec
+
+
+def te_components(clip, key_map, spec, choice: str) -> list[str]:
+    """Text-encoder components to train: the family's kohya default (Flux: CLIP-L; Chroma: its T5), or all."""
+    present = [c for c in key_map.components if c.startswith("te")]
+    if choice == "all" or spec.text_encoders is None:
+        return present
+    return [c for c in spec.text_encoders if c in present]
+
+
+class _OutOfPlaceT5Layers(lt.OutOfPlaceAdds):
+    """T5 blocks add their residuals in place (`x += ...`); while T5 trains they run out of place."""
+
+    def __init__(self, clip, enabled: bool):
+        import re
+
+        blocks = []
+        if enabled and clip is not None:
+            pattern = re.compile(r"(^|\.)encoder\.block\.\d+$")
+            blocks = [m for name, m in clip.cond_stage_model.named_modules() if pattern.search(name)]
+        super().__init__(blocks)
 
 
 def model_block_ids(model) -> list[str]:
@@ -282,7 +414,7 @@ class LoRACoreTrain:
         lr = {"min": 0.0, "max": 1.0, "step": 1e-6, "round": False}
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL). It is adapted in place "
+                "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma). It is adapted in place "
                                     "during training and restored afterwards: no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),
@@ -297,9 +429,12 @@ class LoRACoreTrain:
                 "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 512.0, "step": 0.5,
                                     "tooltip": "Scale = alpha/rank (0 = rank)."}),
-                "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj", "tooltip": "UNet layers to "
+                "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj", "tooltip": "Denoiser layers to "
                                  "train: kohya's attention/feed-forward/projection sets, or 'all layers' (every "
-                                 "Linear/Conv weight, like core's Train LoRA; 3x3 convs as LoCon)."}),
+                                 "Linear/Conv weight, like core's Train LoRA; 3x3 convs as LoCon). Flux/Chroma: "
+                                 "attn+ff+proj = kohya's default (every double/single block Linear, modulation "
+                                 "included), attn+ff = without modulation, all layers = + embeddings, final "
+                                 "layer, Chroma's guidance layer."}),
                 "blocks": ("STRING", {"default": "", "tooltip": "Train only these blocks, e.g. 'IN04-IN08, M00, OUT03'. "
                                       "Empty = all."}),
                 "block_lr": ("STRING", {"default": "", "tooltip": "Per-block LR factors, e.g. 'IN04=0.5, OUT00-OUT02=2'."}),
@@ -326,6 +461,19 @@ class LoRACoreTrain:
                 "save_precision": (["fp16", "bf16", "fp32"], {"default": "fp16"}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of another run."}),
             },
+            "optional": {
+                "timestep_sampling": (list(lt.TIMESTEP_SAMPLING), {"default": "auto", "tooltip": "How each step "
+                                      "draws its noise level. auto: SD models uniform DDPM timesteps; flow models "
+                                      "(Flux, Chroma) logit-normal shifted by the model's own schedule (kohya's "
+                                      "recommended Flux setting). 'resolution shift' = Flux's resolution-dependent "
+                                      "schedule (kohya flux_shift)."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance "
+                             "input of guidance-distilled models (Flux.1 dev), as kohya trains it (1.0 recommended). "
+                             "Ignored by models without one (schnell, Chroma, SD)."}),
+                "text_encoders": (list(TEXT_ENCODER_CHOICES), {"default": "kohya default", "tooltip": "Which text "
+                                  "encoders train_text_encoder trains: kohya's default (SD: all; Flux: CLIP-L, "
+                                  "not T5; Chroma: its T5) or all (Flux: CLIP-L and T5)."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
@@ -339,7 +487,7 @@ class LoRACoreTrain:
               block_lr, unet_lr, train_text_encoder, text_encoder_lr, optimizer, lr_scheduler, warmup_steps,
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
-              save_precision, overwrite):
+              save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default"):
         import comfy.model_management as mm
         import folder_paths
 
@@ -347,10 +495,21 @@ class LoRACoreTrain:
             raise LoraValueError(f"run must be one of {list(RUN_MODES)}, got {run!r}.")
         if unet_targets not in TARGET_CHOICES:
             raise LoraValueError(f"unet_targets must be one of {list(TARGET_CHOICES)}, got {unet_targets!r}.")
+        if text_encoders not in TEXT_ENCODER_CHOICES:
+            raise LoraValueError(f"text_encoders must be one of {list(TEXT_ENCODER_CHOICES)}, got {text_encoders!r}.")
+        if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
+            raise LoraValueError(f"guidance must be a finite number >= 0, got {guidance!r}.")
         valid_blocks = model_block_ids(model)
-        kinds = TARGET_CHOICES[unet_targets]
-        if algorithm == "LoCon" and "resnet" not in kinds:
-            kinds += ("resnet",)
+        arch, spec = model_train_spec(model)
+        kinds = tuple(spec.target_sets.get(unet_targets, ()))
+        if not kinds:
+            raise LoraValueError(f"unet_targets {unet_targets!r} has no meaning for {arch.title}; choose one of "
+                                 f"{list(spec.target_sets)}.")
+        if algorithm == "LoCon":
+            if not spec.conv_kinds:
+                raise LoraValueError(f"LoCon adds the convolution layers of a UNet; {arch.title} has none to train. "
+                                     f"Choose LoRA.")
+            kinds += tuple(k for k in spec.conv_kinds if k not in kinds)
         config = lt.TrainConfig(
             steps=steps, batch_size=batch_size, grad_accum=grad_accumulation, seed=seed, algorithm=algorithm,
             rank=rank, alpha=alpha, unet_kinds=kinds, blocks=parse_block_list(blocks, valid_blocks),
@@ -359,13 +518,14 @@ class LoRACoreTrain:
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
-            save_dtype=save_precision, overwrite=overwrite)
+            save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling)
         config.validate()
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
 
         # ComfyUI runs nodes under inference_mode; autograd needs it off.
         with torch.inference_mode(False):
-            result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm)
+            result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm,
+                                     guidance=guidance, text_encoders=text_encoders)
             if result.interrupted:
                 log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
                             result.step, result.final_path)
@@ -385,24 +545,41 @@ class LoRACoreTrain:
         return new_model, new_clip, lora, curve, lora_name, report
 
 
-def _train(model, clip, vae, dataset, config, output, resume, mm):
+def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default"):
     import comfy.utils
 
-    backend = ComfyBackend(model, clip, config.train_text_encoder)
+    from ._host import HostModels
+
+    arch, spec = model_train_spec(model)
+    backend = ComfyBackend(model, clip, config.train_text_encoder, guidance=guidance, train_spec=spec)
     mm.load_models_gpu([model], force_full_load=True)
     lt.unlock_inference_params(backend.unet)
-    targets = lt.find_unet_targets(backend.unet, config.unet_kinds, config.blocks)
+    key_map = HostModels(model, clip).key_map
+    targets = lt.find_denoiser_targets(backend.unet, key_map, spec, config.unet_kinds, config.blocks)
+    t5_trained = False
     if config.train_text_encoder:
         if clip is None:
             raise LoraValueError("train_text_encoder is on but no CLIP is connected.")
         mm.load_models_gpu([clip.patcher], force_full_load=True)
         lt.unlock_inference_params(clip.cond_stage_model)
-        targets += te_targets_of_clip(clip)
+        encoders = {n for n in ("clip_l", "clip_h", "clip_g", "t5xxl")
+                    if getattr(clip.cond_stage_model, n, None) is not None}
+        if encoders and encoders <= {"clip_l", "clip_h", "clip_g"} and spec.text_encoders is None:
+            targets += te_targets_of_clip(clip)   # SD's CLIPs: kohya's lora_te / lora_te1 / lora_te2 names
+        else:
+            components = te_components(clip, key_map, spec, text_encoders)
+            te = lt.find_key_map_te_targets(clip.cond_stage_model, key_map, components)
+            if not te:
+                raise LoraValueError(f"No trainable text-encoder layer found in this CLIP ({sorted(encoders)}). "
+                                     f"Turn train_text_encoder off.")
+            targets += te
+            t5_trained = any(key_map.component_specs[c].encoder is not None and
+                             key_map.component_specs[c].encoder.kind == "t5" for c in components)
     network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed)
     trainer = lt.LoraTrainer(backend, network, dataset, config,
                              encode_images=lambda images: backend.encode_images(images, vae),
                              encode_text=backend.encode_text if clip is not None else None,
-                             output=output, arch=model_arch(model),
+                             output=output, arch=arch.name,
                              checkpoint_modules=backend.checkpoint_modules())
     if resume:
         trainer.resume(output.state)
@@ -429,7 +606,8 @@ def _train(model, clip, vae, dataset, config, output, resume, mm):
             log.info("LoRA Core train %s: step %d/%d loss %.5f (avg %.5f)", output.name, step, end, loss,
                      sum(recent) / len(recent))
 
-    with _OutOfPlaceClipLayers(clip, config.train_text_encoder):
+    # T5 layers add their residuals in place (the DiT's blocks too: the loop handles those, see in_place_modules)
+    with _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
         result = trainer.run(should_stop=mm.processing_interrupted, on_step=on_step)
     return result, trainer
 

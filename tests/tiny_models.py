@@ -237,11 +237,14 @@ def flux_config(hidden: int = 64, heads: int = 2, depth: int = 2, depth_single: 
             "theta": 10000, "qkv_bias": True, "guidance_embed": guidance}
 
 
-def chroma_config(hidden: int = 64, heads: int = 2, depth: int = 2, depth_single: int = 3, context: int = 32) -> dict:
-    """A Chroma-shaped config: Flux's blocks without per-block modulation, a 2-layer distilled guidance layer."""
+def chroma_config(hidden: int = 64, heads: int = 2, depth: int = 2, depth_single: int = 3, context: int = 32,
+                  patch_size: int = 2) -> dict:
+    """A Chroma-shaped config: Flux's blocks without per-block modulation, a 2-layer distilled guidance layer.
+    As in ComfyUI's detection of a real Chroma, in/out_channels count a whole 2x2 patch (64 = 16 latent channels x
+    4), so the model takes 16-channel latents like Flux."""
     cfg = flux_config(hidden, heads, depth, depth_single, False, context)
     cfg.update({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": hidden,
-                "hidden_dim": 96, "n_layers": 2, "patch_size": 1})
+                "hidden_dim": 96, "n_layers": 2, "patch_size": patch_size})
     for key in ("guidance_embed", "vec_in_dim"):
         cfg.pop(key)
     return cfg

@@ -252,6 +252,49 @@ class ArchSpec:
         return None
 
 
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How LoRAs are trained on a family, as the trainers that name its files do it (the family's half of
+    training; the objective itself - eps, v or flow with its shift - is read from the model by the host adapter).
+
+    * `kinds`: training kind -> the element kinds (ModuleDef.kind) it covers. Training kinds are what target
+      choices and `TrainConfig.unet_kinds` name (SD: attn, ff, proj, resnet, other; Flux: attn, mlp, mod, ...).
+    * `target_sets`: the train node's target choice -> training kinds. "attn+ff+proj" is the family's common
+      trainer default (kohya's), "all layers" every weight-carrying Linear/Conv of the denoiser.
+    * `conv_kinds`: what LoCon adds (SD's resnet / sampler convolutions; none in a DiT).
+    * `text_encoders`: components kohya trains when text-encoder training is on (e.g. Flux: CLIP-L only, T5 on
+      request); None = every text encoder of the CLIP.
+    * `guidance_input`: the denoiser takes a guidance value (Flux.1 dev's distilled guidance embedding).
+    * `timestep_sampling`: the default for flow-matching models ("auto" in the train node).
+    * `resolution_shift`: (patch, tokens_lo, mu_lo, tokens_hi, mu_hi) of a resolution-dependent schedule shift
+      (BFL's Flux schedule), or None.
+    * `block_lists`: attributes of the denoiser whose children (or which themselves) are the repeated blocks,
+      in order: what gradient checkpointing wraps and what in-place residual adds are made out-of-place in.
+    * `latent_dims`: spatial dims of a latent after (batch, channels): 2 for images; 3 (frames, h, w) for video
+      families (Wan), whose datasets carry 5-D latents - the loop is dimension-generic.
+    """
+
+    kinds: Mapping[str, frozenset]
+    target_sets: Mapping[str, tuple[str, ...]]
+    conv_kinds: tuple[str, ...] = ()
+    text_encoders: Optional[tuple[str, ...]] = None
+    guidance_input: bool = False
+    timestep_sampling: str = "logit-normal, model shift"
+    resolution_shift: Optional[tuple[int, int, float, int, float]] = None
+    block_lists: tuple[str, ...] = ()
+    latent_dims: int = 2
+
+    def kind_of(self, element_kind: str) -> Optional[str]:
+        """The training kind an element kind belongs to (None: no training kind covers it)."""
+        for name, members in self.kinds.items():
+            if element_kind in members:
+                return name
+        return None
+
+
 # ------------------------------------------------------------------------------------------- the base class
 
 
@@ -334,6 +377,27 @@ class Family:
     # ----------------------------------------------------------------------------- layout
     def block_layout(self, variant: ArchSpec) -> BlockLayout:
         raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config: Any = None) -> Optional[TrainSpec]:
+        """How LoRAs are trained on this family (None: training not supported yet). `config` is the host's
+        structural config (e.g. whether this Flux has a guidance input)."""
+        return None
+
+    def training_metadata(self, variant: ArchSpec, prediction: str) -> dict[str, str]:
+        """The kohya / SAI header strings a trained LoRA of `variant` carries: ss_base_model_version,
+        modelspec.architecture (with "/lora"), modelspec.implementation, ss_network_module, ss_v2, native
+        resolution. `prediction` is the model's objective ("epsilon", "v_prediction", "flow"); a family whose
+        strings depend on it (SD's v-prediction variants) overrides this."""
+        meta = variant.metadata
+        out = {"ss_base_model_version": str(meta["ss_base_model_version"]),
+               "modelspec.architecture": str(meta["modelspec.architecture"]) + "/lora",
+               "modelspec.implementation": str(meta.get("modelspec.implementation", "")),
+               "ss_network_module": str(meta.get("ss_network_module", "networks.lora")),
+               "ss_v2": "False", "resolution": str(meta.get("resolution", 1024))}
+        if meta.get("ss_model_type"):
+            out["ss_model_type"] = str(meta["ss_model_type"])
+        return out
 
     # ----------------------------------------------------------------------------- helpers for families
 

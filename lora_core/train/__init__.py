@@ -11,9 +11,11 @@ resumable state. No ComfyUI imports (nodes/train.py adapts ComfyUI's objects).
 from .backends import DiffusersBackend, diffusers_ldm_namer, transformers_text_encoder, unlock_inference_params
 from .dataset import (CAPTION_POLICIES, BatchPlan, CaptionOptions, Sample, TrainDataset, from_images, load_folder,
                       make_buckets, nearest_bucket, process_caption)
-from .injection import UNET_KINDS, LoRANetwork, LoRASidePath, Target, find_te_targets, find_unet_targets, unet_kind
+from .injection import (UNET_KINDS, LoRANetwork, LoRASidePath, OutOfPlaceAdds, Target, find_denoiser_targets,
+                        find_key_map_te_targets, find_te_targets, find_unet_targets, unet_kind)
 from .loop import (OPTIMIZERS, PRECISIONS, SCHEDULERS, LoraTrainer, TrainConfig, TrainResult, cat_cond, lr_factor,
-                   sd_alphas_cumprod, snr_weights)
+                   objective_of, sd_alphas_cumprod, snr_weights)
+from .objective import TIMESTEP_SAMPLING, Objective, ResolutionShift, time_shift
 from .save import OutputFiles, kohya_metadata, read_session_id, save_lora
 from .state import load_state, save_state
 
@@ -23,5 +25,7 @@ __all__ = [
     "make_buckets", "nearest_bucket", "process_caption", "UNET_KINDS", "LoRANetwork", "LoRASidePath", "Target",
     "find_te_targets", "find_unet_targets", "unet_kind", "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "LoraTrainer",
     "TrainConfig", "TrainResult", "cat_cond", "lr_factor", "sd_alphas_cumprod", "snr_weights", "OutputFiles",
-    "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state",
+    "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state", "OutOfPlaceAdds",
+    "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
+    "ResolutionShift", "time_shift",
 ]

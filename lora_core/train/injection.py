@@ -7,6 +7,12 @@ LoRAModule does it. `LoRANetwork.restore()` puts the original forwards back exac
 Naming follows kohya: `lora_unet_<ldm path with _>`, `lora_te_<hf path with _>` (SD1/SD2 single
 encoder) or `lora_te1_` / `lora_te2_` (SDXL). Tensor keys append `.lora_down.weight`,
 `.lora_up.weight` and `.alpha`.
+
+Targets of any family come from its module list through the host's KeyMap (`find_denoiser_targets`,
+`find_key_map_te_targets`): the element kind and block of each module are the family's, the name is the one
+LoRA Core's merges write for the family (lora_core.mix.output_name: kohya's `lora_unet_<canonical path _>`,
+`lora_te1_` CLIP-L / `lora_te3_` T5 on Flux). `find_unet_targets` / `find_te_targets` remain for diffusers
+UNets and transformers CLIPs (module paths in diffusers / HF naming).
 """
 from __future__ import annotations
 
@@ -18,34 +24,16 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from lora_core.arch.families import sd as _sd
 from lora_core.errors import LoraFormatError, LoraValueError
 
-# UNet element kinds a user can choose to train (LoCon adds "resnet"). "other" is every Linear/Conv2d none of
-# the others names: conv_in, conv_out, the time and label embeddings (with all five kinds, every weight of rank
-# >= 2 in the UNet is trained, like ComfyUI core's Train LoRA node, in kohya naming).
-UNET_KINDS = ("attn", "ff", "proj", "resnet", "other")
-
-_ATTN_RE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-_FF_RE = re.compile(r"\.ff\.net\.(0\.proj|2)$")
-_PROJ_RE = re.compile(r"(^|\.)(proj_in|proj_out)$")
-# LDM (ComfyUI) and diffusers spellings of resnet / sampler convolutions, the modules LoCon adds.
-_RESNET_RE = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv"
-                        r"|conv1|conv2|time_emb_proj|conv_shortcut)$")
+# SD UNet training kinds a user can choose (LoCon adds "resnet"). "other" is every Linear/Conv2d none of the others
+# names: conv_in, conv_out, the time and label embeddings (with all five kinds, every weight of rank >= 2 in the
+# UNet is trained, like ComfyUI core's Train LoRA node, in kohya naming). The rules are the SD family's
+# (lora_core.arch.families.sd); other families name their own kinds in their TrainSpec.
+UNET_KINDS = tuple(_sd.SD_TRAIN_KINDS)
+unet_kind = _sd.train_kind_of_path
 _TE_RE = re.compile(r"(^|\.)layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
-
-
-def unet_kind(path: str) -> Optional[str]:
-    """Which trainable kind a UNet module path is (either LDM or diffusers naming), or None for a module none of
-    the named kinds covers (trained as "other")."""
-    if _ATTN_RE.search(path):
-        return "attn"
-    if _FF_RE.search(path):
-        return "ff"
-    if _PROJ_RE.search(path):
-        return "proj"
-    if _RESNET_RE.search(path) and not path.startswith(("conv_in", "conv_out", "out.", "input_blocks.0.")):
-        return "resnet"
-    return None
 
 
 @dataclass
@@ -106,6 +94,112 @@ def find_te_targets(text_encoder: nn.Module, prefix: str = "lora_te", component:
         block = "TE" + component[-1]
         targets.append(Target(f"{prefix}_{hf_path.replace('.', '_')}", module, component, block, "te"))
     return targets
+
+
+def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Iterable[str],
+                          blocks: Optional[Iterable[str]] = None) -> list[Target]:
+    """Every Linear/Conv2d of a ComfyUI-named denoiser (module paths = the family's canonical names, e.g.
+    `model.model.diffusion_model`) whose training kind (the family's `train_spec.kinds` of its element kind) is
+    in `kinds` and whose block is in `blocks` (None = all), in the module order of `denoiser` (so a seed draws the
+    same initial weights for the same targets). Named like the family's merges (kohya)."""
+    from lora_core.mix import output_name
+
+    kinds = set(kinds)
+    unknown = kinds - set(train_spec.kinds)
+    if unknown:
+        raise LoraValueError(f"Unknown target kind(s) {sorted(unknown)} for this model; choose from "
+                             f"{list(train_spec.kinds)}.")
+    wanted_blocks = None if blocks is None else set(blocks)
+    component = key_map.denoiser
+    targets = []
+    for path, module in denoiser.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        target = key_map.module_target(component, path)
+        if target is None:
+            continue   # a module the family does not describe (none in SD / Flux; see the family tests)
+        kind = train_spec.kind_of(target.kind)
+        if kind is None or kind not in kinds:
+            continue
+        if wanted_blocks is not None and target.block not in wanted_blocks:
+            continue
+        targets.append(Target(output_name(target, key_map), module, "unet", target.block, kind))
+    return targets
+
+
+def find_key_map_te_targets(encoders: nn.Module, key_map, components: Iterable[str],
+                            element_kinds: Iterable[str] = ("te_attn", "te_mlp")) -> list[Target]:
+    """The attention and MLP Linears (kohya's text-encoder targets: CLIP q/k/v/out/fc1/fc2, T5 q/k/v/o/wi/wo) of
+    the given text-encoder components, found through the host's KeyMap in `encoders` (ComfyUI's
+    `clip.cond_stage_model`, whose state-dict keys are the key map's host keys), in layout order."""
+    from lora_core.mix import output_name
+
+    components, element_kinds = set(components), set(element_kinds)
+    targets = []
+    for target in key_map.targets:
+        if target.component not in components or target.kind not in element_kinds or target.param != "weight":
+            continue
+        module = encoders.get_submodule(target.host_key[: -len(".weight")])
+        if not isinstance(module, nn.Linear):
+            continue
+        spec = key_map.component_specs.get(target.component)
+        block = spec.block if spec is not None and spec.block else "TE" + target.component[2:]
+        targets.append(Target(output_name(target, key_map), module, target.component, block, "te"))
+    return targets
+
+
+class OutOfPlaceAdds:
+    """While active, the residual adds (`x += f(x)`) inside `modules` run out of place, with the same arithmetic.
+
+    DiT blocks (ComfyUI's Flux double/single blocks) and T5 layers add their residuals in place after a norm has
+    saved the same tensor for backward, which autograd rejects once a LoRA makes the stream require grad. Each
+    module's floating tensor inputs enter as a tensor subclass whose `+=` returns a new tensor (every other op is
+    torch's own), and its outputs leave as plain tensors."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.modules = list(modules)
+        self.handles: list = []
+
+    def __enter__(self):
+        for module in self.modules:
+            self.handles.append(module.register_forward_pre_hook(_to_out_of_place, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(_from_out_of_place))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        return False
+
+
+class _OutOfPlaceTensor(torch.Tensor):
+    def __iadd__(self, other):
+        return torch.add(self, other)
+
+
+def _wrap(value):
+    if type(value) is torch.Tensor and value.is_floating_point():
+        return value.as_subclass(_OutOfPlaceTensor)
+    return value
+
+
+def _unwrap(value):
+    if isinstance(value, _OutOfPlaceTensor):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, tuple):
+        return tuple(_unwrap(v) for v in value)
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+def _to_out_of_place(module, args, kwargs):
+    return tuple(_wrap(a) for a in args), {k: _wrap(v) for k, v in kwargs.items()}
+
+
+def _from_out_of_place(module, args, output):
+    return _unwrap(output)
 
 
 class LoRASidePath(nn.Module):

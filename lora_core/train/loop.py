@@ -1,12 +1,21 @@
 """The training loop, built around a small interface so it runs on ComfyUI's model and on diffusers alike.
 
 A backend gives:
-    denoise(noisy_latents, timesteps, cond) -> prediction   (in the model's own space: eps or v)
-    alphas_cumprod   (DDPM schedule, 1-D tensor, one entry per discrete timestep)
-    prediction_type  ("epsilon" or "v_prediction")
+    denoise(noisy_latents, timesteps, cond) -> prediction   (in the model's own space: eps, v or velocity;
+                     `timesteps` is what the objective's model_timesteps gives: DDPM indices or sigma * multiplier)
+    objective        (objective.Objective: the model's own noising / target / timestep sampling), or, for DDPM
+                     backends, alphas_cumprod (1-D, one entry per discrete timestep) and prediction_type
+                     ("epsilon" or "v_prediction") from which the loop builds it
     device
     modules()        the frozen nn.Modules being adapted (their requires_grad is restored afterwards)
     checkpoint_modules()  (optional) blocks to wrap in activation checkpointing
+    in_place_modules()    (optional) modules whose residual adds (`x += f(x)`) run in place; made out of place
+                     while training (injection.OutOfPlaceAdds), which autograd needs once a LoRA feeds them
+    group_by_text_length  (optional, default False) conditionings of different token lengths are not batched
+                     by repeating tokens (SD's CLIP-chunk rule) but denoised in groups of equal length (T5)
+    guidance         (optional) the guidance value a guidance-distilled model is fed, for the metadata
+
+Latents are (batch, channels, *spatial) of any rank: images (B, C, H, W), video (B, C, frames, H, W).
 
 Everything random in a step (batch, caption augmentation, noise, timesteps, noise offset) is drawn from
 generators seeded by (seed, micro-batch index); together with the saved optimizer state this makes
@@ -29,7 +38,8 @@ import torch.nn.functional as F
 from lora_core.errors import LoraValueError
 
 from .dataset import BatchPlan, TrainDataset, process_caption
-from .injection import LoRANetwork
+from .injection import LoRANetwork, OutOfPlaceAdds
+from .objective import TIMESTEP_SAMPLING, Objective
 from .save import OutputFiles, kohya_metadata, save_lora
 from .state import load_state, restore_rng, save_state
 
@@ -42,8 +52,6 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 class Backend(Protocol):
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
     device: torch.device
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor: ...
@@ -73,7 +81,8 @@ class TrainConfig:
     scheduler: str = "constant"
     warmup_steps: int = 0
     total_steps: int = 0              # scheduler horizon; 0 = the step this call ends at
-    min_snr_gamma: float = 5.0        # 0 = off
+    min_snr_gamma: float = 5.0        # 0 = off; DDPM objectives only (flow matching trains unweighted)
+    timestep_sampling: str = "auto"   # objective.TIMESTEP_SAMPLING; "auto" = the objective's default
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0        # 0 = off
     mixed_precision: str = "auto"
@@ -102,6 +111,8 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
             (self.min_snr_gamma >= 0, f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype {self.save_dtype!r} is not one of {list(SAVE_DTYPES)}"),
+            (self.timestep_sampling in TIMESTEP_SAMPLING,
+             f"timestep sampling {self.timestep_sampling!r} is not one of {list(TIMESTEP_SAMPLING)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -210,6 +221,20 @@ class Lion(torch.optim.Optimizer):
 
 # ------------------------------------------------------------------------------------------ conditioning
 
+def objective_of(backend) -> Objective:
+    """The backend's objective, or the DDPM one its alphas_cumprod / prediction_type describe."""
+    objective = getattr(backend, "objective", None)
+    if objective is not None:
+        return objective
+    return Objective.ddpm(backend.alphas_cumprod, backend.prediction_type)
+
+
+def text_length(cond) -> int:
+    """Token length of a conditioning (its context), 0 when it has none."""
+    context = cond.get("context") if isinstance(cond, dict) else cond
+    return int(context.shape[1]) if isinstance(context, torch.Tensor) and context.ndim >= 3 else 0
+
+
 def cat_cond(conds: list):
     """Batch per-sample conditionings (tensors or dicts of tensors); token lengths are matched by repeating
     to their least common multiple, like ComfyUI does for prompts longer than 77 tokens."""
@@ -293,6 +318,9 @@ class LoraTrainer:
         self.output, self.arch, self.base_model_name = output, arch, base_model_name
         self.checkpoint_modules = list(checkpoint_modules)
         self.device = torch.device(backend.device)
+        self.objective = objective_of(backend)
+        self.objective.resolve_sampling(config.timestep_sampling)   # refuse a choice that does not apply, now
+        self.group_by_length = bool(getattr(backend, "group_by_text_length", False))
         self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
         self.plan = BatchPlan(dataset, config.batch_size, config.seed)
         self.session_id = uuid.uuid4().hex
@@ -369,10 +397,12 @@ class LoraTrainer:
         samples' precomputed conds."""
         samples = [self.dataset.samples[i] for i in indices]
         if all(s.cond is not None for s in samples):
-            return cat_cond([s.cond for s in samples])
+            return [s.cond for s in samples] if self.group_by_length else cat_cond([s.cond for s in samples])
         rng = random.Random((self.config.seed * 7_919 + micro) * 104_729)
         captions = [process_caption(s.caption, self.dataset.captions, rng) for s in samples]
         if self.config.train_text_encoder:
+            if self.group_by_length:
+                return [self.encode_text([caption]) for caption in captions]
             return self.encode_text(captions)
         use_cache = self.config.cache_text_encoder_outputs
         conds = []
@@ -385,31 +415,53 @@ class LoraTrainer:
             if use_cache:
                 self._text_cache[caption] = cond
             conds.append(cond)
-        return cat_cond(conds)
+        return conds if self.group_by_length else cat_cond(conds)
+
+    def _denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        """The backend's prediction; per-sample conds (grouping backends) are denoised in groups of equal token
+        length, each group batched, and put back in batch order."""
+        if not isinstance(cond, list):
+            return self.backend.denoise(noisy, timesteps, _to_device(cond, self.device))
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(cond):
+            groups.setdefault(text_length(c), []).append(i)
+        if len(groups) == 1:
+            return self.backend.denoise(noisy, timesteps, _to_device(cat_cond(cond), self.device))
+        order, outputs = [], []
+        for members in groups.values():
+            index = torch.tensor(members, device=noisy.device)
+            group_cond = _to_device(cat_cond([cond[i] for i in members]), self.device)
+            outputs.append(self.backend.denoise(noisy[index], timesteps[index], group_cond))
+            order += members
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(outputs, 0)[inverse.to(noisy.device)]
 
     # -------------------------------------------------------------- one step
     def _micro_loss(self, micro: int) -> torch.Tensor:
         indices = self.plan.batch(micro)
         latents = torch.stack([self._latent(i) for i in indices]).to(self.device)
-        cond = _to_device(self._cond(indices, micro), self.device)
+        cond = self._cond(indices, micro)
+        if not isinstance(cond, list):
+            cond = _to_device(cond, self.device)
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + micro * 7 + 1)
         noise = torch.randn(latents.shape, generator=gen)
         if self.config.noise_offset:
-            noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
-        schedule = self.backend.alphas_cumprod.float().cpu()
-        timesteps = torch.randint(0, schedule.shape[0], (latents.shape[0],), generator=gen)
-        ac = schedule[timesteps].view(-1, 1, 1, 1)
+            noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1,) * (latents.ndim - 2),
+                                                                   generator=gen)
+        objective = self.objective
+        levels = objective.sample(latents.shape[0], gen, self.config.timestep_sampling, tuple(latents.shape))
         noise = noise.to(self.device)
-        a, s = ac.sqrt().to(self.device), (1 - ac).sqrt().to(self.device)
-        noisy = a * latents + s * noise
-        target = a * noise - s * latents if self.backend.prediction_type.startswith("v") else noise
-        t_dev = timesteps.to(self.device)
+        noisy = objective.noisy(latents, noise, levels)
+        target = objective.target(latents, noise, levels)
+        t_dev = objective.model_timesteps(levels).to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            pred = self.backend.denoise(noisy, t_dev, cond)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.config.min_snr_gamma > 0:
-            loss = loss * snr_weights(t_dev, schedule, self.config.min_snr_gamma, self.backend.prediction_type)
+            pred = self._denoise(noisy, t_dev, cond)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+        if self.config.min_snr_gamma > 0 and not objective.is_flow:
+            loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.min_snr_gamma,
+                                      objective.prediction)
         return loss.mean()
 
     def _optimizer_step(self, step: int) -> float:
@@ -448,10 +500,11 @@ class LoraTrainer:
     def metadata(self) -> dict:
         cfg = dataclasses.replace(self.config, total_steps=self.config.total_steps or self._end_step)
         return kohya_metadata(config=cfg, network=self.network, dataset=self.dataset, arch=self.arch,
-                              prediction_type=self.backend.prediction_type, step=self.step,
+                              prediction_type=self.objective.prediction, step=self.step,
                               session_id=self.session_id, started_at=self.started_at,
                               output_name=self.output.name if self.output else "lora",
-                              base_model_name=self.base_model_name)
+                              base_model_name=self.base_model_name, objective=self.objective,
+                              guidance=getattr(self.backend, "guidance", None))
 
     def lora_tensors(self) -> dict:
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_dtype], self.train_names)
@@ -495,7 +548,9 @@ class LoraTrainer:
         begin = time.perf_counter()
         self.network.inject()
         try:
-            with _Checkpointing(self.checkpoint_modules if cfg.gradient_checkpointing else ()), torch.enable_grad():
+            in_place = getattr(self.backend, "in_place_modules", None)
+            with _Checkpointing(self.checkpoint_modules if cfg.gradient_checkpointing else ()), torch.enable_grad(), \
+                    OutOfPlaceAdds(in_place() if in_place is not None else ()):
                 while self.step < self._end_step:
                     if should_stop is not None and should_stop():
                         interrupted = True

@@ -23,15 +23,6 @@ IMPLEMENTATION_VERSION = "lora_core.train/1"
 _STEP_FILE = "{name}-step{step:08d}.safetensors"
 _STEP_RE = r"^{name}-step(\d{{8}})\.safetensors$"
 
-# arch name -> (ss_base_model_version, modelspec.architecture, modelspec.implementation, native resolution)
-ARCH_INFO = {
-    "SD1": ("sd_v1", "stable-diffusion-v1/lora", "diffusers", 512),
-    "SD2": ("sd_v2", "stable-diffusion-v2-512/lora", "diffusers", 512),
-    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
-             "https://github.com/Stability-AI/generative-models", 1024),
-}
-
-
 def save_lora(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
               overwrite: bool = False) -> str:
     """Atomic safetensors write (lora_core.io's writer when present, else our own)."""
@@ -141,31 +132,36 @@ class OutputFiles:
         return removed
 
 
-def kohya_metadata(*, config, network, dataset=None, arch: str = "SD1", prediction_type: str = "epsilon",
+def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type: str = "epsilon",
                    step: int, session_id: str, started_at: float, output_name: str,
-                   base_model_name: str = "", extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
-    """`ss_*` keys as kohya's train_network writes them, plus the `modelspec.*` header for a LoRA."""
-    base_version, architecture, implementation, native = ARCH_INFO.get(arch, ARCH_INFO["SD1"])
+                   base_model_name: str = "", extra: Optional[Mapping[str, Any]] = None, objective=None,
+                   guidance: Optional[float] = None) -> dict[str, str]:
+    """`ss_*` keys as kohya's train_network writes them, plus the `modelspec.*` header for a LoRA. The strings that
+    name the model (ss_base_model_version, modelspec.architecture / implementation, ss_network_module, ss_v2,
+    native resolution) are the family's (`Family.training_metadata`); `arch` is an ArchSpec or a variant name.
+    Flow-matching objectives add kohya's flow keys (timestep sampling, shift, prediction type raw) and, for a
+    guidance-distilled model, ss_guidance_scale."""
+    from lora_core.arch import get_arch
+
+    variant = get_arch(arch)
+    names = variant.family.training_metadata(variant, prediction_type)
+    flow = prediction_type == "flow"
     v_pred = prediction_type.startswith("v")
-    if v_pred and arch in ("SD1", "SD2"):
-        base_version += "_v"
-        if arch == "SD2":
-            architecture = "stable-diffusion-v2-768-v/lora"
     network_args = {}
     spatial = any(isinstance(t.module, torch.nn.Conv2d) and tuple(t.module.kernel_size) != (1, 1)
                   for t in getattr(network, "targets", {}).values())
     if config.algorithm == "LoCon" or spatial:
         network_args = {"conv_dim": str(config.conv_rank or config.rank), "conv_alpha": str(config.conv_alpha or config.alpha)}
-    resolution = dataset.resolution if dataset is not None else native
+    resolution = dataset.resolution if dataset is not None else int(names["resolution"])
     meta = {
         "ss_session_id": session_id,
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(time.time()),
         "ss_output_name": output_name,
-        "ss_v2": str(arch == "SD2"),
-        "ss_base_model_version": base_version,
+        "ss_v2": names["ss_v2"],
+        "ss_base_model_version": names["ss_base_model_version"],
         "ss_sd_model_name": base_model_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": names["ss_network_module"],
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_dropout": "None",
@@ -185,7 +181,7 @@ def kohya_metadata(*, config, network, dataset=None, arch: str = "SD1", predicti
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_mixed_precision": config.mixed_precision,
         "ss_max_grad_norm": str(config.max_grad_norm),
-        "ss_min_snr_gamma": str(config.min_snr_gamma or None),
+        "ss_min_snr_gamma": str((config.min_snr_gamma if not flow else 0) or None),
         "ss_noise_offset": str(config.noise_offset or None),
         "ss_loss_type": "l2",
         "ss_cache_latents": str(config.cache_latents),
@@ -193,14 +189,20 @@ def kohya_metadata(*, config, network, dataset=None, arch: str = "SD1", predicti
         "ss_training_comment": f"LoRA Core in-graph training; blocks={config.blocks or 'all'}; "
                                f"targets={'+'.join(config.unet_kinds)}",
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
+        "modelspec.architecture": names["modelspec.architecture"],
+        "modelspec.implementation": names["modelspec.implementation"],
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.prediction_type": "flow" if flow else "v" if v_pred else "epsilon",
         "modelspec.implementation_version": IMPLEMENTATION_VERSION,
     }
+    if "ss_model_type" in names:
+        meta["ss_model_type"] = names["ss_model_type"]
+    if objective is not None:
+        meta.update(objective.metadata(getattr(config, "timestep_sampling", "auto")))
+    if guidance is not None:
+        meta["ss_guidance_scale"] = str(float(guidance))
     if dataset is not None:
         meta.update({
             "ss_num_train_images": str(len(dataset)),

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part
+from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec
 from ..text_encoders import CLIP_L, T5_XXL
 
 BASE = "BASE"
@@ -168,7 +168,7 @@ class FluxFamily(Family):
             return ArchSpec(name=name, title=title, family=self, config=config, components=flux_components,
                             aliases=aliases, layout_key="flux",
                             metadata={"modelspec.implementation": bfl, "ss_network_module": "networks.lora_flux",
-                                      "resolution": 1024, **meta})
+                                      "resolution": 1024, "ss_model_type": "flux", **meta})
 
         self.DEV = flux("Flux.1-dev", "Flux.1 [dev]", ("flux", "flux1", "flux.1", "flux-dev", "flux1-dev"),
                         FluxSpec(), {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev", "short": "Flux.1",
@@ -192,7 +192,8 @@ class FluxFamily(Family):
             components=chroma_components, aliases=("chroma",), layout_key="chroma",
             metadata={"ss_base_model_version": "chroma", "modelspec.architecture": "chroma", "short": "Chroma",
                       "modelspec.implementation": "https://huggingface.co/lodestones/Chroma",
-                      "ss_network_module": "networks.lora_flux", "resolution": 1024, "match": ("chroma",)})
+                      "ss_network_module": "networks.lora_flux", "resolution": 1024, "ss_model_type": "chroma",
+                      "match": ("chroma",)})
         self.variants = (self.DEV, self.SCHNELL, self.KONTEXT, self.FILL, self.CHROMA)
 
     # ----------------------------------------------------------------------------- recognition
@@ -474,6 +475,44 @@ class FluxFamily(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config: Optional[FluxSpec] = None) -> TrainSpec:
+        """kohya sd-scripts' Flux training (networks/lora_flux.py, docs/flux_train_network.md): LoRA on every
+        Linear of the double and single blocks, modulation included; CLIP-L is the text encoder it trains (T5
+        only with train_t5xxl); Flux.1 dev's guidance embedding is fed a guidance value (kohya recommends 1.0).
+        Chroma: the same blocks (no modulation), T5 its only encoder, no guidance input (ComfyUI feeds 0), and
+        no resolution-dependent schedule (BFL's belongs to Flux.1; ComfyUI samples Chroma at its fixed shift)."""
+        spec = config if isinstance(config, FluxSpec) else variant.config
+        return TrainSpec(
+            kinds=FLUX_TRAIN_KINDS, target_sets=FLUX_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
+            guidance_input=bool(spec.guidance), timestep_sampling="logit-normal, model shift",
+            resolution_shift=None if variant is self.CHROMA else (2, 256, 0.5, 4096, 1.15),
+            block_lists=("double_blocks", "single_blocks"))
+
+
+# Training kinds -> element kinds. "attn" holds the single blocks' linear1 / linear2 too: their attention is fused
+# with the MLP input / output in one weight (kohya names them whole).
+FLUX_TRAIN_KINDS = {
+    "attn": frozenset({"img_attn", "txt_attn", "linear1_attn", "linear2_attn"}),
+    "mlp": frozenset({"img_mlp", "txt_mlp"}),
+    "mod": frozenset({"img_mod", "txt_mod", "mod"}),
+    "embed": frozenset({"img_in", "txt_in", "time_in", "vector_in", "guidance_in"}),
+    "final": frozenset({"final", "final_mod"}),
+    "approximator": frozenset({"approximator"}),
+}
+# The train node's choices on a Flux / Chroma model: the first (its default) is kohya's default (every block
+# Linear, modulation included: 304 layers on Flux.1); "attn+ff" leaves modulation out (musubi-tuner's and
+# ai-toolkit's convention, 228 layers); "all layers" adds the input embeddings, final layer and Chroma's
+# distilled guidance layer. A DiT has no SD-style proj_in/out: "attn+proj" is "attn".
+FLUX_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp", "mod"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(FLUX_TRAIN_KINDS),
+}
 
 
 FAMILY = FluxFamily()

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef
+from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, TrainSpec
 from ..text_encoders import CLIP_L, OPENCLIP_G, OPENCLIP_H
 
 OTHER = "OTHER"
@@ -770,6 +770,22 @@ class SDFamily(Family):
         return layout
 
 
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> TrainSpec:
+        return SD_TRAIN
+
+    def training_metadata(self, variant: ArchSpec, prediction: str) -> dict[str, str]:
+        """kohya's strings; a v-prediction SD1/SD2 model is `sd_v1_v` / `sd_v2_v`, and an SD2 v-model
+        `stable-diffusion-v2-768-v` (sd-scripts' sai_model_spec)."""
+        out = super().training_metadata(variant, prediction)
+        if prediction.startswith("v") and variant in (self.SD1, self.SD2):
+            out["ss_base_model_version"] += "_v"
+            if variant is self.SD2:
+                out["modelspec.architecture"] = "stable-diffusion-v2-768-v/lora"
+        out["ss_v2"] = str(variant is self.SD2)
+        return out
+
+
 def _num(pattern: str, text: str) -> Optional[int]:
     m = re.search(pattern, text)
     return int(m.group(1)) if m else None
@@ -783,6 +799,50 @@ def _diffusers_level_has_attention(spec, side: str, index: int) -> bool:
     out = spec.output_block_depths()
     start = sum(n + 1 for n in list(reversed(spec.num_res_blocks))[:index])
     return any(out[start:start + spec.num_res_blocks[level] + 1])
+
+
+# ------------------------------------------------------------------------------------------- training
+
+# Training kinds (what kohya's SD target sets and the train node's choices name) -> element kinds. "other" is
+# every UNet Linear/Conv none of the others names (conv_in, conv_out, time and label embeddings): with all five,
+# every weight of rank >= 2 is trained, like ComfyUI core's Train LoRA node.
+SD_TRAIN_KINDS = {
+    "attn": frozenset({"attn1", "attn2"}),
+    "ff": frozenset({"ff"}),
+    "proj": frozenset({"proj"}),
+    "resnet": frozenset({"resnet_conv", "emb", "downsample", "upsample"}),
+    "other": frozenset({"conv_in", "conv_out", "time_embed", "label_emb"}),
+}
+SD_TRAIN = TrainSpec(
+    kinds=SD_TRAIN_KINDS,
+    target_sets={"attn+ff+proj": ("attn", "ff", "proj"), "attn+proj": ("attn", "proj"), "attn+ff": ("attn", "ff"),
+                 "attn": ("attn",), "all layers": tuple(SD_TRAIN_KINDS)},
+    conv_kinds=("resnet",),
+    text_encoders=None,
+    block_lists=("input_blocks", "middle_block", "output_blocks"),
+)
+
+# The same kinds from a module path alone, LDM or diffusers naming (a diffusers UNet's own module names, for
+# lora_core.train.find_unet_targets); None = "other".
+_ATTN_RE = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FF_RE = re.compile(r"\.ff\.net\.(0\.proj|2)$")
+_PROJ_RE = re.compile(r"(^|\.)(proj_in|proj_out)$")
+_RESNET_RE = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv"
+                        r"|conv1|conv2|time_emb_proj|conv_shortcut)$")
+
+
+def train_kind_of_path(path: str) -> Optional[str]:
+    """Training kind of a UNet module path in LDM or diffusers naming (attn, ff, proj, resnet), or None for a
+    module none of them names (trained as "other")."""
+    if _ATTN_RE.search(path):
+        return "attn"
+    if _FF_RE.search(path):
+        return "ff"
+    if _PROJ_RE.search(path):
+        return "proj"
+    if _RESNET_RE.search(path) and not path.startswith(("conv_in", "conv_out", "out.", "input_blocks.0.")):
+        return "resnet"
+    return None
 
 
 FAMILY = SDFamily()
