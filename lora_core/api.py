@@ -127,6 +127,24 @@ def _describe_modules(parsed: ParsedLora, report: LoadReport) -> None:
             report.alphas[float(module.alpha)] += 1
 
 
+def _made_for(lora, arch, report: LoadReport) -> str:
+    """The sentence 'This LoRA was made for X; the model is Y.' (with a leading space) when the file names
+    (metadata) or resembles (keys, shapes) another variant than the model's, else ""."""
+    if lora is None:
+        return ""
+    from .arch import detect_lora, registry
+
+    file_arch = detect_lora(lora)
+    made_for = file_arch.title if file_arch is not None and file_arch is not arch else None
+    if file_arch is None:   # no variant fits its shapes: its key marks may still name the family
+        family = registry.family_of_marks(parse_modules(lora).modules)
+        if family is not None and family is not getattr(arch, "family", None):
+            made_for = family.title
+    if made_for is None:
+        return ""
+    return f" This LoRA was made for {made_for}; the model is {report.model_arch or 'another model'}."
+
+
 def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None) -> None:
     """Refuse a LoRA that does not fit; warn loudly on a partial fit. Never silent."""
     if total == 0:
@@ -135,13 +153,7 @@ def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None)
     matched = report.matched
     examples = "; ".join(f"{n}: {why}" for n, why in report.unmatched[:3])
     if matched == 0 or matched / total < MIN_MATCHED_SHARE:
-        made_for = ""
-        if lora is not None:
-            from .arch import detect_lora
-
-            file_arch = detect_lora(lora)
-            if file_arch is not None and file_arch is not arch:
-                made_for = f" This LoRA was made for {file_arch.title}; the model is {report.model_arch or 'another model'}."
+        made_for = _made_for(lora, arch, report)
         raise LoraMatchError(
             f"{label}: only {matched} of {total} LoRA modules match this {report.model_arch or 'model'} "
             f"model, so the LoRA was made for a different architecture.{made_for} Pick a LoRA made for this base "
@@ -194,14 +206,21 @@ def plan_lora(request: LoraRequest, key_map, shapes: Mapping[str, torch.Size],
         component = target.component
         if component not in components:
             skipped[component] += 1
-            skip_reason[component] = "no CLIP connected" if is_text_encoder(component) else "component not loaded"
+            skip_reason[component] = getattr(key_map, "absent", {}).get(component) or (
+                "no CLIP connected" if is_text_encoder(component) else "component not loaded")
             continue
         strength = strength_clip if is_text_encoder(component) else strength_model
         if strength == 0.0:
             skipped[component] += 1
             skip_reason[component] = "strength 0"
             continue
-        planned = _target_patches(request, module, target, strength, shapes, report)
+        try:
+            planned = _target_patches(request, module, target, strength, shapes, report)
+        except LoraMatchError as error:   # a shape that does not fit: say which model the file was made for
+            made_for = _made_for(request.lora, arch, report)
+            if not made_for:
+                raise
+            raise LoraMatchError(f"{error}{made_for}") from None
         if planned is None:
             continue
         if not planned:

@@ -749,8 +749,9 @@ def _resolve_inspire(arch: str, text: str, present, seed: int, A: float, B: floa
 def _inspire_table(arch, slots, slot_factor, key_factors, base, populated, notes) -> BlockWeights:
     layout = _layout(arch)
     factors = {b: 1.0 for b in layout.blocks}
-    for block in layout.blocks:   # Inspire's BASE: every key outside its groups (all of them where it has none)
-        if block in layout.te_blocks or block in layout.other_blocks or layout.inspire_slot(block) is None:
+    for block in layout.blocks:   # Inspire's BASE: every key outside its groups (SD3's joint blocks too)
+        if block in layout.te_blocks + layout.other_blocks or (layout.inspire_slot(block) is None
+                                                               and block != layout.mid_block):
             factors[block] = base
     sub = {}
     for slot in slots:

@@ -240,7 +240,7 @@ def detect_lora_arch(loras: Sequence[LoraFile]) -> ArchSpec:
         spec = registry.detect_lora(lora)
         if spec is None:
             named = registry.named_base_model(lora.metadata) if registry.arch_of_metadata(lora.metadata) is None \
-                else None
+                and registry.family_of_metadata(lora.metadata) is None else None
             if named:
                 known = ", ".join(f.title for f in registry.families())
                 raise LoraMatchError(f"{lora.label} is a {named} LoRA; mixing supports {known} LoRAs.")

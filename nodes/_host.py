@@ -103,13 +103,22 @@ class HostModels:
             bindings.append(bind_comfy_model(self.model_shapes, unet_config, config_name=type(model_config).__name__
                                              if model_config is not None else ""))
             arch = bindings[0].arch
+        absent: dict = {}
         if self.clip is not None:
             bindings.append(bind_comfy_clip(self.clip_shapes, arch))
+            missing = [c for c, spec in (arch.components.items() if arch is not None else ())
+                       if spec.is_text_encoder and c not in bindings[-1].components]
+            if missing:
+                # The CLIP lacks some of the model's encoders (SD3 without T5, ...): still recognise their names,
+                # so those modules are reported as not applied with the reason instead of counting as mismatches.
+                bindings.append(bind_layout(arch, components=missing))
+                absent = {c: f"the CLIP has no {arch.components[c].encoder.family}" for c in missing}
         elif arch is not None:
             # No CLIP connected: still recognise the architecture's text-encoder names, so a LoRA's text-encoder
             # modules are reported as "not applied: no CLIP connected" instead of counting as mismatches.
             bindings.append(bind_layout(arch, components=[c for c in arch.components if c.startswith("te")]))
         key_map = build_key_map(*bindings)
+        key_map.absent = absent
         self._key_maps[owner] = (clip_id, key_map)
         return key_map
 
@@ -123,6 +132,7 @@ class HostModels:
             present = {c for c in present if c.startswith("te")}
         if self.clip is None or not include_clip:
             present = {c for c in present if not c.startswith("te")}
+        present -= set(getattr(self.key_map, "absent", {}))
         return tuple(sorted(present))
 
     def preflight(self, header, name: str) -> None:

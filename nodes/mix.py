@@ -31,7 +31,7 @@ import folder_paths
 
 from lora_core import blocks, mix, paths
 from lora_core.api import LoraRequest
-from lora_core.arch import bind_layout, build_key_map, get_arch
+from lora_core.arch import ARCHS, bind_layout, build_key_map, get_arch
 from lora_core.errors import LoraFileError, LoraValueError
 
 from ._host import NONE_NAMES, HostModels, load_lora, lora_names
@@ -39,7 +39,9 @@ from .block_weight import BLOCK_STACK, BlockSettings, check_row, resolve_with_ke
 from .loader import normalise_stack
 
 CATEGORY = "LoRA Core/Mix"
-ARCH_CHOICES = ("auto", "sd1", "sd2", "sdxl", "flux", "chroma")   # new choices go at the end
+# new choices go at the end: every layout a family adds after these, in registry order
+ARCH_CHOICES = ("auto", "sd1", "sd2", "sdxl", "flux", "chroma")
+ARCH_CHOICES += tuple(k for k in dict.fromkeys(a.layout_key for a in ARCHS.values()) if k not in ARCH_CHOICES)
 SAVE_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 MODE_TIP = ("exact: lossless; plain LoRAs are concatenated along the rank (file rank = sum of ranks), other "

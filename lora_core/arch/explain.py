@@ -28,7 +28,6 @@ DENOISER_PREFIXES = ("lora_unet_", "lycoris_", "model.diffusion_model.", "diffus
                      "")
 # Models no family describes yet: their key marks, so a user still learns what the file is for (on any host) ...
 FOREIGN = (
-    (re.compile(r"joint_blocks|context_block|x_block"), "SD3 MMDiT key (joint_blocks): this LoRA was made for SD3/SD3.5"),
     (re.compile(r"(^|[._])(noise_refiner|context_refiner|cap_embedder)[._]|(^|[._])layers[._]\d+[._](attention[._]"
                 r"(qkv|out|to_[qkv])|feed_forward[._]w[123])([._]|$)"),
      "Z-Image / Lumina 2 key (layers.N.attention / feed_forward, refiners): this LoRA was made for Z-Image or "

@@ -311,6 +311,9 @@ class Family:
     # Regexes that mark a LoRA module name as this family's (for "made for another model" errors), most
     # specific first, and the words shown for them.
     markers: tuple[tuple[str, str], ...] = ()
+    # Lower-case prefixes of metadata values that name this family but not one of its variants (ai-toolkit's
+    # `sd_3` for every SD3): the variant is then read from the file's keys and shapes, among this family's.
+    metadata_match: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------- recognition
     def detect_host(self, keys: Sequence[str], shapes: Optional[Mapping[str, tuple]], config: Optional[dict],

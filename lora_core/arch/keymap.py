@@ -98,6 +98,7 @@ class KeyMap:
         self.te_specs = {c: s for b in bindings for c, s in b.te_specs.items()}
         self.component_specs = {c: s for b in bindings for c, s in b.component_specs.items()}
         self._module_targets = module_targets   # (component, path) -> whole Target
+        self.absent: dict = {}   # component -> why its names resolve but it is not there (set by the host)
         self.targets = tuple(t for t in module_targets.values() if t.param == "weight")
 
     @property

@@ -105,12 +105,41 @@ def arch_of_metadata(metadata: Mapping[str, str]) -> Optional[ArchSpec]:
     return None
 
 
+def family_of_marks(names: Iterable[str]) -> Optional[Family]:
+    """The family whose key marks (`Family.markers`) most of these module names carry, or None: names a LoRA's
+    family when its variant cannot be told (tiny or pruned shapes)."""
+    import re
+
+    counts = {f: sum(1 for n in names if any(re.search(p, n) for p, _ in f.markers)) for f in FAMILIES}
+    best = max(counts.values(), default=0)
+    winners = [f for f, c in counts.items() if c == best]
+    return winners[0] if best and len(winners) == 1 else None
+
+
+def family_of_metadata(metadata: Mapping[str, str]) -> Optional[Family]:
+    """The family a LoRA's header names without naming the variant (a family's `metadata_match`, e.g.
+    ai-toolkit's `sd_3`), or None. Only asked when `arch_of_metadata` finds no variant."""
+    meta = metadata or {}
+    for key in ("modelspec.architecture", "ss_base_model_version", "ss_model_type"):
+        value = str(meta.get(key) or "").strip().lower()
+        if not value or value in ("none", "null"):
+            continue
+        for family in FAMILIES:
+            if any(value.startswith(prefix) for prefix in family.metadata_match):
+                return family
+    return None
+
+
 def base_model_name(lora_file) -> tuple[str, str]:
     """(readable base-model name, source) of a LoRA for reports: ("SDXL", "metadata"), ("Flux.1", "keys"),
     ("SD3", "metadata") for a model named but not described here, ("", "") when nothing tells."""
     variant = arch_of_metadata(lora_file.metadata)
     if variant is not None:
         return variant.metadata.get("short", variant.name), "metadata"
+    family = family_of_metadata(lora_file.metadata)
+    if family is not None:
+        variant = detect_lora(lora_file)
+        return (variant.metadata.get("short", variant.name) if variant is not None else family.title), "metadata"
     named = named_base_model(lora_file.metadata)
     if named:
         return named, "metadata"
@@ -161,7 +190,9 @@ def detect_lora(lora_file, use_metadata: bool = True) -> Optional[ArchSpec]:
     names = set(modules) | {split[0] for split in map(split_key, lora_file.tensors) if split is not None}
     if not names:
         return None
-    counts = {name: sum(1 for n in names if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
+    family = family_of_metadata(lora_file.metadata)   # the header names the family only: its variants compete
+    candidates = [v.name for v in family.variants] if family is not None else list(ARCHS)
+    counts = {name: sum(1 for n in names if layout_key_map(name).resolve(n) is not None) for name in candidates}
     best = max(counts.values())
     if best == 0 or best < MIN_DETECTED_SHARE * len(names):
         return None

@@ -633,6 +633,8 @@ class SDFamily(Family):
         return None
 
     def variant_of_clip(self, comfy_names: set) -> Optional[ArchSpec]:
+        if "t5xxl" in comfy_names:
+            return None   # no SD UNet model has a T5 encoder (CLIP-L + CLIP-G + T5 is SD3's)
         if "clip_g" in comfy_names:
             return self.SDXL
         if "clip_h" in comfy_names:
