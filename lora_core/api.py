@@ -170,6 +170,20 @@ def _fit_check(report: LoadReport, total: int, label: str, lora=None, arch=None)
                 f"through names both families use; the file's module names are those of {by_keys.title}. This "
                 f"LoRA was made for {by_keys.title}; the model is {report.model_arch or 'another model'}. Pick a "
                 f"LoRA made for this base model. Examples: {examples}")
+    if lora is not None and arch is not None:
+        # Families whose blocks coincide in names and shapes (Flux.1 and HunyuanVideo): a file decisively the
+        # other family's is refused even when every module fits.
+        from .arch import registry
+
+        other = registry.confusable_family(lora, arch)
+        if other is not None:
+            model = report.model_arch or "model"
+            why = ("its metadata names it" if registry.arch_of_metadata(lora.metadata) is other else
+                   "its module names and block depths are that family's")
+            raise LoraMatchError(
+                f"{label}: its modules fit this {model} model by name and shape ({other.family.title} and "
+                f"{arch.family.title} share their block names), but {why}. This LoRA was made for {other.title}; "
+                f"the model is {model}. Pick a LoRA made for this base model.")
     if report.unmatched:
         report.warnings.append(f"{len(report.unmatched)} of {total} modules did not match this model and were "
                                f"not applied (listed above).")

@@ -55,8 +55,8 @@ def _host_title(km: "KeyMap") -> str:
 
 def _foreign_family(km: "KeyMap", name: str) -> Optional[str]:
     for family in registry.families():
-        if family is km.family:
-            continue
+        if family is km.family or (km.family is not None and family.name in km.family.confusable_with):
+            continue   # (a family whose names this host shares marks nothing here)
         for pattern, words in family.markers:
             if re.search(pattern, name):
                 return (f"{name!r}: {words} key: this LoRA was made for {family.title}, not {_host_title(km)}. "

@@ -314,6 +314,10 @@ class Family:
     # Lower-case prefixes of metadata values that name this family but not one of its variants (ai-toolkit's
     # `sd_3` for every SD3): the variant is then read from the file's keys and shapes, among this family's.
     metadata_match: tuple[str, ...] = ()
+    # Names of families whose module names and shapes coincide with this one's (HunyuanVideo's blocks are Flux's):
+    # a file decisively the other family's (metadata, or names / depths only it has) is refused even when every
+    # module fits (registry.confusable_family); the other family's key marks are not read as "made for" it.
+    confusable_with: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------- recognition
     def detect_host(self, keys: Sequence[str], shapes: Optional[Mapping[str, tuple]], config: Optional[dict],

@@ -208,3 +208,51 @@ def detect_lora(lora_file, use_metadata: bool = True) -> Optional[ArchSpec]:
         preferred = next(iter(fams)).preferred_variant(winners) if len(fams) == 1 else None
         return ARCHS[preferred] if preferred else None
     return ARCHS[winners[0]]
+
+
+def _confusable(a: Family, b: Family) -> bool:
+    return a is not b and (b.name in a.confusable_with or a.name in b.confusable_with)
+
+
+def confusable_family(lora_file, host_arch: Optional[ArchSpec]) -> Optional[ArchSpec]:
+    """The variant of another family a LoRA file was decisively made for, when that family's names and shapes
+    coincide with the host's (`Family.confusable_with`: a Flux.1 LoRA fits HunyuanVideo's blocks), else None.
+
+    Decisive: the file's metadata names that family's variant; or, among the two families' full-size layouts, the
+    other one resolves more of the file's module names (Flux's `img_in` / `txt_in`, HunyuanVideo's Tencent names,
+    blocks past the other's depth), or as many with more of its shape / depth votes. A file both read alike is
+    not decided (None): it loads."""
+    if host_arch is None or lora_file is None:
+        return None
+    host = host_arch.family
+    others = [f for f in FAMILIES if _confusable(host, f)]
+    if not others:
+        return None
+    from_meta = arch_of_metadata(lora_file.metadata)
+    if from_meta is not None:
+        return from_meta if from_meta.family in others else None
+    from ..formats import parse_modules
+
+    modules = parse_modules(lora_file).modules
+    if not modules:
+        return None
+
+    def best(family: Family):
+        scored = []
+        for variant in family.variants:
+            km = layout_key_map(variant.name)
+            count = sum(1 for n in modules if km.resolve(n) is not None)
+            scored.append((count, variant))
+        top = max(c for c, _ in scored)
+        if top == 0:
+            return 0, 0, None
+        tied = [v for c, v in scored if c == top]
+        votes = max(family.lora_votes(modules, v, layout_key_map(v.name)) for v in tied)
+        return top, votes, tied[0]
+
+    host_count, host_votes, _ = best(host)
+    for family in others:
+        count, votes, variant = best(family)
+        if variant is not None and (count, votes) > (host_count, host_votes):
+            return variant
+    return None
