@@ -316,7 +316,8 @@ class Family:
     metadata_match: tuple[str, ...] = ()
     # Names of families whose module names and shapes coincide with this one's (HunyuanVideo's blocks are Flux's):
     # a file decisively the other family's (metadata, or names / depths only it has) is refused even when every
-    # module fits (registry.confusable_family); the other family's key marks are not read as "made for" it.
+    # module fits (registry.confusable_family); the other family's key marks are not read as "made for" it; a file
+    # both families read alike is taken as the other family's by `detect_lora` (the declaring family yields).
     confusable_with: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------- recognition
