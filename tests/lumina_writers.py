@@ -101,7 +101,11 @@ def peft_state(transformer, rank: int = 4, alpha: float = 4, seed: int = 0, targ
     tests.qwen_image_writers.peft_state)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    # PEFT matches a target as a name suffix: resolve the suffixes to the Linears they name (`adaLN_modulation.0` is
+    # a Linear in the blocks, a SiLU in the final layer)
+    names = [p for p, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(p == t or p.endswith("." + t) for t in targets)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights=True)
     adapted = inject_adapter_in_model(config, copy.deepcopy(transformer))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
