@@ -72,6 +72,8 @@ def element_kind(target: Target) -> str:
 def te_aliases(component_spec, path: str) -> list[str]:
     """Every writer's name for text-encoder module `path` of one component (see the module docstring)."""
     forms = dict.fromkeys([path, short_te_path(path)])
+    if component_spec.encoder is not None and component_spec.encoder.kind == "llm" and path.startswith("model."):
+        forms[path[len("model."):]] = None   # HF base-model names (Gemma2Model: kohya lora_te_layers_0_..., diffusers)
     names = []
     for form in forms:
         names += [p + form.replace(".", "_") for p in component_spec.kohya_prefixes]
