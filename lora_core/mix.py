@@ -217,9 +217,11 @@ def output_name(target: Target, key_map: Optional[KeyMap] = None, arch: Optional
     """The module name a merged file uses for a canonical target: kohya's, as sd-scripts writes it for the family
     (`lora_unet_<canonical path _>`; text encoders `<kohya prefix><HF path _>` where kohya and ComfyUI name the
     module, ComfyUI's generic `text_encoders.<encoder>.transformer.<HF path>` elsewhere)."""
-    if not target.component.startswith("te"):
-        return "lora_unet_" + target.path.replace(".", "_")
     arch = arch or (key_map.arch if key_map is not None else None)
+    if not target.component.startswith("te"):
+        family = arch.family if arch is not None else (key_map.family if key_map is not None else None)
+        custom = family.export_name(target) if family is not None else None
+        return custom or "lora_unet_" + target.path.replace(".", "_")
     spec = (key_map.component_specs.get(target.component) if key_map is not None else None) or (
         arch.components.get(target.component) if arch is not None else None)
     encoder = spec.encoder if spec is not None else None
