@@ -430,6 +430,9 @@ def _bias_key(weight_key: str) -> str:
 def _group_by_target(patches: Mapping[str, list], key_map: KeyMap, warnings: list):
     """(target, weight key, weight patches, bias key, bias patches) per module, in layout order."""
     weight_targets = {t.host_key: t for t in key_map.targets}
+    family = key_map.family
+    if family is not None:   # parameters a family's common format names (Wan's `modulation`)
+        weight_targets.update({t.host_key: t for t in key_map.param_targets if family.export_name(t)})
     grouped: dict[str, dict] = {}
     for key, items in patches.items():
         if key in weight_targets:
@@ -438,7 +441,7 @@ def _group_by_target(patches: Mapping[str, list], key_map: KeyMap, warnings: lis
             grouped.setdefault(key[: -len(".bias")] + ".weight", {})["bias"] = items
         else:
             warnings.append(f"{key}: no kohya module name for this tensor; its patch was not exported.")
-    order = {t.host_key: i for i, t in enumerate(key_map.targets)}
+    order = {k: i for i, k in enumerate(weight_targets)}
     for weight_key in sorted(grouped, key=lambda k: order.get(k, len(order))):
         parts = grouped[weight_key]
         yield (weight_targets[weight_key], weight_key, parts.get("weight", []), _bias_key(weight_key),

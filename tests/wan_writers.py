@@ -123,8 +123,10 @@ def full_diffs(model, seed: int = 0, prefix: str = "diffusion_model.") -> dict:
     return state
 
 
-def lightx2v(model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> tuple[dict, dict]:
-    """(lightx2v's file, the same tensors under the names core 0.3.75 reads: `diff_m` -> `modulation.diff`)."""
+def lightx2v(model, rank: int = 4, alpha: float = 4.0, seed: int = 0, norms: bool = True,
+             modulation: bool = True) -> tuple[dict, dict]:
+    """(lightx2v's file, the same tensors under the names core 0.3.75 reads: `diff_m` -> `modulation.diff`).
+    `norms` / `modulation`: include the norm3 diffs / the `diff_m` modulation diffs."""
     generator = torch.Generator().manual_seed(seed)
     layers = block_linears(model)
     state = dw.lora_pairs(layers, lambda p: "diffusion_model." + p, rank, alpha, seed)
@@ -132,23 +134,28 @@ def lightx2v(model, rank: int = 4, alpha: float = 4.0, seed: int = 0) -> tuple[d
     for path, layer in layers.items():
         state[f"diffusion_model.{path}.diff_b"] = 0.01 * torch.randn(layer.bias.shape, generator=generator)
     for i, block in enumerate(wan.blocks):
+        if modulation:
+            state[f"diffusion_model.blocks.{i}.diff_m"] = 0.01 * torch.randn(block.modulation.shape,
+                                                                            generator=generator)
+        if not norms:
+            continue
         state[f"diffusion_model.blocks.{i}.norm3.diff"] = 0.01 * torch.randn(block.norm3.weight.shape,
                                                                                generator=generator)
         state[f"diffusion_model.blocks.{i}.norm3.diff_b"] = 0.01 * torch.randn(block.norm3.bias.shape,
                                                                                  generator=generator)
-        state[f"diffusion_model.blocks.{i}.diff_m"] = 0.01 * torch.randn(block.modulation.shape, generator=generator)
     truth = {(k[:-len(".diff_m")] + ".modulation.diff" if k.endswith(".diff_m") else k): v for k, v in state.items()}
     return state, truth
 
 
-def peft_on(module: torch.nn.Module, targets: Iterable[str], rank: int = 4, alpha: float = 4, seed: int = 0,
+def peft_on(module: torch.nn.Module, targets, rank: int = 4, alpha: float = 4, seed: int = 0,
             adapter_names: bool = False) -> dict:
     """Real PEFT (`inject_adapter_in_model`) on a copy of `module`, factors randomised; keys without prefix.
     With `adapter_names` the module's own parameter names (`...lora_A.default.weight`), else
     `get_peft_model_state_dict`'s (`...lora_A.weight`)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                        target_modules=targets if isinstance(targets, str) else list(targets))
     adapted = inject_adapter_in_model(config, copy.deepcopy(module))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -166,13 +173,13 @@ def original_blocks(model) -> torch.nn.Module:
 
 
 def diffusion_pipe(model, seed: int = 0) -> dict:
-    state = peft_on(original_blocks(model), [rf"blocks\.\d+\.(self_attn|cross_attn)\.({'|'.join(ORIGINAL_TARGETS[:6])})"
-                                             rf"|blocks\.\d+\.ffn\.[02]"], seed=seed)
+    state = peft_on(original_blocks(model), rf"blocks\.\d+\.(self_attn|cross_attn)\.({'|'.join(ORIGINAL_TARGETS[:6])})"
+                                            rf"|blocks\.\d+\.ffn\.[02]", seed=seed)
     return {f"diffusion_model.{k}": v for k, v in state.items()}
 
 
 def diffsynth(model, seed: int = 0, rank: int = 4) -> dict:
-    return peft_on(original_blocks(model), [rf"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.[02]"],
+    return peft_on(original_blocks(model), rf"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.[02]",
                    rank=rank, alpha=rank, seed=seed, adapter_names=True)
 
 
