@@ -102,6 +102,8 @@ class KeyMap:
         self._module_targets = module_targets   # (component, path) -> whole Target
         self.absent: dict = {}   # component -> why its names resolve but it is not there (set by the host)
         self.targets = tuple(t for t in module_targets.values() if t.param == "weight")
+        # modules whose tensor is a parameter other than a weight (RMSNorm `scale`, Wan's `modulation`)
+        self.param_targets = tuple(t for t in module_targets.values() if t.param != "weight")
 
     @property
     def unet(self):
