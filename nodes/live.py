@@ -156,22 +156,29 @@ def bake(model, clip=None):
             outputs.append(item)
             lines.append(f"{what}: no live LoRA layers (nothing to bake).")
             continue
-        merged: dict = {}
+        # One merged patch set per live node, in graph order (upstream first): what the same chain of merged
+        # loaders adds to ModelPatcher, so the baked weights equal theirs bit for bit.
+        per_set: dict = {}
         for layers in (f.layers for f in forwards.values()):
-            for layer in layers:   # stack order: upstream live nodes first, as merged loaders chain
+            for layer in layers:
+                entries = per_set.setdefault(id(layer.owner), (layer.owner, {}))[1]
                 for key, patches in layer.owner.patches.items():
                     if live.module_key(key) == layer.key:
-                        merged.setdefault(key, []).extend(patches)
+                        entries[key] = patches
         clone = item.clone()
         clone_patcher = clone if what == "MODEL" else clone.patcher
         for name in forwards:
             del clone_patcher.object_patches[name]
-        added = clone_patcher.add_patches(to_comfy_patches(merged, set()), 1.0)
-        missing = set(merged) - set(added)
-        if missing:
-            raise RuntimeError(f"LoRA Core: ComfyUI refused baked patches for {len(missing)} {what} tensors, "
-                               f"e.g. {sorted(missing)[:3]}")
-        lines.append(f"{what}: baked {len(forwards)} live layers into {len(merged)} merged patches.")
+        merged = 0
+        for _, entries in per_set.values():
+            added = clone_patcher.add_patches(to_comfy_patches(entries, set()), 1.0)
+            missing = set(entries) - set(added)
+            if missing:
+                raise RuntimeError(f"LoRA Core: ComfyUI refused baked patches for {len(missing)} {what} tensors, "
+                                   f"e.g. {sorted(missing)[:3]}")
+            merged += len(entries)
+        lines.append(f"{what}: baked {len(forwards)} live layers of {len(per_set)} live node(s) into {merged} "
+                     f"merged patches.")
         outputs.append(clone)
     return outputs[0], outputs[1], "\n".join(lines)
 
