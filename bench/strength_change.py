@@ -115,14 +115,22 @@ class LiveImpl:
 
     def __init__(self, env):
         self.env = env
+        self.files: dict = {}   # one LoraFile per LoRA, as the nodes' file cache hands the same object again
+
+    def requests(self, loras, strengths, blocks=None):
+        from lora_core.api import LoraRequest
+        from lora_core.types import LoraFile
+
+        files = [self.files.setdefault(lora.name, LoraFile(None, lora.tensors)) for lora in loras]
+        return [LoraRequest(f, s, s, block_weights=blocks, name=lora.name) for f, lora, s in zip(files, loras, strengths)]
 
     def _build(self, loras, strengths, out_factor: float = 1.0):
         from . import cases as C
 
         live = _live_module()
-        host = C._host_module().HostModels(self.env.patcher, self.env.clip)
+        host = live.LiveHost(self.env.patcher, self.env.clip)
         blocks = C._block_vector(host.key_map.arch.name, out_factor, self.env.blocks) if out_factor != 1.0 else None
-        model, clip, _ = live.apply_live(self.env.patcher, self.env.clip, C._requests(loras, strengths, blocks), host)
+        model, clip, _ = live.apply_live(self.env.patcher, self.env.clip, self.requests(loras, strengths, blocks), host)
         return model, clip
 
 
@@ -160,7 +168,7 @@ def step_overhead(env, factory_make, device, dtype, latent: int, repeat: int, cl
     from . import cases as C
 
     live = _live_module()
-    host = C._host_module().HostModels(env.patcher, env.clip)
+    host = C._host_module().HostModels(env.patcher, None)
     base = env.patcher.model
     flux = base.diffusion_model.__class__.__name__ == "Flux"
     channels = 16 if flux else 4

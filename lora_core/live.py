@@ -80,8 +80,8 @@ def live_reason(patch: WeightPatch, weight_shape) -> str:
         return f"{module.algo}+DoRA (the magnitude depends on the weight)"
     if module.algo != "lora":
         return f"{module.algo} (no low-rank factored form)"
-    if adapters.lowrank_parts(module, torch.Size(patch.module_shape(weight_shape))) is None:
-        return "lora factors do not fit the weight's shape"
+    # The plan validated the patch against this weight (adapters.validate: same output rows and element count),
+    # which is all lowrank_parts needs; _build_factors raises if an unvalidated one does not fit.
     return ""
 
 
@@ -203,7 +203,13 @@ def _build_factors(patches: Sequence[WeightPatch], weight_shape) -> _Factors:
     out_rows = int(weight_shape[0])
     downs, ups, ranks = [], [], []
     for patch in patches:
-        up2d, down2d, _ = adapters.lowrank_parts(patch.module, torch.Size(patch.module_shape(weight_shape)))
+        parts = adapters.lowrank_parts(patch.module, torch.Size(patch.module_shape(weight_shape)))
+        if parts is None:
+            from .errors import LoraMatchError
+
+            raise LoraMatchError(f"{patch.module.name}: its lora factors give a delta that does not fit a weight "
+                                 f"of shape {tuple(weight_shape)}; the LoRA was made for a different model.")
+        up2d, down2d, _ = parts
         up2d, down2d = up2d.to(F32), down2d.to(F32)
         rank = down2d.shape[0]
         if patch.rows is None:

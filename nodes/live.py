@@ -39,6 +39,45 @@ LIVE_TIP = ("Applied at forward time: queueing again with another strength or bl
             "scalars (no weight is restored, recomputed or moved). Bake it for a final render or Save Checkpoint.")
 
 _stores: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_shape_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_form_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class LiveHost(HostModels):
+    """HostModels whose tensor shapes are read once per model: re-running a live node after a strength change
+    then costs the plan and the scalar table, not a walk over every tensor of the model (~20 ms on SD1.5)."""
+
+    def __init__(self, model, clip=None):
+        self.model = model
+        self.clip = clip
+        self.model_shapes = _cached_shapes(model.model) if model is not None else {}
+        self.clip_shapes = _cached_shapes(clip.cond_stage_model) if clip is not None else {}
+        self.key_map = self._key_map()
+
+
+def _cached_shapes(owner) -> dict:
+    from ._host import _shapes
+
+    shapes = _shape_cache.get(owner)
+    if shapes is None:
+        shapes = _shape_cache[owner] = _shapes(owner)
+    return shapes
+
+
+def _module_form(owner, mkey: str):
+    forms = _form_cache.get(owner)
+    if forms is None:
+        forms = _form_cache[owner] = {}
+    got = forms.get(mkey)
+    if got is None:
+        try:
+            module = comfy.utils.get_attr(owner, mkey)
+        except AttributeError:
+            got = (None, "no module of that name")
+        else:
+            got = live.layer_form(module)
+        forms[mkey] = got
+    return got
 
 
 def factor_store(owner) -> live.FactorStore:
@@ -94,7 +133,7 @@ def apply_live(model, clip, requests, host: Optional[HostModels] = None):
     requests = [r for r in requests if r.strength_model != 0 or r.strength_clip != 0]
     if not requests:
         return model, clip, "No LoRA applied (all strengths are 0)."
-    host = host or HostModels(model, clip)
+    host = host or LiveHost(model, clip)
     plan = host.plan(requests)
     owners = {}
     if model is not None:
@@ -112,13 +151,9 @@ def apply_live(model, clip, requests, host: Optional[HostModels] = None):
 
     def form_of(mkey: str):
         side = where(mkey)
-        if side is None:
-            return None, "no weight"
-        try:
-            module = comfy.utils.get_attr(owners[side], mkey)
-        except AttributeError:
-            return None, "no module of that name"
-        return live.layer_form(module)
+        if side not in owners:
+            return None, "no weight" if side is None else f"no {side.upper()} given"
+        return _module_form(owners[side], mkey)
 
     split = live.split_plan(plan.patches, host.shapes, form_of)
     new_model, new_clip = host.apply(api.Plan(split.merged, plan.reports)) if split.merged else (model, clip)
@@ -314,13 +349,13 @@ def apply_live_named(model, clip, rows):
     rows = [(n, sm, sc) for n, sm, sc in rows if sm != 0 or sc != 0]
     if not rows:
         return model, clip, "No LoRA applied (all strengths are 0)."
-    host = HostModels(model, clip)
+    host = LiveHost(model, clip)
     requests = [LoraRequest(load_lora(name, host), sm, sc, name=name) for name, sm, sc in rows]
     return apply_live(model, clip, requests, host)
 
 
 def apply_live_rows(model, clip, rows):
-    host = HostModels(model, clip)
+    host = LiveHost(model, clip)
     requests, tables = build_requests(host, rows)
     if not requests:
         return model, clip, "No LoRA applied (empty stack or all strengths are 0)."

@@ -75,8 +75,10 @@ def _inputs(channels=4):
 
 
 def prediction(patcher, **kwargs) -> torch.Tensor:
-    """The denoiser's output after ComfyUI loads `patcher` the way a sampler does."""
-    mm.load_models_gpu([patcher], force_full_load=True)
+    """The denoiser's output after ComfyUI loads `patcher` the way a sampler does (gradients off, as ComfyUI's
+    executor runs every node)."""
+    with torch.no_grad():
+        mm.load_models_gpu([patcher], force_full_load=True)
     x, sigma, context = _inputs()
     with torch.inference_mode():
         return patcher.model.apply_model(x, sigma, c_crossattn=context, **kwargs).clone()
@@ -326,3 +328,59 @@ def test_flux_elements_inside_fused_weights_equal_merged(tmp_path):
     base = flux_prediction(model, conds)
     assert_equal_outputs(flux_prediction(ours, conds), flux_prediction(merged, conds), base, "Flux")
     mm.unload_all_models()
+
+
+# ----------------------------------------------------------------------------------- GGUF and fp8 weights
+
+
+def test_gguf_weights_live_equals_merged_without_patching_per_forward(loras):
+    """On GGUF-quantised weights (tests/quantized.py's imitation of ComfyUI-GGUF) merged patches are applied again
+    at every dequantisation (`calculate_weight` per layer per call); live mode adds the factored terms to the
+    dequantised layer's output and never calls it, with the same outputs."""
+    from tests import quantized as q
+
+    model = q.gguf_sd15()
+    (merged, _) = loader.LoRACoreLoaderModelOnly().load(model, "a.safetensors", 0.8)
+    (ours, _) = live.LoRACoreLoaderModelOnlyLive().load(model, "a.safetensors", 0.8)
+    base = prediction(model)
+    calls = {"n": 0}
+    real = comfy.lora.calculate_weight
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    comfy.lora.calculate_weight = counting
+    try:
+        want = prediction(merged)
+        merged_calls, calls["n"] = calls["n"], 0
+        got = prediction(ours)
+    finally:
+        comfy.lora.calculate_weight = real
+    mm.unload_all_models()
+    assert merged_calls > 0 and calls["n"] == 0, (merged_calls, calls["n"])
+    assert_equal_outputs(got, want, base, "GGUF Q8_0")
+
+
+def test_fp8_weights_keep_the_lora_in_the_compute_dtype(loras):
+    """fp8 (e4m3fn) weights: merged, W + ΔW is rounded to fp8; live keeps W in fp8 and computes the LoRA in the
+    compute dtype. Against the exact result (the same fp8 weights upcast to fp32, the LoRA merged in fp32) live is
+    within fp32 rounding and closer than merged."""
+    from tests import quantized as q
+
+    state = q.fp8_state_dict(torch.float8_e4m3fn)
+    fp8 = q.load_unet(state, dtype=torch.float8_e4m3fn)
+    exact_model = q.load_unet({k: v.float() for k, v in state.items()}, dtype=torch.float32)
+    (truth, _) = loader.LoRACoreLoaderModelOnly().load(exact_model, "a.safetensors", 0.8)
+    (merged, _) = loader.LoRACoreLoaderModelOnly().load(fp8, "a.safetensors", 0.8)
+    (ours, _) = live.LoRACoreLoaderModelOnlyLive().load(fp8, "a.safetensors", 0.8)
+    exact = prediction(truth)
+    base = prediction(exact_model)
+    got, rounded = prediction(ours), prediction(merged)
+    mm.unload_all_models()
+    assert comfy.utils.get_attr(fp8.model, "diffusion_model.input_blocks.1.1.proj_in.weight").dtype == \
+        torch.float8_e4m3fn
+    live_error = (got - exact).abs().max().item()
+    merged_error = (rounded - exact).abs().max().item()
+    assert_equal_outputs(got, exact, base, "fp8 live vs exact")
+    assert live_error < merged_error / 10, (live_error, merged_error)
