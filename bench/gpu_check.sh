@@ -24,9 +24,15 @@ timeout 120 "$PY" -m bench --device cuda --quick --arch flux --impls core,nodes,
   --out "$OUTDIR" 2>&1 | grep -v -i "warning\|autocast" \
   | tee "$OUTDIR/bench_flux_cuda.log" | tail -24
 flux_rc=${PIPESTATUS[0]}
-# a strength change on ComfyUI's real load path on the GPU: how much of it is the model's move off and back
-timeout 70 "$PY" -m bench.strength_change --device cuda --repeat 2 2>&1 | grep -v -i "warning\|autocast" \
-  | tee "$OUTDIR/strength_change_cuda.md" | tail -8
+# a strength change on ComfyUI's real load path on the GPU: how much of it is the model's move off and back;
+# core vs merged nodes vs live mode (strength and block changes, first-in-process and warm), and live mode's
+# per-step cost at ranks 8/32/128 and a 4-LoRA stack (--steps, 64x64 latent)
+timeout 150 "$PY" -m bench.strength_change --device cuda --repeat 2 --steps --attribution 2>&1 \
+  | grep -v -i "warning\|autocast" | tee "$OUTDIR/strength_change_cuda.md" | tail -24
 change_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc flux rc=$flux_rc strength_change rc=$change_rc (results in $OUTDIR)"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$flux_rc" -eq 0 ] && [ "$change_rc" -eq 0 ]
+# the same on the full-width DiT (Flux.1, 2 double + 4 single blocks, fp16)
+timeout 120 "$PY" -m bench.strength_change --device cuda --arch flux --repeat 2 --steps 2>&1 \
+  | grep -v -i "warning\|autocast" | tee "$OUTDIR/strength_change_flux_cuda.md" | tail -22
+live_flux_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc flux rc=$flux_rc strength_change rc=$change_rc live flux rc=$live_flux_rc (results in $OUTDIR)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$flux_rc" -eq 0 ] && [ "$change_rc" -eq 0 ] && [ "$live_flux_rc" -eq 0 ]

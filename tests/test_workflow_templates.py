@@ -18,7 +18,7 @@ from demo.workflow_api import VIRTUAL_NODES, load_workflow, widget_layout
 pytest_plugins = ["tests.e2e_helpers"]
 
 EXPECTED = ["01_load_lora", "02_lora_stack", "03_block_weight_mix", "04_block_sweep_grid",
-            "05_train_and_apply", "06_merge_export", "07_flux_block_weights"]
+            "05_train_and_apply", "06_merge_export", "07_flux_block_weights", "08_live_tuning"]
 WORKFLOWS = example_workflows()
 CORE_MODULES = ("nodes", "comfy_extras.")
 MAX_LATENT_SIDE = 64
