@@ -47,8 +47,7 @@ class _Progress:
         if tqdm is not None:
             if self.bar is None:
                 self.bar = tqdm(total=total, desc=self.label, unit="weight", file=sys.stderr, leave=False)
-            self.bar.n = index
-            self.bar.refresh()
+            self.bar.update(index - self.bar.n)
             if index >= total:
                 self.bar.close()
             return

@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -34,6 +35,10 @@ from .checkpoint import WeightSource, bind_source, open_checkpoint
 from .errors import LoraMatchError, LoraValueError
 
 F32 = torch.float32
+# Targets left out (listed when they changed): kohya's extraction trains no embeddings either, and a rank-r SVD of
+# a vocabulary table (49408 x 768) is the slowest weight of a CLIP for no use in a style LoRA.
+NOT_DEFAULT_KINDS = {"te_embed": "token / position embedding of a text encoder: not a LoRA target (as in kohya's "
+                                 "extraction)"}
 
 
 @dataclass
@@ -199,6 +204,12 @@ def extract_lora(base: WeightSource, tuned: WeightSource, *, rank: int = 32, con
     device = torch.device(device) if device is not None else torch.device("cpu")
     wanted = set(components) if components else None
     targets = [t for t in key_map.targets if wanted is None or t.component in wanted]
+    # one order whatever the source's key order (a checkpoint's sorted header, a live state dict): the denoiser in
+    # its family's layout order, then each text encoder by layer and path
+    denoiser = [t for t in targets if not t.component.startswith("te")]
+    encoders = sorted((t for t in targets if t.component.startswith("te")), key=lambda t: (t.component,
+                      [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", t.path)]))
+    targets = denoiser + encoders
     missing = [t.host_key for t in targets if t.host_key not in tuned.shapes]
     if missing and len(missing) == len(targets):
         raise LoraMatchError(f"{tuned.label} has none of {base.label}'s weights (e.g. {missing[0]}): they are not "
@@ -219,7 +230,12 @@ def extract_lora(base: WeightSource, tuned: WeightSource, *, rank: int = 32, con
         if tuple(tuned.shapes[key]) != shape:
             raise LoraMatchError(f"{key}: shape {shape} in {base.label} but {tuple(tuned.shapes[key])} in "
                                  f"{tuned.label}: the checkpoints are different models.")
-        if len(shape) not in (2, 4):
+        if len(shape) not in (2, 4) or target.kind in NOT_DEFAULT_KINDS:
+            b, t = base.get(key), tuned.get(key)
+            if not torch.equal(b, t):
+                why = (NOT_DEFAULT_KINDS.get(target.kind) or
+                       f"a {len(shape)}-D weight (norm scale or vector): a LoRA stores no low-rank change for it")
+                not_extracted.append((key, why))
             continue
         kernel = _conv_kernel(shape)
         cap = conv_rank if kernel > 1 else rank
