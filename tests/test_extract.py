@@ -246,7 +246,7 @@ def test_command_exit_codes(sd15, tmp_path, capsys):
     assert exited.value.code == cli.EXIT_USAGE
     # a checkpoint of another family: a mismatch, named
     flux = tm.comfy_flux()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in flux.model.state_dict().items()},
+    save_file({"model." + k: v.contiguous() for k, v in flux.model.state_dict().items()},
               str(tmp_path / "flux.safetensors"))
     assert cli.main(["extract", base, str(tmp_path / "flux.safetensors"), "-o", str(tmp_path / "z.safetensors"),
                      "-q"]) == cli.EXIT_MISMATCH
@@ -263,8 +263,8 @@ def test_flux_extraction_keeps_the_fused_layout(tmp_path):
     lora = dw.kohya_flux(model, rank=RANK, alpha=2.0, seed=3)
     patched, tuned_model, _ = core_patched(model, None, lora)
     msd = model.model.state_dict()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in msd.items()}, str(tmp_path / "b.safetensors"))
-    save_file({"model.diffusion_model." + k: patched.get(k, v).contiguous() for k, v in msd.items()},
+    save_file({"model." + k: v.contiguous() for k, v in msd.items()}, str(tmp_path / "b.safetensors"))
+    save_file({"model." + k: patched.get(k, v).contiguous() for k, v in msd.items()},
               str(tmp_path / "t.safetensors"))
     result = extract_files(tmp_path / "b.safetensors", tmp_path / "t.safetensors", rank=16)
     assert result.arch.family.name == "flux"
