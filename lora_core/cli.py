@@ -122,7 +122,13 @@ def cmd_convert(args) -> int:
     stem, _ = os.path.splitext(args.file)
     out = _output(args.output, args.overwrite, f"{stem}_{args.to}.safetensors")
     lora = read_lora_file(args.file)
-    result = convert_lora(lora, args.to, arch=args.family)
+    key_map = None
+    if args.model:
+        from .checkpoint import bind_source, open_checkpoint
+
+        with open_checkpoint(args.model) as model:
+            key_map = bind_source(model)
+    result = convert_lora(lora, args.to, arch=args.family, key_map=key_map)
     result.save(out, overwrite=args.overwrite)
     _print(args, result.as_dict(), result.text())
     return EXIT_OK
@@ -264,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Tensors are copied unchanged unless fusing parts needs it (then exact).")
     p.add_argument("file")
     p.add_argument("--to", required=True, choices=("kohya", "diffusers", "comfy"))
+    p.add_argument("--model", help="a checkpoint whose depth and widths decide the names (default: the family's "
+                                   "full-size layout, scaled to the file's width)")
     common(p)
     p.set_defaults(run=cmd_convert)
 

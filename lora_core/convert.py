@@ -102,11 +102,11 @@ class _Source:
 
 # ------------------------------------------------------------------------------------------- output names
 
-def _diffusers_table(arch) -> dict:
+def _diffusers_table(arch, config) -> dict:
     """canonical path -> [(diffusers module path, pieces or None)] for weights."""
     table: dict = {}
     family = arch.family
-    for key, (canonical, pieces, param) in family.diffusers_host_pieces(arch.config, arch).items():
+    for key, (canonical, pieces, param) in family.diffusers_host_pieces(config, arch).items():
         if param != "weight" or not key.endswith(".weight"):
             continue
         entries = table.setdefault(canonical, [])
@@ -179,23 +179,50 @@ def _sources(lora: LoraFile, key_map) -> tuple[dict, list]:
     return grouped, unmatched
 
 
-def convert_lora(lora: LoraFile, to: str, arch=None) -> ConvertResult:
+def naming_arch(lora: LoraFile):
+    """The variant whose names a file uses: `detect_lora` (metadata, keys, shape votes); when that cannot decide
+    between variants that name every module alike (SD1 / SD2, the SD3 sizes, a tiny or pruned model), the first
+    variant of the one family whose layouts resolve most of the file's names - for renaming, the variants of a
+    family are interchangeable where their names agree."""
+    from .arch import ARCHS, detect_lora, layout_key_map
+
+    spec = detect_lora(lora)
+    if spec is not None:
+        return spec
+    names = list(parse_modules(lora).modules)
+    counts = {name: sum(1 for n in names if layout_key_map(name).resolve(n) is not None) for name in ARCHS}
+    best = max(counts.values(), default=0)
+    winners = [ARCHS[n] for n, c in counts.items() if c == best]
+    families = {w.family for w in winners}
+    if best == 0 or len(families) > 1 or best < 0.5 * len(names):
+        raise LoraMatchError(f"{lora.label}: cannot tell which model family the file's names belong to "
+                             f"({', '.join(sorted(w.name for w in winners)) if best else 'none resolves'}); pass "
+                             f"--family (sd1, sdxl, flux, chroma, sd3, qwen, ...).")
+    return winners[0]
+
+
+def convert_lora(lora: LoraFile, to: str, arch=None, key_map=None) -> ConvertResult:
     """The same LoRA in convention `to` (see the module docstring). `arch` forces the variant ("flux", "sdxl",
-    ...); by default it is read from the file's metadata and keys."""
+    ...); by default it is read from the file's metadata and keys. `key_map` (a model's, e.g.
+    `checkpoint.bind_source(open_checkpoint(path))`) replaces the full-size layout: the model's own depth and
+    widths decide (an SD3 model's last block, whose context modulation diffusers stores swapped, is its own)."""
     from .arch import get_arch, layout_key_map
     from .mix import detect_lora_arch
 
     to = str(to).strip().lower()
     if to not in CONVENTIONS:
         raise LoraValueError(f"unknown target convention {to!r}; use one of {', '.join(CONVENTIONS)}.")
-    spec = get_arch(arch) if arch not in (None, "", "auto") else detect_lora_arch([lora])
-    key_map = layout_key_map(spec)
+    if key_map is not None and key_map.arch is not None:
+        spec = key_map.arch
+    else:
+        spec = get_arch(arch) if arch not in (None, "", "auto") else naming_arch(lora)
+        key_map = layout_key_map(spec)
     grouped, unmatched = _sources(lora, key_map)
     if unmatched:
         name, why = unmatched[0]
         raise LoraMatchError(f"{lora.label}: {len(unmatched)} modules name no module of {spec.title} and cannot be "
                              f"converted (e.g. {name}: {why}). Pass the right --family, or remove them.")
-    table = _diffusers_table(spec) if to == "diffusers" else {}
+    table = _diffusers_table(spec, key_map.config or spec.config) if to == "diffusers" else {}
     result = ConvertResult({}, {}, spec, to, modules_in=sum(len(v) for v in grouped.values()))
     for (_component, _path), sources in grouped.items():
         whole = key_map.module_target(sources[0].target.component, sources[0].target.path) or sources[0].target
@@ -243,6 +270,17 @@ def _convert_module(sources, whole, outputs, to: str, result: ConvertResult) -> 
             raise LoraValueError(f"{s.name}: Tucker (lora_mid) modules have no diffusers form; convert to kohya or comfy.")
     if rows <= 0:
         raise LoraValueError(f"{whole.path}: several modules of the file patch it; cannot tell their rows apart.")
+    # The layout is the full-size model's; a file for a narrower model of the family (a pruned or distilled one)
+    # has every part narrower by one factor: read it off the file and scale the row ranges.
+    factor = _width_factor(sources, whole)
+    if factor != 1:
+        rows = _scaled_rows(rows, factor, whole.path)
+        sources = [_Source(s.name, s.algo, s.roles, None if s.coverage is None else
+                           tuple(tuple(_scaled_rows(x, factor, whole.path) for x in piece) for piece in s.coverage), s.target)
+                   for s in sources]
+        outputs = [(name, None if pieces is None else
+                    tuple(tuple(_scaled_rows(x, factor, whole.path) for x in piece) for piece in pieces))
+                   for name, pieces in outputs]
     if len({s.algo for s in sources}) > 1:
         raise LoraValueError(f"{whole.path}: its parts mix algorithms ({', '.join(s.name for s in sources)}); they "
                              f"cannot be fused into one module.")
@@ -271,6 +309,32 @@ def _convert_module(sources, whole, outputs, to: str, result: ConvertResult) -> 
         else:
             _emit_lora(out_name, out_rows, maps, to, result)
         result.modules_out += 1
+
+
+def _module_rows(source) -> int:
+    tensor = source.roles["up"][1] if "up" in source.roles else source.roles["diff"][1]
+    return int(tensor.shape[0])
+
+
+def _width_factor(sources, whole):
+    from fractions import Fraction
+
+    factors = set()
+    for s in sources:
+        expected = whole.rows if s.coverage is None else sum(n for _, _, n in s.coverage)
+        factors.add(Fraction(_module_rows(s), expected))
+    if len(factors) > 1:
+        raise LoraValueError(f"{whole.path}: the file's modules for it have widths of different models "
+                             f"({', '.join(f'{s.name}: {_module_rows(s)} rows' for s in sources)}).")
+    return factors.pop()
+
+
+def _scaled_rows(value: int, factor, path: str) -> int:
+    scaled = value * factor
+    if scaled.denominator != 1:
+        raise LoraValueError(f"{path}: the file's width does not split into this family's parts (rows {value} x "
+                             f"{factor}); pass the right --family.")
+    return int(scaled)
 
 
 def _rows_of(tensor: torch.Tensor, out_rows: int, pairs) -> torch.Tensor:

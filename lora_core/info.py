@@ -47,10 +47,20 @@ def module_norm(module: ModuleLora) -> Optional[float]:
 
 
 def _key_map_for(lora: LoraFile, arch=None):
+    """(layout KeyMap, variant or None, family or None). When the variant cannot be told (SD1 vs SD2 by names
+    alone, a tiny or pruned model), the family's layout still gives blocks and kinds."""
     from .arch import detect_lora, get_arch, layout_key_map
+    from .convert import naming_arch
+    from .errors import LoraMatchError
 
     spec = get_arch(arch) if arch else detect_lora(lora)
-    return (layout_key_map(spec) if spec is not None else None), spec
+    if spec is not None:
+        return layout_key_map(spec), spec, spec.family
+    try:
+        naming = naming_arch(lora)
+    except LoraMatchError:
+        return None, None, None
+    return layout_key_map(naming), None, naming.family
 
 
 def inspect_lora(lora: LoraFile, arch=None, model=None) -> dict:
@@ -59,17 +69,18 @@ def inspect_lora(lora: LoraFile, arch=None, model=None) -> dict:
     from .arch import registry
 
     parsed = parse_modules(lora)
-    key_map, spec = _key_map_for(lora, arch)
+    key_map, spec, family = _key_map_for(lora, arch)
     info: dict = {"path": lora.path, "format": parsed.writer, "tensors": len(lora.tensors),
                   "modules": len(parsed.modules)}
     algos: Counter = Counter()
     for module in parsed.modules.values():
         algos[module.algo + ("+dora" if module.dora_scale is not None else "")] += 1
     info["algorithms"] = dict(sorted(algos.items()))
-    info["family"] = spec.family.name if spec is not None else None
-    info["family_title"] = spec.family.title if spec is not None else None
+    info["family"] = family.name if family is not None else None
+    info["family_title"] = family.title if family is not None else None
     info["variant"] = spec.name if spec is not None else None
     info["variant_title"] = spec.title if spec is not None else None
+    info["layout"] = key_map.arch.name if key_map is not None else None
     info["variant_source"] = ("metadata" if spec is not None and registry.arch_of_metadata(lora.metadata) is spec
                               else "keys" if spec is not None else None)
 
@@ -78,7 +89,7 @@ def inspect_lora(lora: LoraFile, arch=None, model=None) -> dict:
     block_modules: Counter = Counter()
     needs_base: Counter = Counter()
     unmatched = []
-    order = {b: i for i, b in enumerate(spec.blocks)} if spec is not None else {}
+    order = {b: i for i, b in enumerate(key_map.arch.blocks)} if key_map is not None else {}
     for name, module in parsed.modules.items():
         target = key_map.resolve(name) if key_map is not None else None
         if target is None:
@@ -165,8 +176,9 @@ def inspect_text(info: dict) -> str:
     lines = [f"LoRA: {info['path']}",
              f"  format: {info['format']}; {info['modules']} modules, {info['tensors']} tensors",
              "  algorithms: " + (", ".join(f"{a} x{n}" for a, n in info["algorithms"].items()) or "none"),
-             f"  model: {info['variant_title'] or 'unknown'}"
-             + (f" ({info['family_title']} family, from {info['variant_source']})" if info["variant"] else "")]
+             f"  model: {info['variant_title'] or 'variant unknown (pass --family)'}"
+             + (f" ({info['family_title']} family, from {info['variant_source']})" if info["variant"] else
+                f" ({info['family_title']} family by its names)" if info["family"] else "")]
     lines.append("  module groups (component / kind: modules, ranks, alphas):")
     for g in info["groups"]:
         ranks = ", ".join(f"{r} x{n}" for r, n in g["ranks"].items()) or "-"
