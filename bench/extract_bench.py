@@ -67,7 +67,9 @@ def make_checkpoints(folder: str, seed: int = 0) -> tuple[str, str]:
         if value.ndim in (2, 4) and value.is_floating_point() and "embeddings" not in key:
             out, cols = value.shape[0], value[0].numel()
             rank = min(64, out, cols)
-            u = torch.randn(out, rank, generator=gen) * (0.2 / rank ** 0.5)
+            # a decaying spectrum, as fine-tunes have: direction i weighs 1 / (1 + i / 8)
+            decay = 1.0 / (1.0 + torch.arange(rank, dtype=torch.float32) / 8.0)
+            u = torch.randn(out, rank, generator=gen) * decay * (0.2 / rank ** 0.5)
             v = torch.randn(rank, cols, generator=gen) / cols ** 0.5
             noise = torch.randn(out, cols, generator=gen) * (0.002 / cols ** 0.5)
             tuned[key] = (value.float() + (u @ v + noise).reshape(value.shape)).to(value.dtype).contiguous()

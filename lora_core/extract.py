@@ -165,16 +165,53 @@ def _kept_rank(s: torch.Tensor, total2: float, cap: int, target_error: Optional[
     return keep
 
 
+# Below this smaller side, or when the wanted rank (plus oversampling) reaches it, a thin SVD of the whole matrix.
+FAST_SVD_MIN_SIDE = 512
+
+
+def top_singular(diff: torch.Tensor, rank: int):
+    """(U, S, Vh) of the top singular directions of a 2-D fp32 matrix: at least `rank` of them (all of them when
+    `rank` is 0 or the matrix is small: a thin `torch.linalg.svd`).
+
+    For large matrices and rank << side: the Gram matrix ``M Mᵀ`` of the short side (one fp32 matmul) is
+    diagonalised in fp64 (`eigh`); its top ``q = rank + oversampling`` eigenvectors, after one power step and a QR,
+    span a subspace that holds the top singular directions to fp32 precision, and the exact SVD of the small
+    projection ``Qᵀ M`` (Rayleigh-Ritz) gives them. Several times faster than the full SVD of, e.g., SD1.5's
+    1280 x 23040 convolutions, and the kept rank-k product is the optimal truncation to the precision the
+    bench and tests measure (see bench/extract_bench.py)."""
+    m, n = diff.shape
+    side = min(m, n)
+    q = min(side, rank + max(16, rank // 2)) if rank else side
+    if side < FAST_SVD_MIN_SIDE or q >= side:
+        return torch.linalg.svd(diff, full_matrices=False)
+    wide = m <= n
+    M = diff if wide else diff.T
+    gram = M @ M.T
+    _, vectors = torch.linalg.eigh(gram.double())
+    basis = vectors[:, -q:].to(diff.dtype)
+    basis, _ = torch.linalg.qr(M @ (M.T @ basis))
+    ub, values, vh = torch.linalg.svd(basis.T @ M, full_matrices=False)
+    u = basis @ ub
+    if wide:
+        return u, values, vh
+    return vh.T, values, u.T
+
+
 def factor_difference(diff: torch.Tensor, cap: int, target_error: Optional[float] = None):
-    """(up, down, kept rank, full rank, relative error, ||D||) of one change (2-D, fp32)."""
+    """(up, down, kept rank, full rank, relative error, ||D||) of one change (2-D, fp32). With a target error
+    the full spectrum decides (thin SVD); with a rank cap only the top directions are computed (`top_singular`)."""
     total2 = float(diff.double().square().sum())
     if total2 == 0.0:
         return None
-    u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+    u, s, vh = top_singular(diff, 0 if target_error is not None else cap)
     keep = _kept_rank(s, total2, cap, target_error)
     eps = torch.finfo(F32).eps
     full_rank = int((s > s[0] * max(diff.shape) * eps).sum())
-    tail2 = float(s[keep:].double().square().sum())
+    if s.numel() == min(diff.shape):
+        tail2 = float(s[keep:].double().square().sum())
+    else:   # only the top directions are known: the rest of the energy is what they leave
+        tail2 = max(total2 - float(s[:keep].double().square().sum()), 0.0)
+        full_rank = min(diff.shape)
     rel_error = math.sqrt(max(tail2, 0.0) / total2)
     root = s[:keep].sqrt()
     return u[:, :keep] * root, root[:, None] * vh[:keep], keep, full_rank, rel_error, math.sqrt(total2)

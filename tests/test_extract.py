@@ -294,3 +294,28 @@ def test_pickled_checkpoints_are_read_weights_only(tmp_path, sd15):
     reference = extract_files(sd15["folder"] / "base.safetensors", sd15["folder"] / "tuned.safetensors", rank=64)
     assert result.tensors.keys() == reference.tensors.keys()
     assert pickle  # the module is used for the class above
+
+
+def test_fast_top_directions_are_the_optimal_truncation():
+    """Large matrices take the Gram / Rayleigh-Ritz path (lora_core.extract.top_singular): its rank-k product has
+    the optimal error (singular values from float64 svdvals) and its factors are those of the thin SVD."""
+    from lora_core.extract import FAST_SVD_MIN_SIDE, factor_difference, top_singular
+
+    gen = torch.Generator().manual_seed(3)
+    for m, n in ((FAST_SVD_MIN_SIDE + 88, 1500), (1400, FAST_SVD_MIN_SIDE + 20)):
+        side = min(m, n)
+        u = torch.linalg.qr(torch.randn(m, side, generator=gen))[0]
+        v = torch.linalg.qr(torch.randn(n, side, generator=gen))[0]
+        s = 1.0 / (1.0 + torch.arange(side, dtype=torch.float32) / 6.0)
+        diff = (u * s) @ v.T
+        for k in (1, 8, 40):
+            up, down, kept, _, reported, _ = factor_difference(diff, k)
+            assert kept == k and up.shape == (m, k) and down.shape == (k, n)
+            exact = torch.linalg.svdvals(diff.double())
+            optimum = float(exact[k:].square().sum().sqrt() / exact.square().sum().sqrt())
+            actual = float((diff - up @ down).double().norm() / diff.double().norm())
+            assert actual == pytest.approx(optimum, rel=1e-5)
+            assert reported == pytest.approx(optimum, rel=1e-4)
+        _, values, _ = top_singular(diff, 8)
+        assert values.numel() < side   # the fast path ran
+        assert torch.allclose(values[:8].double(), exact[:8], rtol=1e-5)
