@@ -13,7 +13,8 @@ Conventions (`CONVENTIONS`):
   DiTs, ``text_encoder.`` / ``text_encoder_2.`` / ``text_encoder_3.`` + HF path), ``lora_A.weight`` /
   ``lora_B.weight``, with ``<module>.alpha`` kept when the source has one (diffusers' network-alpha keys;
   ComfyUI and LoRA Core read it); fused weights are split the way diffusers' classes hold them (``to_q`` /
-  ``to_k`` / ``to_v``, ``proj_mlp``, Flux's ``norm_out.linear`` with its rows in [scale, shift] order).
+  ``to_k`` / ``to_v``, ``proj_mlp``, Flux's ``norm_out.linear`` with its rows in [scale, shift] order); a module
+  the family knows no diffusers name for keeps ComfyUI's ``diffusion_model.<path>``.
 
 What the file's modules *are* comes from the architecture layer: every name resolves through the family's
 KeyMap to a canonical module and the canonical rows it covers; the output convention names each canonical
@@ -143,7 +144,9 @@ def _outputs(target, key_map, arch, to: str, table) -> list[tuple[str, Optional[
     prefix = "unet." if arch.family.denoiser == "unet" else "transformer."
     entries = table.get(path)
     if not entries:
-        return [(prefix + path, None)]   # the diffusers class uses the canonical name (Qwen-Image's blocks)
+        # no diffusers name for it (e.g. Chroma's distilled_guidance_layer in the family's table): ComfyUI's name,
+        # which every loader reads, rather than an invented one
+        return [(f"diffusion_model.{path}", None)]
     return [(prefix + name, pieces) for name, pieces in entries]
 
 
@@ -207,7 +210,6 @@ def convert_lora(lora: LoraFile, to: str, arch=None, key_map=None) -> ConvertRes
     `checkpoint.bind_source(open_checkpoint(path))`) replaces the full-size layout: the model's own depth and
     widths decide (an SD3 model's last block, whose context modulation diffusers stores swapped, is its own)."""
     from .arch import get_arch, layout_key_map
-    from .mix import detect_lora_arch
 
     to = str(to).strip().lower()
     if to not in CONVENTIONS:

@@ -6,7 +6,8 @@ encoders' linears), in layout order, one at a time:
 1. both tensors are read (memory-mapped for safetensors: only this weight is in memory), the change
    ``D = tuned - base`` is formed in fp32 on the compute device; a weight whose largest |D| is at most
    ``threshold`` is left out (reported as unchanged);
-2. ``D`` (a conv flattened to (out, in*k*k)) is factored by ``torch.linalg.svd``; the kept rank is ``rank`` for
+2. ``D`` (a conv flattened to (out, in*k*k)) is factored by its top singular directions (`top_singular`: a thin
+   ``torch.linalg.svd``, or for large weights the Gram matrix + Rayleigh-Ritz); the kept rank is ``rank`` for
    linear and 1x1 layers, ``conv_rank`` for k x k convolutions (kohya's ``conv_dim``: LoCon; 0 = leave convs
    out), or, with ``target_error``, the smallest rank whose relative error ``||D - D_k||_F / ||D||_F`` is at
    most that (``rank`` / ``conv_rank`` then cap it when set);

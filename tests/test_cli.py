@@ -59,6 +59,8 @@ def hosts():
                 cache[kind] = (tm.comfy_sd15(), tm.comfy_clip_sd15())
             elif kind == "flux":
                 cache[kind] = (tm.comfy_flux(), tm.comfy_clip_flux())
+            elif kind == "chroma":
+                cache[kind] = (tm.comfy_chroma(), tm.comfy_clip_chroma())
             elif kind == "sd3":
                 cache[kind] = (ts.comfy_sd3(), None)
             elif kind == "qwen":
@@ -98,6 +100,10 @@ def flux_peft(model, clip):
     return state
 
 
+def chroma_native(model, clip):
+    return dw.comfy_native(model, rank=4, alpha=2.0, seed=12)
+
+
 def sd3_kohya(model, clip):
     return s3.kohya_sd3(model, rank=4, alpha=2.0, seed=8)
 
@@ -113,6 +119,7 @@ WRITERS = {
     "sd15-lycoris-loha": ("sd15", sd15_loha, "lycoris", "sd", {"loha"}),
     "flux-kohya": ("flux", flux_kohya, "kohya", "flux", {"lora"}),
     "flux-peft": ("flux", flux_peft, "peft", "flux", {"lora"}),
+    "chroma-comfy": ("chroma", chroma_native, "kohya", "flux", {"lora"}),
     "sd3-kohya": ("sd3", sd3_kohya, "kohya", "sd3", {"lora"}),
     "qwen-musubi": ("qwen", qwen_musubi, "kohya", "qwen_image", {"lora"}),
 }
@@ -245,6 +252,8 @@ def core_readable(state: dict) -> dict:
             for proj in ("to_q", "to_k", "to_v"):
                 key = key.replace(f".{proj}.", f".processor.{proj}.")
             key = key.replace(".to_out.0.", ".processor.to_out.")
+        if key.startswith("transformer.distilled_guidance_layer."):   # Chroma's approximator: core reads ComfyUI's
+            key = "diffusion_model." + key[len("transformer."):]
         if key.startswith("text_encoder_2.encoder."):   # Flux's T5 in diffusers naming: core reads ComfyUI's
             key = "text_encoders.t5xxl.transformer." + key[len("text_encoder_2."):]
         out[key] = value
@@ -264,9 +273,9 @@ def assert_same(got: dict, want: dict, base: dict):
 
 ROUND_TRIPS = [("sd15-kohya", "diffusers"), ("sd15-kohya", "comfy"), ("sd15-peft", "kohya"),
                ("sd15-lycoris-loha", "comfy"), ("flux-kohya", "diffusers"), ("flux-kohya", "comfy"),
-               ("flux-peft", "kohya"), ("sd3-kohya", "diffusers"), ("qwen-musubi", "diffusers")]
+               ("flux-peft", "kohya"), ("chroma-comfy", "diffusers"), ("sd3-kohya", "diffusers"), ("qwen-musubi", "diffusers")]
 SOURCE_CONVENTION = {"sd15-kohya": "kohya", "sd15-peft": "diffusers", "sd15-lycoris-loha": "kohya",
-                     "flux-kohya": "kohya", "flux-peft": "diffusers", "sd3-kohya": "kohya", "qwen-musubi": "kohya"}
+                     "flux-kohya": "kohya", "flux-peft": "diffusers", "chroma-comfy": "comfy", "sd3-kohya": "kohya", "qwen-musubi": "kohya"}
 
 
 @pytest.mark.parametrize("case,to", ROUND_TRIPS)

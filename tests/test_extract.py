@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import comfy.sd  # noqa: E402
 
 from lora_core import cli  # noqa: E402
 from lora_core.checkpoint import open_checkpoint  # noqa: E402
-from lora_core.errors import LoraMatchError, LoraValueError  # noqa: E402
+from lora_core.errors import LoraValueError  # noqa: E402
 from lora_core.extract import extract_files, extract_lora  # noqa: E402
 from tests import dit_writers as dw  # noqa: E402
 from tests import lora_writers as lw  # noqa: E402
