@@ -10,8 +10,12 @@ the architecture layer binds it like a loaded model:
 * text encoders in ComfyUI's CLIP naming `<encoder>.transformer.<HF path>` (clip_l, clip_g, clip_h, t5xxl, ...),
   read from the prefixes single-file checkpoints use for HF-named encoders: SD1's `cond_stage_model.transformer.`
   (CLIP-L), SDXL's `conditioner.embedders.0.transformer.` (CLIP-L), ComfyUI's `text_encoders.<encoder>.` and
-  bare `<encoder>.transformer.`. Encoders stored in OpenCLIP's own naming (SD2's `cond_stage_model.model.`,
-  SDXL's `conditioner.embedders.1.model.`) are listed in `skipped` with the reason, never dropped silently.
+  bare `<encoder>.transformer.`; encoders stored in OpenCLIP's own naming (SD2's `cond_stage_model.model.` =
+  OpenCLIP-H, SDXL's `conditioner.embedders.1.model.` = OpenCLIP-G) are renamed to HF naming the way ComfyUI's
+  checkpoint loader converts them (`comfy.utils.clip_text_transformers_convert`: `resblocks.N` -> `encoder.layers.N`,
+  the fused `attn.in_proj_weight` read as its q / k / v thirds, `text_projection` transposed), one tensor at a
+  time. Parts of the file that are not presented (VAE, EMA, other keys) are listed in `skipped` with the
+  reason, never dropped silently.
 
 `state_dict_source(mapping)` wraps tensors already in memory (ComfyUI MODEL / CLIP state dicts).
 """
@@ -32,8 +36,35 @@ TE_PREFIXES = (
     ("cond_stage_model.transformer.", "clip_l"),
     ("conditioner.embedders.0.transformer.", "clip_l"),
 )
-# Encoders in OpenCLIP's naming: not read (their fused in_proj weights have no HF name here); reported.
-OPENCLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.", "conditioner.embedders.0.model.")
+# Encoders in OpenCLIP's naming, renamed to HF naming (`_openclip_names`).
+OPENCLIP_PREFIXES = (("cond_stage_model.model.", "clip_h"), ("conditioner.embedders.1.model.", "clip_g"))
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                   "attn.out_proj": "self_attn.out_proj"}
+_OPENCLIP_TOP = {"positional_embedding": "text_model.embeddings.position_embedding.weight",
+                 "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                 "ln_final.weight": "text_model.final_layer_norm.weight",
+                 "ln_final.bias": "text_model.final_layer_norm.bias"}
+
+
+def _openclip_names(rest: str, shape) -> list:
+    """[(HF path, rows (start, stop) or None, transpose, shape)] of one OpenCLIP text-encoder key (ComfyUI's
+    `transformers_convert` rules); [] for keys ComfyUI drops too (logit_scale, attn_mask)."""
+    import re
+
+    if rest in _OPENCLIP_TOP:
+        return [(_OPENCLIP_TOP[rest], None, False, tuple(shape))]
+    if rest == "text_projection":
+        return [("text_projection.weight", None, True, tuple(shape)[::-1])]
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m and m.group(2) in _OPENCLIP_BLOCK:
+        return [(f"text_model.encoder.layers.{m.group(1)}.{_OPENCLIP_BLOCK[m.group(2)]}.{m.group(3)}", None, False,
+                 tuple(shape))]
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", rest)
+    if m:
+        third = shape[0] // 3
+        return [(f"text_model.encoder.layers.{m.group(1)}.self_attn.{p}_proj.{m.group(2)}", (i * third, (i + 1) * third),
+                 False, (third, *tuple(shape)[1:])) for i, p in enumerate("qkv")]
+    return []
 OTHER_PREFIXES = ("first_stage_model.", "vae.", "model_ema.", "conditioner.embedders.")
 
 
@@ -90,9 +121,6 @@ def _host_name(key: str, encoders) -> tuple[Optional[str], Optional[str]]:
         if name in encoders and rest.startswith(f"{name}.transformer."):
             return rest, None
         return None, "text_encoders." + name + "."
-    for prefix in OPENCLIP_PREFIXES:
-        if key.startswith(prefix):
-            return None, prefix
     for prefix in OTHER_PREFIXES:
         if key.startswith(prefix):
             return None, prefix
@@ -100,10 +128,7 @@ def _host_name(key: str, encoders) -> tuple[Optional[str], Optional[str]]:
 
 
 _SKIP_REASONS = {
-    "cond_stage_model.model.": "OpenCLIP-named text encoder (SD2's OpenCLIP-H): not extracted; the denoiser is",
-    "conditioner.embedders.1.model.": "OpenCLIP-named text encoder (SDXL's OpenCLIP-G): not extracted; the "
-                                      "denoiser and CLIP-L are",
-    "conditioner.embedders.0.model.": "OpenCLIP-named text encoder: not extracted",
+    "openclip": "OpenCLIP text-encoder tensors ComfyUI does not load either (logit_scale, attn_mask)",
     "first_stage_model.": "VAE: a LoRA does not adapt it",
     "vae.": "VAE: a LoRA does not adapt it",
     "model_ema.": "EMA copy of the weights: not read",
@@ -115,9 +140,21 @@ def _present(label: str, keys, shape_of, getter, metadata, closer, dtype_of=None
 
     shapes: dict[str, tuple] = {}
     names: dict[str, str] = {}
+    views: dict[str, tuple] = {}
     dtypes: dict = {}
     skipped: dict[str, int] = {}
     for key in keys:
+        openclip = next(((p, e) for p, e in OPENCLIP_PREFIXES if key.startswith(p)), None)
+        if openclip is not None:
+            renamed = _openclip_names(key[len(openclip[0]):], shape_of(key))
+            if not renamed:
+                skipped["openclip"] = skipped.get("openclip", 0) + 1
+            for path, rows, transpose, shape in renamed:
+                host = f"{openclip[1]}.transformer.{path}"
+                names[host], views[host], shapes[host] = key, (rows, transpose), shape
+                if dtype_of is not None:
+                    dtypes[host] = dtype_of(key)
+            continue
         host, prefix = _host_name(key, ENCODERS)
         if host is None:
             skipped[prefix] = skipped.get(prefix, 0) + 1
@@ -131,7 +168,14 @@ def _present(label: str, keys, shape_of, getter, metadata, closer, dtype_of=None
             dtypes[host] = dtype_of(key)
     reasons = [(prefix, f"{count} tensors: " + _SKIP_REASONS.get(prefix, "not a model weight LoRA Core reads"))
                for prefix, count in skipped.items()]
-    return WeightSource(label, shapes, lambda host: getter(names[host]), metadata, reasons, closer, dtypes)
+    def get(host):
+        tensor = getter(names[host])
+        rows, transpose = views.get(host, (None, False))
+        if rows is not None:
+            tensor = tensor[rows[0]:rows[1]]
+        return tensor.T.contiguous() if transpose else tensor
+
+    return WeightSource(label, shapes, get, metadata, reasons, closer, dtypes)
 
 
 def open_checkpoint(path) -> WeightSource:

@@ -318,3 +318,71 @@ def test_fast_top_directions_are_the_optimal_truncation():
         _, values, _ = top_singular(diff, 8)
         assert values.numel() < side   # the fast path ran
         assert torch.allclose(values[:8].double(), exact[:8], rtol=1e-5)
+
+
+def to_openclip(hf: dict, prefix: str) -> dict:
+    """HF-named CLIP tensors (`text_model.*`, `text_projection.weight`) in OpenCLIP's naming, the inverse of ComfyUI's
+    `comfy.utils.clip_text_transformers_convert` (resblocks, fused attn.in_proj_weight = q | k | v, ln_1/ln_2,
+    mlp.c_fc/c_proj, text_projection stored transposed): how SDXL single files hold OpenCLIP-G."""
+    block = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    out, qkv = {}, {}
+    for key, value in hf.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+            continue
+        rest = key[len("text_model."):]
+        if rest == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = value
+        elif rest == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = value
+        elif rest.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + rest.rsplit(".", 1)[1]] = value
+        elif rest.startswith("encoder.layers."):
+            _, _, layer, tail = rest.split(".", 3)
+            module, param = tail.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, param), {})[module[-6]] = value
+            else:
+                out[f"{prefix}transformer.resblocks.{layer}.{block[module]}.{param}"] = value
+        else:
+            out[prefix + key] = value
+    for (layer, param), parts in qkv.items():
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts[x] for x in "qkv"])
+    return out
+
+
+def test_sdxl_single_file_with_openclip_g(tmp_path):
+    """SDXL single files hold OpenCLIP-G in OpenCLIP's naming: read as HF (q/k/v thirds of in_proj) and extracted
+    as kohya's lora_te2_; core applies the file to the same text-encoder weights as the known LoRA."""
+    model, clip = tm.comfy_sdxl(), tm.comfy_clip_sdxl()
+    lora = {}
+    for attribute, prefix in (("clip_l", "lora_te1"), ("clip_g", "lora_te2")):
+        layers = _layers(getattr(clip.cond_stage_model, attribute).transformer, (".encoder.layers.",))
+        lora.update(lw.kohya_state_dict(layers, prefix, rank=RANK, alpha=2.0, seed=5))
+    patched, _, _ = core_patched(model, clip, lora)
+    csd = clip.cond_stage_model.state_dict()
+
+    def single_file(weights):
+        sd = {"model." + k: v.contiguous() for k, v in model.model.state_dict().items()}
+        for attribute, target in (("clip_l", "conditioner.embedders.0.transformer."), ("clip_g", None)):
+            hf = {k[len(attribute) + len(".transformer."):]: weights.get(k, v).contiguous() for k, v in csd.items()
+                  if k.startswith(attribute + ".transformer.")}
+            if target is not None:
+                sd.update({target + k: v for k, v in hf.items()})
+            else:
+                sd.update(to_openclip(hf, "conditioner.embedders.1.model."))
+        sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(1.0)
+        return sd
+
+    save_file(single_file({}), str(tmp_path / "b.safetensors"))
+    save_file(single_file(patched), str(tmp_path / "t.safetensors"))
+    result = extract_files(tmp_path / "b.safetensors", tmp_path / "t.safetensors", rank=64,
+                           components=("te1", "te2"))
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in result.tensors)
+    assert any("logit_scale" in why for _, why in result.skipped)
+    got, _, _ = core_patched(model, clip, result.tensors)
+    assert set(got) == set(patched)
+    for key in patched:
+        delta = patched[key] - csd[key].float()
+        assert float((got[key] - patched[key]).abs().max()) <= 1e-5 * float(delta.abs().max()), key
