@@ -84,7 +84,8 @@ def workspace(tmp_path_factory):
 def write_config(root, name: str, batch_size: int, steps: int = STEPS, run: str = "new run",
                  output: str = "out", **train) -> str:
     options = dict(steps=steps, batch_size=batch_size, rank=4, alpha=2.0, unet_lr=1e-3, text_encoder_lr=1e-3,
-                   train_text_encoder=True, save_precision="fp32", min_snr_gamma=5.0, seed=7, **train)
+                   train_text_encoder=True, save_precision="fp32", min_snr_gamma=5.0, seed=7)
+    options.update(train)
     lines = ['model = "tiny-sd"', f'output_dir = "{output}"', f'output_name = "{name}"', f'run = "{run}"', "",
              "[dataset]", 'folder = "images"', "resolution = 64", "repeats = 1", "bucketing = false", "",
              "[train]"]
@@ -121,15 +122,30 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def one_process(workspace):
+# The parity runs use SGD without gradient clipping, where the LoRA depends on the gradients' scale too (AdamW
+# and clipping would hide a gradient off by a constant factor); the resume runs use the AdamW default, whose
+# optimizer state must travel through the state file.
+SGD = dict(optimizer="SGD", unet_lr=0.05, text_encoder_lr=0.05, max_grad_norm=0.0)
+
+
+def one_process_run(workspace, name: str, **train) -> dict:
     """Batch 4 in one process, through the CLI's main() (no launcher)."""
     from lora_core.train.__main__ import main
 
-    summary = str(workspace / "one.json")
-    assert main([write_config(workspace, "one", batch_size=4), "--summary", summary]) == 0
+    summary = str(workspace / f"{name}.json")
+    assert main([write_config(workspace, name, batch_size=4, **train), "--summary", summary]) == 0
     with open(summary) as handle:
         return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace):
+    return one_process_run(workspace, "one", **SGD)
+
+
+@pytest.fixture(scope="module")
+def one_process_adamw(workspace):
+    return one_process_run(workspace, "one-adamw")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -235,7 +251,7 @@ def test_one_process_file_applies_with_every_module_matched(workspace, one_proce
 
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, one_process):
     log = str(workspace / "writes-two.log")
-    two = torchrun(write_config(workspace, "two", batch_size=2, save_every=2, keep_last=0),
+    two = torchrun(write_config(workspace, "two", batch_size=2, save_every=2, keep_last=0, **SGD),
                    str(workspace / "two.json"), log)
     assert two["world_size"] == 2 and two["global_batch"] == 4
     diff = max_diff(lora_tensors(two["final_path"]), lora_tensors(one_process["final_path"]))
@@ -254,7 +270,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, one_proce
     assert not [n for n in left if n.startswith(".")], f"temporary files left: {left}"
 
 
-def test_two_processes_stopped_and_continued_equal_a_straight_run(workspace, one_process):
+def test_two_processes_stopped_and_continued_equal_a_straight_run(workspace, one_process_adamw):
+    one_process = one_process_adamw
     log = str(workspace / "writes-chunks.log")
     half = STEPS // 2
     first = torchrun(write_config(workspace, "chunks", batch_size=2, steps=half),
@@ -268,3 +285,29 @@ def test_two_processes_stopped_and_continued_equal_a_straight_run(workspace, one
     assert diff <= PARITY_ATOL
     assert second["losses"] == pytest.approx(one_process["losses"], abs=LOSS_ATOL)
     assert {rank for rank, _, _ in writes(log)} == {"0"}
+
+
+def test_shard_rows_cover_the_batch_once_with_zero_weight_padding():
+    """DistributedSampler-style split of a global batch: rank r takes rows r, r+N, ...; shorter shares are padded
+    with rows of weight 0, so every process runs the same number of rows and each real row counts once."""
+    from lora_core.train.distributed import DistContext, DistributedTrainer
+
+    for world in (1, 2, 3, 4):
+        for batch in range(1, 9):
+            counts = [0.0] * batch
+            lengths = set()
+            for rank in range(world):
+                trainer = DistributedTrainer.__new__(DistributedTrainer)
+                trainer.dist = DistContext(rank=rank, world_size=world)
+                rows, weights = trainer._shard(batch)
+                if world == 1:
+                    assert rows is None and weights is None
+                    counts = [1.0] * batch
+                    lengths.add(-(-batch // world))
+                    continue
+                assert len(rows) == len(weights) and all(0 <= r < batch for r in rows)
+                lengths.add(len(rows))
+                for r, w in zip(rows, weights.tolist()):
+                    counts[r] += w
+            assert counts == [1.0] * batch, (world, batch, counts)
+            assert lengths == {-(-batch // world)}, (world, batch, lengths)

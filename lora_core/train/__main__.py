@@ -157,7 +157,7 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         mixed_precision=t["mixed_precision"], gradient_checkpointing=t["gradient_checkpointing"],
         cache_latents=t["cache_latents"], cache_text_encoder_outputs=t["cache_text_encoder_outputs"],
         save_every=t["save_every"], keep_last=t["keep_last"], save_dtype=t["save_precision"],
-        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"])
+        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"])
     config.validate()
     targets = find_unet_targets(model.unet, kinds, blocks, namer)
     if config.train_text_encoder:

@@ -110,6 +110,8 @@ TRAIN = {
     "save_precision": Option(str, "fp16", ("fp16", "bf16", "fp32")),
     "overwrite": Option(bool, False),
     "timestep_sampling": Option(str, "auto", tuple(TIMESTEP_SAMPLING)),
+    # Not a node input (the node clips at 1.0, kohya's default): gradient-norm clipping, 0 = off.
+    "max_grad_norm": Option(float, 1.0, low=0.0, high=1e6),
 }
 DISTRIBUTED = {
     "backend": Option(str, "auto", BACKENDS),
