@@ -58,6 +58,12 @@ def save_tiny_sd(folder: str) -> None:
                   ).save_pretrained(os.path.join(folder, "text_encoder"))
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   prediction_type="epsilon").save_pretrained(os.path.join(folder, "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    with open(os.path.join(folder, "model_index.json"), "w") as handle:
+        json.dump(index, handle)
 
 
 def save_images(folder: str, n: int = 5) -> None:
@@ -245,6 +251,65 @@ def test_one_process_file_applies_with_every_module_matched(workspace, one_proce
     moved = unet.state_dict()[key] - before["unet." + key]
     assert torch.count_nonzero(expected) > 0
     assert torch.allclose(moved, expected, atol=1e-6, rtol=1e-5)
+
+
+def save_single_file(folder: str, path: str) -> None:
+    """The tiny diffusers model as one original-layout (LDM) checkpoint, the layout from_single_file reads: UNet
+    keys by LoRA Core's diffusers -> LDM table, the VAE by ComfyUI's own converter (comfy.diffusers_convert), the
+    CLIP under cond_stage_model.transformer. Whether this is right is diffusers' converter's to say (below)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from tests.comfy_host import import_comfy
+
+    import_comfy()
+    import comfy.diffusers_convert as convert
+
+    import lora_core.train as lt
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    namer = lt.diffusers_ldm_namer(unet)
+    out = {}
+    for key, value in unet.state_dict().items():
+        module, param = key.rsplit(".", 1)
+        out[f"model.diffusion_model.{namer(module)}.{param}"] = value
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    out.update({"first_stage_model." + k: v for k, v in convert.convert_vae_state_dict(vae.state_dict()).items()})
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    out.update({"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+
+
+def test_single_file_checkpoint_trains_like_its_folder(workspace, one_process):
+    """model = a single-file checkpoint (diffusers' from_single_file, offline with model_config): the same
+    weights as the folder, so the same LoRA as the folder's run."""
+    from lora_core.train.__main__ import load_model, main
+
+    checkpoint = workspace / "tiny-sd.safetensors"
+    save_single_file(str(workspace / "tiny-sd"), str(checkpoint))
+    cpu = torch.device("cpu")
+    single = load_model(str(checkpoint), str(workspace / "tiny-sd"), cpu)
+    folder = load_model(str(workspace / "tiny-sd"), "", cpu)
+    for part in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(single, part).state_dict(), getattr(folder, part).state_dict()
+        assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), part
+    assert torch.equal(single.alphas_cumprod, folder.alphas_cumprod) and single.arch is folder.arch
+
+    config = write_config(workspace, "single", batch_size=4, **SGD)
+    text = open(config).read().replace('model = "tiny-sd"', 'model = "tiny-sd.safetensors"\nmodel_config = "tiny-sd"')
+    open(config, "w").write(text)
+    summary = str(workspace / "single.json")
+    assert main([config, "--summary", summary]) == 0
+    with open(summary) as handle:
+        result = json.load(handle)
+    assert max_diff(lora_tensors(result["final_path"]), lora_tensors(one_process["final_path"])) == 0.0
+
+    no_config = workspace / "no-config.toml"
+    no_config.write_text('model = "tiny-sd.safetensors"\n[dataset]\nfolder = "images"\n')
+    with pytest.raises(LoraValueError, match="single-file checkpoint: set model_config"):
+        cfgmod_run = cfgmod.load(str(no_config))
+        load_model(cfgmod_run.model, cfgmod_run.model_config, cpu)
 
 
 # ------------------------------------------------------------------------------------------ two processes
