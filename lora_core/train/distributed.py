@@ -164,8 +164,9 @@ class DistributedTrainer(LoraTrainer):
 
             holder = _TrainableParameters(self.trainable, self._micro_loss)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # Buffers (alpha) are fixed; the parameters are broadcast from rank 0 once, here.
-            self.ddp = DistributedDataParallel(holder, device_ids=ids, broadcast_buffers=False)
+            # The holder has no buffers (alpha stays in the network, fixed); the parameters are broadcast from
+            # rank 0 once, here (they are equal anyway: the same seed draws them on every rank).
+            self.ddp = DistributedDataParallel(holder, device_ids=ids)
 
     # -------------------------------------------------------------- data
     def _shard(self, batch: int):
