@@ -14,6 +14,7 @@
   timesteps and caption augmentation are drawn for the whole global batch and each process takes its rows: N
   processes train the same LoRA as one process with the same global batch (to fp32 rounding), and a run can be
   resumed on another process count with the same global batch.
+* Latent caching: each process encodes every N-th image, then the latents are exchanged (all_gather_object).
 * Saving and logging: rank 0 writes the LoRA file, the step files and the state (atomically), between barriers
   so no process runs ahead of a save; the other ranks write nothing. Resume: every rank loads the same state.
 """
@@ -182,6 +183,21 @@ class DistributedTrainer(LoraTrainer):
             weights.append(0.0)
             k += 1
         return rows, torch.tensor(weights)
+
+    def _cache_latents(self) -> None:
+        """Each process encodes every N-th image not cached yet; the latents are then exchanged, so the VAE
+        work is split N ways and every process holds the same latents."""
+        if not self.dist.enabled:
+            return super()._cache_latents()
+        missing = [i for i, s in enumerate(self.dataset.samples) if s.latent is None and i not in self._latents]
+        mine = {}
+        for i in missing[self.dist.rank::self.dist.world_size]:
+            with torch.no_grad():
+                mine[i] = self.encode_images(self.dataset.samples[i].image[None])[0].detach().to("cpu", torch.float32)
+        parts = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        for part in parts:
+            self._latents.update(part)
 
     # -------------------------------------------------------------- one micro-batch
     def _backward_micro(self, micro: int, last: bool) -> float:
