@@ -392,14 +392,19 @@ class LoraTrainer:
             self._latents[index] = latent
         return latent
 
-    def _cond(self, indices: list[int], micro: int):
+    def _cond(self, indices: list[int], micro: int, rows: Optional[Sequence[int]] = None):
         """Per-sample captions (augmented with this micro-batch's RNG) through the text encoder, or the
-        samples' precomputed conds."""
+        samples' precomputed conds. `rows` (positions in `indices`; None = all) is the part of the batch this
+        process trains (distributed runs): captions are augmented for the whole batch, then the rows taken, so
+        each sample sees the caption a one-process run gives it."""
         samples = [self.dataset.samples[i] for i in indices]
         if all(s.cond is not None for s in samples):
+            samples = samples if rows is None else [samples[r] for r in rows]
             return [s.cond for s in samples] if self.group_by_length else cat_cond([s.cond for s in samples])
         rng = random.Random((self.config.seed * 7_919 + micro) * 104_729)
         captions = [process_caption(s.caption, self.dataset.captions, rng) for s in samples]
+        if rows is not None:
+            captions = [captions[r] for r in rows]
         if self.config.train_text_encoder:
             if self.group_by_length:
                 return [self.encode_text([caption]) for caption in captions]
@@ -438,19 +443,31 @@ class LoraTrainer:
         return torch.cat(outputs, 0)[inverse.to(noisy.device)]
 
     # -------------------------------------------------------------- one step
+    def _shard(self, batch: int):
+        """(rows, weights): which rows of a global batch of `batch` samples this process trains, and each row's
+        weight in the loss (padding rows weigh 0). One process: every row, None weights (a plain mean). The
+        distributed trainer (lora_core.train.distributed) splits the batch over its processes."""
+        return None, None
+
     def _micro_loss(self, micro: int) -> torch.Tensor:
         indices = self.plan.batch(micro)
-        latents = torch.stack([self._latent(i) for i in indices]).to(self.device)
-        cond = self._cond(indices, micro)
+        rows, weights = self._shard(len(indices))
+        mine = indices if rows is None else [indices[r] for r in rows]
+        latents = torch.stack([self._latent(i) for i in mine]).to(self.device)
+        cond = self._cond(indices, micro, rows)
         if not isinstance(cond, list):
             cond = _to_device(cond, self.device)
+        # Noise, offset and levels are drawn for the whole global batch, then this process's rows are taken.
+        shape = (len(indices),) + tuple(latents.shape[1:])
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + micro * 7 + 1)
-        noise = torch.randn(latents.shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
         if self.config.noise_offset:
-            noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1,) * (latents.ndim - 2),
+            noise = noise + self.config.noise_offset * torch.randn(shape[:2] + (1,) * (len(shape) - 2),
                                                                    generator=gen)
         objective = self.objective
-        levels = objective.sample(latents.shape[0], gen, self.config.timestep_sampling, tuple(latents.shape))
+        levels = objective.sample(shape[0], gen, self.config.timestep_sampling, shape)
+        if rows is not None:
+            noise, levels = noise[list(rows)], levels[list(rows)]
         noise = noise.to(self.device)
         noisy = objective.noisy(latents, noise, levels)
         target = objective.target(latents, noise, levels)
@@ -462,7 +479,16 @@ class LoraTrainer:
         if self.config.min_snr_gamma > 0 and not objective.is_flow:
             loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.min_snr_gamma,
                                       objective.prediction)
+        if weights is not None:   # this process's share of the global batch mean
+            return (loss * weights.to(loss.device)).sum() / len(indices)
         return loss.mean()
+
+    def _backward_micro(self, micro: int, last: bool) -> float:
+        """Forward and backward of one micro-batch (`last`: the step's final one); returns its loss share. The
+        distributed trainer runs this through DistributedDataParallel."""
+        loss = self._micro_loss(micro) / self.config.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return float(loss.detach())
 
     def _optimizer_step(self, step: int) -> float:
         """One optimizer step; the weights change only when the whole step succeeded with a finite loss, so an
@@ -475,9 +501,7 @@ class LoraTrainer:
         loss_sum = 0.0
         try:
             for k in range(cfg.grad_accum):
-                loss = self._micro_loss(step * cfg.grad_accum + k) / cfg.grad_accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                loss_sum += float(loss.detach())
+                loss_sum += self._backward_micro(step * cfg.grad_accum + k, k == cfg.grad_accum - 1)
             if not math.isfinite(loss_sum):
                 raise LoraValueError(f"The loss became {loss_sum} at step {step + 1}: the learning rate is too high "
                                      f"for this setup (or fp16 overflowed). Lower the LR or use bf16/fp32.")

@@ -1,0 +1,257 @@
+"""`python -m lora_core.train CONFIG`: the in-graph trainer's loop outside ComfyUI, on a diffusers SD1.x / SD2.x
+model, in one process or under `torchrun` / `accelerate launch` (DistributedDataParallel over the processes).
+
+    python -m lora_core.train config.toml
+    torchrun --nproc_per_node=8 -m lora_core.train config.toml
+    accelerate launch --multi_gpu --num_processes=8 -m lora_core.train config.toml
+
+The config (lora_core.train.config) names the model (a diffusers folder, or a single-file checkpoint read with
+diffusers' from_single_file), the dataset folder and the train node's options. The file written is the kohya
+LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, `ss_*` / `modelspec.*` metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lora_core.errors import LoraCoreError, LoraFileError, LoraValueError
+
+from . import config as cfgmod
+from .backends import DiffusersBackend, diffusers_ldm_namer, transformers_text_encoder
+from .blocks import parse_block_list, parse_block_lr
+from .dataset import CaptionOptions, load_folder
+from .distributed import DistContext, DistributedTrainer, init_from_env
+from .injection import UNET_KINDS, LoRANetwork, find_te_targets, find_unet_targets
+from .loop import TrainConfig
+from .save import OutputFiles
+
+log = logging.getLogger("lora_core.train")
+
+
+@dataclass
+class DiffusersSD:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    arch: object                      # lora_core ArchSpec (SD1 / SD2)
+
+
+def load_model(path: str, model_config: str, device: torch.device) -> DiffusersSD:
+    """UNet, VAE, CLIP text encoder, tokenizer and noise schedule of a diffusers SD1.x/SD2.x model: a folder
+    (`from_pretrained`, local files only) or a single-file checkpoint (`from_single_file`, with `model_config` a
+    local diffusers folder holding the configs, since there is no model hub to fetch them from)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if os.path.isdir(path):
+        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if not os.path.isdir(os.path.join(path, sub))]
+        if missing:
+            raise LoraFileError(f"Model folder {path} is not a diffusers Stable Diffusion folder: it has no "
+                                f"{', '.join(missing)} subfolder(s). Give a folder saved by diffusers' "
+                                f"save_pretrained, or a single-file checkpoint.")
+        if os.path.isdir(os.path.join(path, "text_encoder_2")):
+            raise LoraValueError(f"Model folder {path} has two text encoders (SDXL): the command-line trainer "
+                                 f"covers SD1.x / SD2.x; train SDXL with the LoRA Core Train node in ComfyUI.")
+        load = dict(local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **load)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **load)
+    elif os.path.isfile(path):
+        from diffusers import StableDiffusionPipeline
+
+        if not model_config:
+            raise LoraValueError(f"Model {path} is a single-file checkpoint: set model_config to a local diffusers "
+                                 f"folder with the matching configs (model_index.json, unet/, vae/, text_encoder/, "
+                                 f"tokenizer/, scheduler/); there is no model hub to download them from.")
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(path, config=model_config, local_files_only=True,
+                                                            safety_checker=None, requires_safety_checker=False)
+        except Exception as error:
+            raise LoraFileError(f"Model {path} cannot be read by diffusers' from_single_file with model_config "
+                                f"{model_config} ({type(error).__name__}: {error}). Convert it to a diffusers "
+                                f"folder, or check model_config matches the checkpoint.") from None
+        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    else:
+        raise LoraFileError(f"Model {path} does not exist: give a diffusers folder or a checkpoint file.")
+    if getattr(unet.config, "addition_embed_type", None):
+        raise LoraValueError(f"Model {path} is an SDXL-type UNet (addition_embed_type="
+                             f"{unet.config.addition_embed_type!r}); the command-line trainer covers SD1.x / SD2.x.")
+    from lora_core.arch import bind_diffusers
+
+    state = unet.state_dict()
+    arch = bind_diffusers({k: v.shape for k, v in state.items()}, key_prefix="unet.").arch
+    if arch is None or arch.name not in ("SD1", "SD2"):
+        raise LoraValueError(f"Model {path}: the UNet's layout is not recognised as SD1.x / SD2.x "
+                             f"({getattr(arch, 'name', 'unknown')}).")
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise LoraValueError(f"Model {path}: scheduler prediction_type {prediction!r} is not trainable here "
+                             f"(epsilon or v_prediction).")
+    for module in (unet, vae, text_encoder):
+        module.to(device, torch.float32).eval()
+        module.requires_grad_(False)
+    return DiffusersSD(unet, vae, text_encoder, tokenizer, scheduler.alphas_cumprod.float(), prediction, arch)
+
+
+def vae_encoder(vae) -> Callable:
+    """images (B, 3, H, W) in [0, 1] -> scaled latents: the posterior mean (deterministic, so every process
+    caches the same latents)."""
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    device = next(vae.parameters()).device
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = vae.encode(images.to(device, torch.float32) * 2 - 1).latent_dist
+            return (posterior.mean - shift) * scaling
+
+    return encode
+
+
+def build(run: cfgmod.RunConfig, dist: DistContext):
+    """(trainer, dataset) for a parsed config on this process."""
+    t = run.train
+    model = load_model(run.model, run.model_config, dist.device)
+    d = run.dataset
+    dataset = load_folder(d["folder"], resolution=d["resolution"], repeats=d["repeats"], bucketing=d["bucketing"],
+                          bucket_step=d["bucket_step"], min_bucket=d["min_bucket"], max_bucket=d["max_bucket"],
+                          missing_caption=d["missing_caption"], default_caption=d["caption"],
+                          captions=CaptionOptions(shuffle=d["shuffle_caption"], keep_tokens=d["keep_tokens"],
+                                                  dropout=d["caption_dropout"]))
+    spec = model.arch.family.train_spec(model.arch)
+    kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
+    if not kinds:
+        raise LoraValueError(f"{run.source}: [train] unet_targets {t['unet_targets']!r} has no meaning for "
+                             f"{model.arch.title}; choose one of {list(spec.target_sets)}.")
+    if t["algorithm"] == "LoCon":
+        kinds += tuple(k for k in spec.conv_kinds if k not in kinds)
+    namer = diffusers_ldm_namer(model.unet)
+    present = {target.block for target in find_unet_targets(model.unet, UNET_KINDS, None, namer)}
+    valid_blocks = [b for b in model.arch.blocks if b in present] + sorted(present - set(model.arch.blocks))
+    try:
+        blocks = parse_block_list(t["blocks"], valid_blocks)
+        block_lr = parse_block_lr(t["block_lr"], valid_blocks)
+    except LoraValueError as error:
+        raise LoraValueError(f"{run.source}: [train] blocks / block_lr: {error}") from None
+    config = TrainConfig(
+        steps=t["steps"], batch_size=t["batch_size"] * dist.world_size, grad_accum=t["grad_accumulation"],
+        seed=t["seed"], algorithm=t["algorithm"], rank=t["rank"], alpha=t["alpha"], unet_kinds=kinds, blocks=blocks,
+        block_lr=block_lr, unet_lr=t["unet_lr"], train_text_encoder=t["train_text_encoder"],
+        text_encoder_lr=t["text_encoder_lr"], optimizer=t["optimizer"], scheduler=t["lr_scheduler"],
+        warmup_steps=t["warmup_steps"], min_snr_gamma=t["min_snr_gamma"], noise_offset=t["noise_offset"],
+        mixed_precision=t["mixed_precision"], gradient_checkpointing=t["gradient_checkpointing"],
+        cache_latents=t["cache_latents"], cache_text_encoder_outputs=t["cache_text_encoder_outputs"],
+        save_every=t["save_every"], keep_last=t["keep_last"], save_dtype=t["save_precision"],
+        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"])
+    config.validate()
+    targets = find_unet_targets(model.unet, kinds, blocks, namer)
+    if config.train_text_encoder:
+        targets += find_te_targets(model.text_encoder)
+    extra = {} if config.algorithm in ("LoRA", "LoCon") else {"algorithm": config.algorithm}
+    network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, **extra)
+    os.makedirs(run.output_dir, exist_ok=True)
+    output = OutputFiles(run.output_dir, run.output_name)
+    backend = DiffusersBackend(model.unet, model.alphas_cumprod, model.prediction_type,
+                               text_encoders=[model.text_encoder] if config.train_text_encoder else [])
+    encode_text = transformers_text_encoder(model.tokenizer, model.text_encoder,
+                                            min(77, int(getattr(model.tokenizer, "model_max_length", 77))))
+    trainer = DistributedTrainer(backend, network, dataset, config, encode_images=vae_encoder(model.vae),
+                                 encode_text=encode_text, output=output, arch=model.arch.name,
+                                 base_model_name=os.path.basename(os.path.normpath(run.model)),
+                                 checkpoint_modules=backend.checkpoint_modules(), dist=dist)
+    if run.run == "continue":
+        trainer.resume(output.state)
+    elif os.path.exists(output.state) and not config.overwrite:
+        raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run = "
+                             f"\"continue\" to resume it, pick another output_name, or set [train] overwrite = true.")
+    return trainer, dataset
+
+
+def train(run: cfgmod.RunConfig, dist: DistContext, on_step: Optional[Callable] = None):
+    trainer, dataset = build(run, dist)
+    first, end = trainer.step, trainer.step + trainer.config.steps
+    every = max(1, trainer.config.steps // 20)
+
+    def report(step, last, loss):
+        if on_step is not None:
+            on_step(step, last, loss)
+        if dist.is_main and ((step - first) % every == 0 or step == last):
+            recent = trainer.losses[-every:]
+            log.info("step %d/%d loss %.5f (avg %.5f)", step, last, loss, sum(recent) / len(recent))
+
+    if dist.is_main:
+        log.info("training %s: %d samples, %d modules, global batch %d over %d process(es), steps %d -> %d",
+                 trainer.output.name, len(dataset), len(trainer.train_names), trainer.config.batch_size,
+                 dist.world_size, first, end)
+    result = trainer.run(on_step=report)
+    return result, trainer
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_core.train",
+                                     description="Train a LoRA outside ComfyUI (one process, or under torchrun / "
+                                                 "accelerate launch with DistributedDataParallel).")
+    parser.add_argument("config", help="a .toml or .json config file (see lora_core/train/config.py)")
+    parser.add_argument("--summary", default="", help="also write the run's summary (JSON) here, atomically "
+                                                      "(rank 0)")
+    args = parser.parse_args(argv)
+    rank_tag = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank_tag == "0" else logging.WARNING,
+                        format="lora_core.train: %(message)s")
+    dist = None
+    try:
+        run = cfgmod.load(args.config)
+        dist = init_from_env(run.distributed["backend"], run.distributed["device"])
+        begin = time.perf_counter()
+        result, trainer = train(run, dist)
+        if dist.is_main:
+            summary = {"final_path": result.final_path, "state_path": result.state_path, "step": result.step,
+                       "steps_done": result.steps_done, "losses": result.losses, "world_size": dist.world_size,
+                       "global_batch": trainer.config.batch_size, "seconds": time.perf_counter() - begin,
+                       "steps_per_second": result.steps_per_second, "modules": len(trainer.train_names)}
+            print(f"lora_core.train: saved {result.final_path} (step {result.step}, {result.steps_done} steps this "
+                  f"run, {result.steps_per_second:.2f} steps/s, {dist.world_size} process(es))", flush=True)
+            if args.summary:
+                _write_json(args.summary, summary)
+        return 0
+    except LoraCoreError as error:
+        prefix = f"[rank {rank_tag}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"lora_core.train: error: {prefix}{error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _write_json(path: str, data: dict) -> None:
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=1)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
+options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
+
+    model = "models/my-sd15"            # a diffusers folder (from_pretrained), or a single-file checkpoint
+    model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
+    output_dir = "loras"                # created when missing
+    output_name = "my_lora"             # -> loras/my_lora.safetensors (+ .state.pt, step files)
+    run = "new run"                     # or "continue" (resume <output_name>.state.pt)
+
+    [dataset]                           # the dataset node's options
+    folder = "images"
+    resolution = 512
+    repeats = 10
+
+    [train]                             # the train node's options; batch_size is per process (per GPU)
+    steps = 500
+    rank = 16
+    unet_lr = 1e-4
+
+    [distributed]
+    backend = "auto"                    # nccl on CUDA, gloo on CPU
+    device = "auto"                     # cuda:LOCAL_RANK when CUDA is there, else cpu
+
+Relative paths are relative to the config file's folder. Every key is checked (type, choices, range); an unknown
+key, a wrong type or a bad value is refused with the file, the key, the value and what would be accepted.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lora_core.errors import LoraFileError, LoraValueError
+
+from .dataset import CAPTION_POLICIES
+from .distributed import BACKENDS, DEVICES
+from .loop import OPTIMIZERS, PRECISIONS, SCHEDULERS
+from .objective import TIMESTEP_SAMPLING
+
+try:  # the training engineer's algorithm list (LoHa / LoKr / DoRA) once it is in
+    from .algorithms import ALGORITHMS as _ALGORITHMS
+except ImportError:  # pragma: no cover - depends on the merge order
+    _ALGORITHMS = ("LoRA", "LoCon")
+
+RUN_MODES = ("new run", "continue")
+TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers")
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: type                      # bool, int, float, str
+    default: Any
+    choices: Optional[tuple] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    path: bool = False              # a path, resolved relative to the config file
+
+
+TOP = {
+    "model": Option(str, None, path=True),
+    "model_config": Option(str, "", path=True),
+    "output_dir": Option(str, "loras", path=True),
+    "output_name": Option(str, "my_lora"),
+    "run": Option(str, "new run", RUN_MODES),
+}
+# "LoRA Training Dataset" (nodes/train.py LoRACoreTrainDataset), same names, defaults and ranges.
+DATASET = {
+    "folder": Option(str, None, path=True),
+    "caption": Option(str, ""),
+    "missing_caption": Option(str, "error", tuple(CAPTION_POLICIES)),
+    "repeats": Option(int, 10, low=1, high=10000),
+    "resolution": Option(int, 512, low=64, high=4096),
+    "bucketing": Option(bool, True),
+    "bucket_step": Option(int, 64, low=8, high=256),
+    "min_bucket": Option(int, 256, low=8, high=4096),
+    "max_bucket": Option(int, 1024, low=8, high=8192),
+    "shuffle_caption": Option(bool, False),
+    "keep_tokens": Option(int, 1, low=0, high=100),
+    "caption_dropout": Option(float, 0.0, low=0.0, high=1.0),
+}
+# "LoRA Core Train" (nodes/train.py LoRACoreTrain), same names, defaults and ranges; batch_size is per process.
+TRAIN = {
+    "steps": Option(int, 500, low=1, high=1_000_000),
+    "algorithm": Option(str, "LoRA", tuple(_ALGORITHMS)),
+    "rank": Option(int, 16, low=1, high=512),
+    "alpha": Option(float, 8.0, low=0.0, high=512.0),
+    "unet_targets": Option(str, "attn+ff+proj", TARGET_CHOICES),
+    "blocks": Option(str, ""),
+    "block_lr": Option(str, ""),
+    "unet_lr": Option(float, 1e-4, low=0.0, high=10.0),
+    "train_text_encoder": Option(bool, False),
+    "text_encoder_lr": Option(float, 5e-5, low=0.0, high=10.0),
+    "optimizer": Option(str, "AdamW", tuple(OPTIMIZERS)),
+    "lr_scheduler": Option(str, "constant", tuple(SCHEDULERS)),
+    "warmup_steps": Option(int, 0, low=0, high=100000),
+    "batch_size": Option(int, 1, low=1, high=256),
+    "grad_accumulation": Option(int, 1, low=1, high=1024),
+    "seed": Option(int, 0, low=0, high=0xFFFFFFFF),
+    "min_snr_gamma": Option(float, 5.0, low=0.0, high=100.0),
+    "noise_offset": Option(float, 0.0, low=0.0, high=1.0),
+    "mixed_precision": Option(str, "auto", tuple(PRECISIONS)),
+    "gradient_checkpointing": Option(bool, False),
+    "cache_latents": Option(bool, True),
+    "cache_text_encoder_outputs": Option(bool, True),
+    "save_every": Option(int, 0, low=0, high=1_000_000),
+    "keep_last": Option(int, 3, low=0, high=1000),
+    "save_precision": Option(str, "fp16", ("fp16", "bf16", "fp32")),
+    "overwrite": Option(bool, False),
+    "timestep_sampling": Option(str, "auto", tuple(TIMESTEP_SAMPLING)),
+    # Not a node input (the node clips at 1.0, kohya's default): gradient-norm clipping, 0 = off.
+    "max_grad_norm": Option(float, 1.0, low=0.0, high=1e6),
+}
+DISTRIBUTED = {
+    "backend": Option(str, "auto", BACKENDS),
+    "device": Option(str, "auto", DEVICES),
+}
+SECTIONS = {"dataset": DATASET, "train": TRAIN, "distributed": DISTRIBUTED}
+REQUIRED = (("", "model"), ("dataset", "folder"))
+
+
+@dataclass
+class RunConfig:
+    source: str                      # the config file
+    model: str
+    model_config: str
+    output_dir: str
+    output_name: str
+    run: str
+    dataset: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    distributed: dict = field(default_factory=dict)
+
+
+def _where(source: str, section: str, key: str) -> str:
+    return f"{source}: {'[' + section + '] ' if section else ''}{key}"
+
+
+def _unknown(source: str, section: str, key: str, known) -> LoraValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    where = f"[{section}]" if section else "the top level"
+    return LoraValueError(f"{source}: unknown key {key!r} in {where}.{hint} Known keys there: {sorted(known)}.")
+
+
+def _check(source: str, section: str, key: str, value: Any, option: Option, base: str) -> Any:
+    where = _where(source, section, key)
+    kind = option.kind
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise LoraValueError(f"{where} = {value!r} must be true or false.")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise LoraValueError(f"{where} = {value!r} must be a whole number.")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, float)):
+        raise LoraValueError(f"{where} = {value!r} must be a number.")
+    if kind is str and not isinstance(value, str):
+        raise LoraValueError(f"{where} = {value!r} must be a string (in quotes).")
+    if kind is float and not math.isfinite(value):
+        raise LoraValueError(f"{where} = {value!r} must be a finite number.")
+    if option.choices is not None and value not in option.choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in option.choices], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise LoraValueError(f"{where} = {value!r} is not one of {list(option.choices)}.{hint}")
+    if option.low is not None and value < option.low:
+        raise LoraValueError(f"{where} = {value!r} is below the minimum {option.low:g}.")
+    if option.high is not None and value > option.high:
+        raise LoraValueError(f"{where} = {value!r} is above the maximum {option.high:g}.")
+    if option.path and value:
+        value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    return value
+
+
+def read_file(path: str) -> dict:
+    """The raw table of a .toml or .json config file."""
+    if not os.path.isfile(path):
+        raise LoraFileError(f"Config file {path} does not exist.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".json"):
+        raise LoraFileError(f"Config file {path}: use a .toml or .json file (got {ext or 'no extension'}).")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise LoraFileError(f"Config file {path} is not UTF-8 text ({error}).") from None
+    except Exception as error:  # tomllib.TOMLDecodeError / json.JSONDecodeError carry line and column
+        raise LoraFileError(f"Config file {path} cannot be parsed as {ext[1:].upper()}: {error}.") from None
+    if not isinstance(data, dict):
+        raise LoraFileError(f"Config file {path}: the top level must be a table of keys, got "
+                            f"{type(data).__name__}.")
+    return data
+
+
+def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> RunConfig:
+    """Check every key of a config table and fill the defaults; `base` is the folder relative paths start from."""
+    base = base if base is not None else os.getcwd()
+    top: dict = {}
+    sections: dict = {name: {} for name in SECTIONS}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise LoraValueError(f"{source}: {key} must be a section ([{key}] in TOML, an object in JSON), got "
+                                     f"{value!r}.")
+            options = SECTIONS[key]
+            for sub, sub_value in value.items():
+                if sub not in options:
+                    raise _unknown(source, key, sub, options)
+                sections[key][sub] = _check(source, key, sub, sub_value, options[sub], base)
+        elif key in TOP:
+            top[key] = _check(source, "", key, value, TOP[key], base)
+        else:
+            for section, options in SECTIONS.items():
+                if key in options:
+                    raise LoraValueError(f"{source}: {key!r} belongs in the [{section}] section.")
+            raise _unknown(source, "", key, list(TOP) + list(SECTIONS))
+    for section, key in REQUIRED:
+        present = top if not section else sections[section]
+        if not present.get(key):
+            where = f"[{section}] " if section else ""
+            what = {"model": "a diffusers model folder or a checkpoint file",
+                    "folder": "the folder of training images"}[key]
+            raise LoraValueError(f"{source}: {where}{key} is missing: give {what}.")
+    for name, options in (("", TOP), *SECTIONS.items()):
+        target = top if not name else sections[name]
+        for key, option in options.items():
+            if key not in target:
+                target[key] = option.default
+    if not top["output_name"].strip():
+        raise LoraValueError(f"{source}: output_name is empty: give the LoRA's file name.")
+    return RunConfig(source=source, model=top["model"], model_config=top["model_config"],
+                     output_dir=top["output_dir"], output_name=top["output_name"], run=top["run"],
+                     dataset=sections["dataset"], train=sections["train"], distributed=sections["distributed"])
+
+
+def load(path: str) -> RunConfig:
+    path = os.path.abspath(path)
+    return parse(read_file(path), source=path, base=os.path.dirname(path))
