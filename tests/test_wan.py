@@ -629,3 +629,35 @@ def test_lora_patcher_on_wan_transformer_equals_diffusers_fuse_lora(t2v, i2v, tw
         assert changed >= 10 and changed == len(plan.patches)
     patcher.restore()
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_merge_without_a_model_keeps_the_conv3d_lora_and_the_family_strings(t2v, tmp_path):
+    """A musubi file (musubi's `wan` metadata) plus a conv LoRA on the Conv3d patch embedding (down (r, in, 1, 2, 2),
+    up (out, r, 1, 1, 1)), merged with no model: the full-size layout the shapes choose among Wan's variants, the 5-D
+    factors kept, musubi's strings; the merged file at 1.0 equals the source at 0.5 in core and ours."""
+    model, _ = t2v
+    gen = torch.Generator().manual_seed(60)
+    state = ww.musubi(model, seed=61)
+    state["lora_unet_patch_embedding.lora_down.weight"] = 0.1 * torch.randn(4, 16, 1, 2, 2, generator=gen)
+    state["lora_unet_patch_embedding.lora_up.weight"] = 0.1 * torch.randn(64, 4, 1, 1, 1, generator=gen)
+    state["lora_unet_patch_embedding.alpha"] = torch.tensor(2.0)
+    lw.save_safetensors(state, tmp_path / "m.safetensors", ww.MUSUBI_METADATA)
+    from safetensors import safe_open
+
+    loader = node_module("loader").LoRACoreLoaderModelOnly()
+    with loras_folder(tmp_path):
+        path, text = node_module("mix").LoRACoreMergeSave().merge("exact", 0, 0.0, "out", False, "auto", "fp32",
+                                                                  lora_stack=[("m.safetensors", 0.5, 0.0)])["result"]
+        source, _ = loader.load(model, "m.safetensors", 0.5)
+        ours, _ = loader.load(model, "out.safetensors", 1.0)
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+        assert handle.get_tensor("lora_unet_patch_embedding.lora_down.weight").shape == (4, 16, 1, 2, 2)
+    assert meta["ss_base_model_version"] == "wan" and meta["modelspec.architecture"] == "wan2.1/lora"
+    assert "Wan-T2V-14B" in text
+    core, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path), 1.0, 0.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    want = bake(source)
+    assert "diffusion_model.patch_embedding.weight" in want
+    assert_same(bake(ours), want, base, "merged file in our loader")
+    assert_same(bake(core), want, base, "merged file in core's loader")
