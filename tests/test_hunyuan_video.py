@@ -536,11 +536,24 @@ def _double_and_linear2(model) -> dict:
     return {p: m for p, m in hw.block_linears(model).items() if not p.endswith(".linear1")}
 
 
-STANDALONE_WRITERS = {
-    "diffusers-peft": lambda m, t: hw.peft_state(t, seed=50),
-    "diffusion-pipe": lambda m, t: hw.diffusion_pipe(m, seed=51, layers=_double_and_linear2(m)),
-    "diffusion-pipe-old": lambda m, t: hw.diffusion_pipe(m, seed=52, prefix="diffusion_model.",
-                                                         layers=_double_and_linear2(m)),
+def _fused_native(twin, seed, kohya=False):
+    """(a ComfyUI-named file with fused qkv / linear1 LoRAs, the PEFT file diffusers reads with the same change):
+    tests.hunyuan_video_writers.diffusers_to_comfy of a PEFT file, optionally under kohya's `lora_unet_` names."""
+    peft = hw.peft_state(twin, seed=seed)
+    native = hw.diffusers_to_comfy(peft)
+    if kohya:
+        native = {"lora_unet_" + k[len("diffusion_model."):].rsplit(".lora_", 1)[0].replace(".", "_") + ".lora_" +
+                  k.rsplit(".lora_", 1)[1]: v for k, v in native.items()}
+    return native, peft
+
+
+STANDALONE_WRITERS = {   # (file, the file diffusers reads for the reference; None: the same)
+    "diffusers-peft": lambda m, t: (hw.peft_state(t, seed=50), None),
+    "diffusion-pipe": lambda m, t: (hw.diffusion_pipe(m, seed=51, layers=_double_and_linear2(m)), None),
+    "diffusion-pipe-old": lambda m, t: (hw.diffusion_pipe(m, seed=52, prefix="diffusion_model.",
+                                                          layers=_double_and_linear2(m)), None),
+    "comfy-native-fused": lambda m, t: _fused_native(t, 53),
+    "kohya-fused": lambda m, t: _fused_native(t, 54, kohya=True),
 }
 
 
@@ -548,15 +561,20 @@ STANDALONE_WRITERS = {
 def test_lora_patcher_on_diffusers_equals_diffusers_fuse_lora(hv, twin, tmp_path, writer):
     """`LoraPatcher(transformer=...)` on diffusers' HunyuanVideoTransformer3DModel equals
     `HunyuanVideoLoraLoaderMixin.load_lora_weights` + `fuse_lora` (which converts Tencent's names itself) at 1.0 and
-    -0.6; restore() is exact."""
+    -0.6; restore() is exact. ComfyUI / kohya files with fused qkv / linear1 (which diffusers cannot read at this
+    size) land on the split to_q / to_k / to_v / proj_mlp weights: the reference is diffusers on the PEFT file
+    holding the same change."""
     model, _ = hv
-    path = lw.save_safetensors(STANDALONE_WRITERS[writer](model, twin), tmp_path / f"{writer}.safetensors")
+    state, reference_state = STANDALONE_WRITERS[writer](model, twin)
+    path = lw.save_safetensors(state, tmp_path / f"{writer}.safetensors")
+    reference_path = path if reference_state is None else \
+        lw.save_safetensors(reference_state, tmp_path / f"{writer}_reference.safetensors")
     ours = copy.deepcopy(twin)
     base = {k: v.clone() for k, v in ours.state_dict().items()}
     patcher = LoraPatcher(transformer=ours)
     assert patcher.key_map.arch is HUNYUAN_VIDEO
     for scale in (1.0, -0.6):
-        reference = _diffusers_reference(path, twin, scale)
+        reference = _diffusers_reference(reference_path, twin, scale)
         plan = patcher.apply([LoraRequest(read_lora_file(path), scale, 0.0)])
         assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
         state = ours.state_dict()
