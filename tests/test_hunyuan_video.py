@@ -203,6 +203,15 @@ def test_tencent_input_names_where_core_drops_some(hv, tmp_path, caplog):
     compare(hv, tmp_path, caplog, state, core_state=hw.to_comfy_names(state))
 
 
+def test_musubi_split_qkv_names_where_core_drops_them(hv, tmp_path, caplog):
+    """musubi's HunyuanVideo 1.5 network names q, k and v apart (`..._img_attn_q`): each lands on its rows of the
+    fused qkv, one patch per weight; the truth is core on the same change as one fused LoRA (musubi's converter)."""
+    model, _ = hv
+    split, fused = hw.musubi_split_qkv(model, seed=14)
+    assert len(core_drops(model, None, split)) == len(split)
+    compare(hv, tmp_path, caplog, split, core_state=fused)
+
+
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "full"])
 def test_lycoris_names_where_core_drops_them(hv, tmp_path, caplog, algo):
     """LyCORIS's own wrapper (`lycoris_` + ComfyUI's path): core's HunyuanVideo branch has no such alias; the truth
@@ -210,8 +219,7 @@ def test_lycoris_names_where_core_drops_them(hv, tmp_path, caplog, algo):
     model, _ = hv
     state = hw.lycoris(model, algo, seed=9)
     assert core_drops(model, None, state)
-    compare(hv, tmp_path, caplog, state, core_state=dw.rename_prefix(state, "lycoris_", "lora_unet_")
-            if False else {"lora_unet_" + k[len("lycoris_"):]: v for k, v in state.items()})
+    compare(hv, tmp_path, caplog, state, core_state={"lora_unet_" + k[len("lycoris_"):]: v for k, v in state.items()})
 
 
 def test_diffusers_peft_names_where_core_drops_them(hv, twin, tmp_path, caplog):

@@ -27,7 +27,9 @@ Writers and their names (tests/hunyuan_video_writers.py cites each rule's source
   `self_attn_proj`, `mlp.fc1`): diffusion-pipe writes them with `transformer.` (models/hunyuan_video.py), older
   diffusion-pipe and musubi's `convert_lora.py --target other` with `diffusion_model.`; musubi-tuner's own files
   (`networks/lora.py`, prefix `lora_unet`) as `lora_unet_<Tencent path _>` (`lora_unet_double_blocks_0_img_mlp_fc1`);
-  LyCORIS `lycoris_<path _>` in either naming; bare Tencent names (HunyuanVideo's own LoRA scripts).
+  LyCORIS `lycoris_<path _>` in either naming; bare Tencent names (HunyuanVideo's own LoRA scripts). musubi's
+  HunyuanVideo 1.5 network (`networks/lora_hv_1_5.py`) trains q, k, v apart: `lora_unet_double_blocks_0_img_attn_q`
+  = rows (0, h) of `img_attn.qkv` (what its `convert_hunyuan_video_1_5_lora_to_comfy.py` fuses).
 * diffusers / PEFT on `HunyuanVideoTransformer3DModel` (`transformer.` prefix, also bare and `base_model.model.`):
   `transformer_blocks.N.attn.to_q` = rows (0, h) of `double_blocks.N.img_attn.qkv`, `add_q_proj` of `txt_attn.qkv`,
   `single_transformer_blocks.N.attn.to_q` / `proj_mlp` = rows of `linear1`, `context_embedder.token_refiner.
@@ -432,6 +434,15 @@ class HunyuanVideoFamily(Family):
             out += self.native_aliases(tencent, prefixes=("transformer.",))
         for name, pieces, rows in diffusers:
             out += self.diffusers_aliases(name, pieces, rows)
+        m = re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv", module.path)
+        if m:   # musubi's HunyuanVideo 1.5 network trains q, k and v apart: `img_attn_q` = rows (0, h) of the qkv
+            h = spec.hidden
+            for j, x in enumerate("qkv"):
+                path = f"double_blocks.{m.group(1)}.{m.group(2)}_attn_{x}"
+                under = path.replace(".", "_")
+                for name in (f"diffusion_model.{path}", f"transformer.{path}", path, f"lora_unet_{under}",
+                             f"lycoris_{under}"):
+                    out.append(Alias(name, ((j * h, 0, h),), h))
         seen, unique = set(), []
         for alias in out:
             if alias.name not in seen:
