@@ -244,6 +244,35 @@ def test_bare_names_where_core_drops_them(hv, tmp_path, caplog):
     compare(hv, tmp_path, caplog, state, core_state={"diffusion_model." + k: v for k, v in state.items()})
 
 
+def test_hunyuan_video_15_on_comfys_class(hv, tmp_path, caplog):
+    """HunyuanVideo 1.5 (`supported_models.HunyuanVideo15`: double blocks only, `byt5_in`, `vision_in`,
+    `cond_type_embedding`): recognised as its variant from the config and from shapes, a key map that is a superset
+    of core's with nothing unbound, ComfyUI-native files (its new input modules included), full diffs and musubi's
+    1.5 split q / k / v equal to core."""
+    _, clip = hv
+    model = th.comfy_hunyuan_video_15()
+    sd = model.model.state_dict()
+    with_config = bind_comfy_model(sd, model.model.model_config.unet_config, config_name="HunyuanVideo15")
+    from_shapes = bind_comfy_model({k: tuple(v.shape) for k, v in sd.items()})
+    assert with_config.arch is from_shapes.arch is HUNYUAN_VIDEO_15 and with_config.unbound == []
+    spec = with_config.config
+    assert (spec.depth, spec.depth_single, spec.byt5, spec.vision_in, spec.cond_type) == (th.DEPTH, 0, True, 48, True)
+    core = comfy.lora.model_lora_keys_unet(model.model, {})
+    km = host(model).key_map
+    assert km.conflicts == [] and km.resolve("lora_unet_byt5_in_fc2").block == "IN"
+    for name, target in core.items():
+        key = target if isinstance(target, str) else target[0]
+        assert km.resolve(name) is not None and key in km.resolve(name).host_keys, name
+    native = hw.comfy_native(model, seed=15)
+    assert any(".byt5_in.fc1." in k for k in native) and any(".vision_in.proj.3." in k for k in native)
+    pair = (model, clip)
+    reports = compare(pair, tmp_path, caplog, native)
+    assert "HunyuanVideo 1.5" in reports[0]
+    compare(pair, tmp_path, caplog, hw.full_diffs(model, seed=16))
+    split, fused = hw.musubi_split_qkv(model, seed=17)
+    compare(pair, tmp_path, caplog, split, core_state=fused)
+
+
 # ------------------------------------------------------------------------------------- text encoders
 
 def test_text_encoders_apply_where_the_clip_holds_them(hv, flux, tmp_path, caplog):
