@@ -625,3 +625,33 @@ def test_lora_patcher_on_diffusers_equals_diffusers_fuse_lora(hv, twin, tmp_path
         assert changed >= 20 and changed == len(plan.patches)
     patcher.restore()
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_lora_patcher_on_diffusers_hunyuan_video_15(tmp_path):
+    """diffusers' HunyuanVideo15Transformer3DModel (its 1.5 input modules: `context_embedder_2` = byt5_in,
+    `image_embedder` = vision_in, `time_embed`, `cond_type_embed`): bound with nothing left over, and a PEFT file
+    equals diffusers' own PEFT injection + fuse_lora (diffusers 0.36 has no 1.5 LoRA mixin; the HunyuanVideo one
+    loads into any transformer attribute) at 1.0 and -0.6."""
+    twin = th.diffusers_hunyuan_video_15_twin()
+    binding = bind_diffusers(twin.state_dict())
+    assert binding.arch is HUNYUAN_VIDEO_15 and binding.unbound == []
+    state = hw.peft_state(twin, seed=60, targets=hw.PEFT_TARGETS + ("linear_3",))
+    assert any(".context_embedder_2.linear_3." in k for k in state) and any(".image_embedder." in k for k in state)
+    path = lw.save_safetensors(state, tmp_path / "hv15.safetensors")
+    ours = copy.deepcopy(twin)
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    patcher = LoraPatcher(transformer=ours)
+    for scale in (1.0, -0.6):
+        reference = _diffusers_reference(path, twin, scale)
+        plan = patcher.apply([LoraRequest(read_lora_file(path), scale, 0.0)])
+        assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
+        after = ours.state_dict()
+        changed = 0
+        for key in reference:
+            delta = (reference[key] - base[key]).abs().max().item()
+            assert (after[key] - reference[key]).abs().max().item() <= 1e-5 * delta + \
+                2 * EPS * reference[key].abs().max().item(), key
+            changed += delta > 0
+        assert changed >= 20 and changed == len(plan.patches)
+    patcher.restore()
+    assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())

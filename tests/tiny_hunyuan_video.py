@@ -99,3 +99,16 @@ def comfy_hunyuan_video_15(seed: int = 0, **sizes):
     """Tiny HunyuanVideo 1.5 ModelPatcher (`comfy.supported_models.HunyuanVideo15`, `model_base.HunyuanVideo15`)."""
     comfy = import_comfy()
     return _model_patcher(comfy.supported_models.HunyuanVideo15, hunyuan_video_15_config(**sizes), None, seed)
+
+
+def diffusers_hunyuan_video_15_twin(hidden: int = HIDDEN, heads: int = HEADS, depth: int = DEPTH,
+                                    context: int = CONTEXT, vision: int = 48, seed: int = 0):
+    """diffusers' HunyuanVideo15Transformer3DModel with the sizes of `comfy_hunyuan_video_15()` (seeded weights)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    head = hidden // heads
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=65, out_channels=32, num_attention_heads=heads, attention_head_dim=head, num_layers=depth,
+        num_refiner_layers=2, text_embed_dim=context, text_embed_2_dim=1472, image_embed_dim=vision,
+        rope_axes_dim=(head // 4, head * 3 // 8, head * 3 // 8))
+    return seed_weights(model.to(CPU, torch.float32), seed).eval()
