@@ -127,6 +127,10 @@ def split_key(key: str) -> Optional[tuple[str, str, str]]:
     xlabs = _XLABS.match(key)
     if xlabs:
         return xlabs.group(1), xlabs.group(2), "xlabs"
+    if key.endswith(".diff_m") and len(key) > len(".diff_m"):
+        # lightx2v's full diff of a block's `modulation` parameter (`blocks.0.diff_m`): the module is the
+        # parameter, `blocks.0.modulation`, as ComfyUI names it (core 0.3.75 expects `...modulation.diff`)
+        return key[: -len(".diff_m")] + ".modulation", "diff", "lycoris"
     for suffix, role, style in _SUFFIXES_LONGEST_FIRST:
         if key.endswith(suffix) and len(key) > len(suffix):
             module = key[: -len(suffix)]

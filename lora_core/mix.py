@@ -217,9 +217,11 @@ def output_name(target: Target, key_map: Optional[KeyMap] = None, arch: Optional
     """The module name a merged file uses for a canonical target: kohya's, as sd-scripts writes it for the family
     (`lora_unet_<canonical path _>`; text encoders `<kohya prefix><HF path _>` where kohya and ComfyUI name the
     module, ComfyUI's generic `text_encoders.<encoder>.transformer.<HF path>` elsewhere)."""
-    if not target.component.startswith("te"):
-        return "lora_unet_" + target.path.replace(".", "_")
     arch = arch or (key_map.arch if key_map is not None else None)
+    if not target.component.startswith("te"):
+        family = arch.family if arch is not None else (key_map.family if key_map is not None else None)
+        custom = family.export_name(target) if family is not None else None
+        return custom or "lora_unet_" + target.path.replace(".", "_")
     spec = (key_map.component_specs.get(target.component) if key_map is not None else None) or (
         arch.components.get(target.component) if arch is not None else None)
     encoder = spec.encoder if spec is not None else None
@@ -428,6 +430,9 @@ def _bias_key(weight_key: str) -> str:
 def _group_by_target(patches: Mapping[str, list], key_map: KeyMap, warnings: list):
     """(target, weight key, weight patches, bias key, bias patches) per module, in layout order."""
     weight_targets = {t.host_key: t for t in key_map.targets}
+    family = key_map.family
+    if family is not None:   # parameters a family's common format names (Wan's `modulation`)
+        weight_targets.update({t.host_key: t for t in key_map.param_targets if family.export_name(t)})
     grouped: dict[str, dict] = {}
     for key, items in patches.items():
         if key in weight_targets:
@@ -436,7 +441,7 @@ def _group_by_target(patches: Mapping[str, list], key_map: KeyMap, warnings: lis
             grouped.setdefault(key[: -len(".bias")] + ".weight", {})["bias"] = items
         else:
             warnings.append(f"{key}: no kohya module name for this tensor; its patch was not exported.")
-    order = {t.host_key: i for i, t in enumerate(key_map.targets)}
+    order = {k: i for i, k in enumerate(weight_targets)}
     for weight_key in sorted(grouped, key=lambda k: order.get(k, len(order))):
         parts = grouped[weight_key]
         yield (weight_targets[weight_key], weight_key, parts.get("weight", []), _bias_key(weight_key),

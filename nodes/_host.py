@@ -91,9 +91,12 @@ class HostModels:
     def _key_map(self):
         """Build (once per model/CLIP pair) the map from every LoRA naming style to this host's tensors."""
         owner = self.model.model if self.model is not None else self.clip.cond_stage_model
-        clip_id = id(self.clip.cond_stage_model) if self.clip is not None else None
+        clip_model = self.clip.cond_stage_model if self.clip is not None else None
         cached = self._key_maps.get(owner)
-        if cached is not None and cached[0] == clip_id:
+        # the CLIP by identity (a weak reference): an id() of a freed CLIP can be reused by the next one, which
+        # would get the freed CLIP's key map (its encoders)
+        if cached is not None and (cached[0] is None if clip_model is None else
+                                   cached[0] is not None and cached[0]() is clip_model):
             return cached[1]
         bindings = []
         arch = None
@@ -119,7 +122,7 @@ class HostModels:
             bindings.append(bind_layout(arch, components=[c for c in arch.components if c.startswith("te")]))
         key_map = build_key_map(*bindings)
         key_map.absent = absent
-        self._key_maps[owner] = (clip_id, key_map)
+        self._key_maps[owner] = (weakref.ref(clip_model) if clip_model is not None else None, key_map)
         return key_map
 
     @property

@@ -100,8 +100,8 @@ def diffusers_qwen_image_twin(hidden: int = HIDDEN, heads: int = HEADS, depth: i
 
 def comfy_z_image(seed: int = 0):
     """A tiny Z-Image ModelPatcher (`comfy.supported_models.ZImage`, `model_base.Lumina2`, ComfyUI's NextDiT), for
-    mismatch tests only: a family LoRA Core does not describe, whose LoRAs must be refused on Qwen-Image and on
-    which a Qwen-Image LoRA must be refused. Sizes as model_detection.py gives Z-Image, shrunk (dim 64, 2 heads)."""
+    mismatch tests: another family's model (tests/tiny_lumina.py has that family's own), whose LoRAs must be
+    refused on Qwen-Image and on which a Qwen-Image LoRA must be refused. Sizes as model_detection.py gives Z-Image, shrunk (dim 64, 2 heads)."""
     comfy = import_comfy()
     cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
            "n_layers": 2, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12],

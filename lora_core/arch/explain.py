@@ -28,10 +28,6 @@ DENOISER_PREFIXES = ("lora_unet_", "lycoris_", "model.diffusion_model.", "diffus
                      "")
 # Models no family describes yet: their key marks, so a user still learns what the file is for (on any host) ...
 FOREIGN = (
-    (re.compile(r"(^|[._])(noise_refiner|context_refiner|cap_embedder)[._]|(^|[._])layers[._]\d+[._](attention[._]"
-                r"(qkv|out|to_[qkv])|feed_forward[._]w[123])([._]|$)"),
-     "Z-Image / Lumina 2 key (layers.N.attention / feed_forward, refiners): this LoRA was made for Z-Image or "
-     "Lumina Image 2.0"),
     (re.compile(r"^lora_prior_unet_"), "Stable Cascade prior key: this LoRA was made for Stable Cascade"),
 )
 # ... and marks that tell only on a UNet host (a DiT host has these prefixes itself).

@@ -378,6 +378,11 @@ class Family:
         """Kernel size of a denoiser target that is a convolution in this family (None: a linear layer)."""
         return None
 
+    def export_name(self, target) -> Optional[str]:
+        """The module name a merged file uses for a denoiser target, when the family's common format differs from
+        kohya's `lora_unet_<path _>` (None: kohya's)."""
+        return None
+
     def denoiser_words(self) -> Sequence[str]:
         """Leading words of this family's denoiser module names (for telling a denoiser name from others)."""
         return ()

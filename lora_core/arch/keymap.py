@@ -72,6 +72,8 @@ def element_kind(target: Target) -> str:
 def te_aliases(component_spec, path: str) -> list[str]:
     """Every writer's name for text-encoder module `path` of one component (see the module docstring)."""
     forms = dict.fromkeys([path, short_te_path(path)])
+    if component_spec.encoder is not None and component_spec.encoder.kind == "llm" and path.startswith("model."):
+        forms[path[len("model."):]] = None   # HF base-model names (Gemma2Model: kohya lora_te_layers_0_..., diffusers)
     names = []
     for form in forms:
         names += [p + form.replace(".", "_") for p in component_spec.kohya_prefixes]
@@ -100,6 +102,8 @@ class KeyMap:
         self._module_targets = module_targets   # (component, path) -> whole Target
         self.absent: dict = {}   # component -> why its names resolve but it is not there (set by the host)
         self.targets = tuple(t for t in module_targets.values() if t.param == "weight")
+        # modules whose tensor is a parameter other than a weight (RMSNorm `scale`, Wan's `modulation`)
+        self.param_targets = tuple(t for t in module_targets.values() if t.param != "weight")
 
     @property
     def unet(self):

@@ -159,7 +159,8 @@ _KOHYA_CLIP = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v
 
 def kohya_names(spec: TextEncoderSpec, path: str) -> bool:
     """Whether kohya (and ComfyUI's map of kohya names) name this module `lora_te<N>_<path _>`: CLIP's encoder
-    attention and MLP linears; every T5 weight; LLM encoders have no kohya names in ComfyUI."""
+    attention and MLP linears; every T5-XXL weight (ComfyUI gives `lora_te*_` names to `t5xxl` only: UMT5-XXL and
+    LLM encoders have none)."""
     if spec.kind == "clip":
         return bool(_KOHYA_CLIP.match(path))
-    return spec.kind == "t5"
+    return spec.kind == "t5" and spec.comfy_name == "t5xxl"
