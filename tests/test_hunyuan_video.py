@@ -655,3 +655,38 @@ def test_lora_patcher_on_diffusers_hunyuan_video_15(tmp_path):
         assert changed >= 20 and changed == len(plan.patches)
     patcher.restore()
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_resize_of_a_diffusers_file(hv, twin, tmp_path):
+    """Resize (SVD) of a PEFT file: the q / k / v parts (rank 4 each) joined into one change of ComfyUI's fused qkv
+    (rank 12; linear1 with proj_mlp 16); at rank 16 nothing is lost, so the resized file in core equals the original
+    in ours; at rank 2 it
+    is smaller and still loads in core. The output carries musubi's HunyuanVideo strings. Without the model the
+    tiny file is refused (its parts do not fit the full-size fused rows) with the fix: connect the MODEL."""
+    from safetensors import safe_open
+
+    model, _ = hv
+    state = hw.peft_state(twin, seed=61, targets=("to_q", "to_k", "to_v", "proj_mlp", "to_out.0"))
+    lw.save_safetensors(state, tmp_path / "peft.safetensors")
+    mix = node_module("mix").LoRACoreResize()
+    with loras_folder(tmp_path):
+        with pytest.raises(LoraMatchError, match="Connect the base MODEL"):
+            mix.resize("peft.safetensors", 12, 1.0, "hv_no_model", False, "auto", "fp32")
+        full, _ = mix.resize("peft.safetensors", 16, 1.0, "hv_resized", False, "auto", "fp32", model=model)["result"]
+        small, _ = mix.resize("peft.safetensors", 2, 1.0, "hv_small", False, "auto", "fp32", model=model)["result"]
+        ours, _ = node_module("loader").LoRACoreLoaderModelOnly().load(model, "peft.safetensors", 0.8)
+    with safe_open(full, framework="pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert meta["ss_base_model_version"] == "hunyuan_video" and meta["modelspec.architecture"] == "hunyuan-video/lora"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in keys
+    resized = comfy.utils.load_torch_file(full, safe_load=True)
+    assert resized["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12   # q, k, v: 3 x 4
+    assert resized["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 16      # and proj_mlp
+    core_model, _ = comfy.sd.load_lora_for_models(model, None, resized, 0.8, 0.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert_same(bake(core_model), bake(ours), base, "resized rank 16 in core vs the PEFT file in ours")
+    tiny = comfy.utils.load_torch_file(small, safe_load=True)
+    assert max(v.shape[0] for k, v in tiny.items() if k.endswith("lora_down.weight")) == 2
+    assert not core_drops(model, None, tiny)
