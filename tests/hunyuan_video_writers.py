@@ -19,6 +19,9 @@ small writer following their naming; each cites the rule's source (snapshots in
   "MMSingleStreamBlock"]`, prefix `lora_unet`, name = prefix + "." + block path + "." + child with `.` -> `_`,
   `lora_down` / `lora_up` + `.alpha`; default `exclude_patterns` drop `img_mod|txt_mod|modulation`, line 382):
   `lora_unet_double_blocks_0_img_mlp_fc1`.
+* musubi-tuner's HunyuanVideo 1.5 network (`networks/lora_hv_1_5.py` on `MMDoubleStreamBlock`, whose attention
+  has separate q / k / v Linears; `networks/convert_hunyuan_video_1_5_lora_to_comfy.py` fuses them into ComfyUI's
+  `img_attn.qkv`): `lora_unet_double_blocks_0_img_attn_q` ... (`musubi_split_qkv`, on the 1.0 model's widths).
 * ComfyUI native (comfy/lora.py `model_lora_keys_unet`, generic `diffusion_model.<path>`): lora_up / lora_down (or
   lora_A / lora_B) + alpha on every Linear; full diffs `<path>.diff` / `.diff_b` (lightx2v-style).
 * diffusers / PEFT (`HunyuanVideoLoraLoaderMixin`, transformer prefix "transformer"):
@@ -101,6 +104,31 @@ def diffusion_pipe(model, seed: int = 0, rank: int = 4, prefix: str = "transform
 def musubi(model, seed: int = 0, rank: int = 4, alpha: float = 2.0, exclude_mod: bool = True) -> dict:
     layers = block_linears(model, MUSUBI_EXCLUDE if exclude_mod else None)
     return dw.lora_pairs(layers, lambda p: "lora_unet_" + tencent(p).replace(".", "_"), rank, alpha, seed)
+
+
+def musubi_split_qkv(model, seed: int = 0, rank: int = 4, alpha: float = 2.0) -> tuple[dict, dict]:
+    """(musubi 1.5's split q / k / v LoRAs of every double block's attention, the same change as one fused
+    `..._attn_qkv` LoRA per stream: down = the three downs stacked, up = the ups block-diagonal, alpha x 3 for the
+    tripled rank - what musubi's converter writes for ComfyUI)."""
+    generator = torch.Generator().manual_seed(seed)
+    split, fused = {}, {}
+    for i, block in enumerate(net(model).double_blocks):
+        for stream in ("img", "txt"):
+            qkv = getattr(block, f"{stream}_attn").qkv
+            h = qkv.in_features
+            downs, ups = [], []
+            for x in "qkv":
+                name = f"lora_unet_double_blocks_{i}_{stream}_attn_{x}"
+                down = 0.1 * torch.randn(rank, h, generator=generator)
+                up = 0.1 * torch.randn(qkv.out_features // 3, rank, generator=generator)
+                split.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                              f"{name}.alpha": torch.tensor(alpha)})
+                downs.append(down)
+                ups.append(up)
+            name = f"lora_unet_double_blocks_{i}_{stream}_attn_qkv"
+            fused.update({f"{name}.lora_down.weight": torch.cat(downs), f"{name}.lora_up.weight": torch.block_diag(*ups),
+                          f"{name}.alpha": torch.tensor(3 * alpha)})
+    return split, fused
 
 
 def tencent_inputs(model, seed: int = 0, rank: int = 4) -> dict:

@@ -203,6 +203,15 @@ def test_tencent_input_names_where_core_drops_some(hv, tmp_path, caplog):
     compare(hv, tmp_path, caplog, state, core_state=hw.to_comfy_names(state))
 
 
+def test_musubi_split_qkv_names_where_core_drops_them(hv, tmp_path, caplog):
+    """musubi's HunyuanVideo 1.5 network names q, k and v apart (`..._img_attn_q`): each lands on its rows of the
+    fused qkv, one patch per weight; the truth is core on the same change as one fused LoRA (musubi's converter)."""
+    model, _ = hv
+    split, fused = hw.musubi_split_qkv(model, seed=14)
+    assert len(core_drops(model, None, split)) == len(split)
+    compare(hv, tmp_path, caplog, split, core_state=fused)
+
+
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "full"])
 def test_lycoris_names_where_core_drops_them(hv, tmp_path, caplog, algo):
     """LyCORIS's own wrapper (`lycoris_` + ComfyUI's path): core's HunyuanVideo branch has no such alias; the truth
@@ -210,8 +219,7 @@ def test_lycoris_names_where_core_drops_them(hv, tmp_path, caplog, algo):
     model, _ = hv
     state = hw.lycoris(model, algo, seed=9)
     assert core_drops(model, None, state)
-    compare(hv, tmp_path, caplog, state, core_state=dw.rename_prefix(state, "lycoris_", "lora_unet_")
-            if False else {"lora_unet_" + k[len("lycoris_"):]: v for k, v in state.items()})
+    compare(hv, tmp_path, caplog, state, core_state={"lora_unet_" + k[len("lycoris_"):]: v for k, v in state.items()})
 
 
 def test_diffusers_peft_names_where_core_drops_them(hv, twin, tmp_path, caplog):
@@ -234,6 +242,35 @@ def test_bare_names_where_core_drops_them(hv, tmp_path, caplog):
     state = hw.comfy_native(model, seed=11, prefix="")
     assert core_drops(model, None, state)
     compare(hv, tmp_path, caplog, state, core_state={"diffusion_model." + k: v for k, v in state.items()})
+
+
+def test_hunyuan_video_15_on_comfys_class(hv, tmp_path, caplog):
+    """HunyuanVideo 1.5 (`supported_models.HunyuanVideo15`: double blocks only, `byt5_in`, `vision_in`,
+    `cond_type_embedding`): recognised as its variant from the config and from shapes, a key map that is a superset
+    of core's with nothing unbound, ComfyUI-native files (its new input modules included), full diffs and musubi's
+    1.5 split q / k / v equal to core."""
+    _, clip = hv
+    model = th.comfy_hunyuan_video_15()
+    sd = model.model.state_dict()
+    with_config = bind_comfy_model(sd, model.model.model_config.unet_config, config_name="HunyuanVideo15")
+    from_shapes = bind_comfy_model({k: tuple(v.shape) for k, v in sd.items()})
+    assert with_config.arch is from_shapes.arch is HUNYUAN_VIDEO_15 and with_config.unbound == []
+    spec = with_config.config
+    assert (spec.depth, spec.depth_single, spec.byt5, spec.vision_in, spec.cond_type) == (th.DEPTH, 0, True, 48, True)
+    core = comfy.lora.model_lora_keys_unet(model.model, {})
+    km = host(model).key_map
+    assert km.conflicts == [] and km.resolve("lora_unet_byt5_in_fc2").block == "IN"
+    for name, target in core.items():
+        key = target if isinstance(target, str) else target[0]
+        assert km.resolve(name) is not None and key in km.resolve(name).host_keys, name
+    native = hw.comfy_native(model, seed=15)
+    assert any(".byt5_in.fc1." in k for k in native) and any(".vision_in.proj.3." in k for k in native)
+    pair = (model, clip)
+    reports = compare(pair, tmp_path, caplog, native)
+    assert "HunyuanVideo 1.5" in reports[0]
+    compare(pair, tmp_path, caplog, hw.full_diffs(model, seed=16))
+    split, fused = hw.musubi_split_qkv(model, seed=17)
+    compare(pair, tmp_path, caplog, split, core_state=fused)
 
 
 # ------------------------------------------------------------------------------------- text encoders
@@ -536,11 +573,24 @@ def _double_and_linear2(model) -> dict:
     return {p: m for p, m in hw.block_linears(model).items() if not p.endswith(".linear1")}
 
 
-STANDALONE_WRITERS = {
-    "diffusers-peft": lambda m, t: hw.peft_state(t, seed=50),
-    "diffusion-pipe": lambda m, t: hw.diffusion_pipe(m, seed=51, layers=_double_and_linear2(m)),
-    "diffusion-pipe-old": lambda m, t: hw.diffusion_pipe(m, seed=52, prefix="diffusion_model.",
-                                                         layers=_double_and_linear2(m)),
+def _fused_native(twin, seed, kohya=False):
+    """(a ComfyUI-named file with fused qkv / linear1 LoRAs, the PEFT file diffusers reads with the same change):
+    tests.hunyuan_video_writers.diffusers_to_comfy of a PEFT file, optionally under kohya's `lora_unet_` names."""
+    peft = hw.peft_state(twin, seed=seed)
+    native = hw.diffusers_to_comfy(peft)
+    if kohya:
+        native = {"lora_unet_" + k[len("diffusion_model."):].rsplit(".lora_", 1)[0].replace(".", "_") + ".lora_" +
+                  k.rsplit(".lora_", 1)[1]: v for k, v in native.items()}
+    return native, peft
+
+
+STANDALONE_WRITERS = {   # (file, the file diffusers reads for the reference; None: the same)
+    "diffusers-peft": lambda m, t: (hw.peft_state(t, seed=50), None),
+    "diffusion-pipe": lambda m, t: (hw.diffusion_pipe(m, seed=51, layers=_double_and_linear2(m)), None),
+    "diffusion-pipe-old": lambda m, t: (hw.diffusion_pipe(m, seed=52, prefix="diffusion_model.",
+                                                          layers=_double_and_linear2(m)), None),
+    "comfy-native-fused": lambda m, t: _fused_native(t, 53),
+    "kohya-fused": lambda m, t: _fused_native(t, 54, kohya=True),
 }
 
 
@@ -548,15 +598,20 @@ STANDALONE_WRITERS = {
 def test_lora_patcher_on_diffusers_equals_diffusers_fuse_lora(hv, twin, tmp_path, writer):
     """`LoraPatcher(transformer=...)` on diffusers' HunyuanVideoTransformer3DModel equals
     `HunyuanVideoLoraLoaderMixin.load_lora_weights` + `fuse_lora` (which converts Tencent's names itself) at 1.0 and
-    -0.6; restore() is exact."""
+    -0.6; restore() is exact. ComfyUI / kohya files with fused qkv / linear1 (which diffusers cannot read at this
+    size) land on the split to_q / to_k / to_v / proj_mlp weights: the reference is diffusers on the PEFT file
+    holding the same change."""
     model, _ = hv
-    path = lw.save_safetensors(STANDALONE_WRITERS[writer](model, twin), tmp_path / f"{writer}.safetensors")
+    state, reference_state = STANDALONE_WRITERS[writer](model, twin)
+    path = lw.save_safetensors(state, tmp_path / f"{writer}.safetensors")
+    reference_path = path if reference_state is None else \
+        lw.save_safetensors(reference_state, tmp_path / f"{writer}_reference.safetensors")
     ours = copy.deepcopy(twin)
     base = {k: v.clone() for k, v in ours.state_dict().items()}
     patcher = LoraPatcher(transformer=ours)
     assert patcher.key_map.arch is HUNYUAN_VIDEO
     for scale in (1.0, -0.6):
-        reference = _diffusers_reference(path, twin, scale)
+        reference = _diffusers_reference(reference_path, twin, scale)
         plan = patcher.apply([LoraRequest(read_lora_file(path), scale, 0.0)])
         assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
         state = ours.state_dict()
@@ -570,3 +625,68 @@ def test_lora_patcher_on_diffusers_equals_diffusers_fuse_lora(hv, twin, tmp_path
         assert changed >= 20 and changed == len(plan.patches)
     patcher.restore()
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_lora_patcher_on_diffusers_hunyuan_video_15(tmp_path):
+    """diffusers' HunyuanVideo15Transformer3DModel (its 1.5 input modules: `context_embedder_2` = byt5_in,
+    `image_embedder` = vision_in, `time_embed`, `cond_type_embed`): bound with nothing left over, and a PEFT file
+    equals diffusers' own PEFT injection + fuse_lora (diffusers 0.36 has no 1.5 LoRA mixin; the HunyuanVideo one
+    loads into any transformer attribute) at 1.0 and -0.6."""
+    twin = th.diffusers_hunyuan_video_15_twin()
+    binding = bind_diffusers(twin.state_dict())
+    assert binding.arch is HUNYUAN_VIDEO_15 and binding.unbound == []
+    state = hw.peft_state(twin, seed=60, targets=hw.PEFT_TARGETS + ("linear_3",))
+    assert any(".context_embedder_2.linear_3." in k for k in state) and any(".image_embedder." in k for k in state)
+    path = lw.save_safetensors(state, tmp_path / "hv15.safetensors")
+    ours = copy.deepcopy(twin)
+    base = {k: v.clone() for k, v in ours.state_dict().items()}
+    patcher = LoraPatcher(transformer=ours)
+    for scale in (1.0, -0.6):
+        reference = _diffusers_reference(path, twin, scale)
+        plan = patcher.apply([LoraRequest(read_lora_file(path), scale, 0.0)])
+        assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
+        after = ours.state_dict()
+        changed = 0
+        for key in reference:
+            delta = (reference[key] - base[key]).abs().max().item()
+            assert (after[key] - reference[key]).abs().max().item() <= 1e-5 * delta + \
+                2 * EPS * reference[key].abs().max().item(), key
+            changed += delta > 0
+        assert changed >= 20 and changed == len(plan.patches)
+    patcher.restore()
+    assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_resize_of_a_diffusers_file(hv, twin, tmp_path):
+    """Resize (SVD) of a PEFT file: the q / k / v parts (rank 4 each) joined into one change of ComfyUI's fused qkv
+    (rank 12; linear1 with proj_mlp 16); at rank 16 nothing is lost, so the resized file in core equals the original
+    in ours; at rank 2 it
+    is smaller and still loads in core. The output carries musubi's HunyuanVideo strings. Without the model the
+    tiny file is refused (its parts do not fit the full-size fused rows) with the fix: connect the MODEL."""
+    from safetensors import safe_open
+
+    model, _ = hv
+    state = hw.peft_state(twin, seed=61, targets=("to_q", "to_k", "to_v", "proj_mlp", "to_out.0"))
+    lw.save_safetensors(state, tmp_path / "peft.safetensors")
+    mix = node_module("mix").LoRACoreResize()
+    with loras_folder(tmp_path):
+        with pytest.raises(LoraMatchError, match="Connect the base MODEL"):
+            mix.resize("peft.safetensors", 12, 1.0, "hv_no_model", False, "auto", "fp32")
+        full, _ = mix.resize("peft.safetensors", 16, 1.0, "hv_resized", False, "auto", "fp32", model=model)["result"]
+        small, _ = mix.resize("peft.safetensors", 2, 1.0, "hv_small", False, "auto", "fp32", model=model)["result"]
+        ours, _ = node_module("loader").LoRACoreLoaderModelOnly().load(model, "peft.safetensors", 0.8)
+    with safe_open(full, framework="pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert meta["ss_base_model_version"] == "hunyuan_video" and meta["modelspec.architecture"] == "hunyuan-video/lora"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in keys
+    resized = comfy.utils.load_torch_file(full, safe_load=True)
+    assert resized["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12   # q, k, v: 3 x 4
+    assert resized["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 16      # and proj_mlp
+    core_model, _ = comfy.sd.load_lora_for_models(model, None, resized, 0.8, 0.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert_same(bake(core_model), bake(ours), base, "resized rank 16 in core vs the PEFT file in ours")
+    tiny = comfy.utils.load_torch_file(small, safe_load=True)
+    assert max(v.shape[0] for k, v in tiny.items() if k.endswith("lora_down.weight")) == 2
+    assert not core_drops(model, None, tiny)

@@ -82,3 +82,33 @@ def diffusers_hunyuan_video_twin(hidden: int = HIDDEN, heads: int = HEADS, depth
         patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=context, pooled_projection_dim=vec,
         rope_theta=256.0, rope_axes_dim=(head // 4, head * 3 // 8, head * 3 // 8))
     return seed_weights(model.to(CPU, torch.float32), seed).eval()
+
+
+def hunyuan_video_15_config(hidden: int = HIDDEN, heads: int = HEADS, depth: int = DEPTH, context: int = CONTEXT,
+                            vision: int = 48) -> dict:
+    """HunyuanVideo 1.5's `unet_config` as model_detection.py builds it (no vector_in, no guidance, `byt5_in`,
+    `vision_in`, `cond_type_embedding`, double blocks only), shrunk; the SigLIP width `vision_in_dim` is a
+    constructor argument (1152 at full size)."""
+    config = hunyuan_video_config("t2v", hidden, heads, depth, 0, context, None, guidance=False)
+    config.update({"in_channels": 65, "out_channels": 32, "patch_size": [1, 1, 1], "byt5": True,
+                   "use_cond_type_embedding": True, "vision_in_dim": vision})
+    return config
+
+
+def comfy_hunyuan_video_15(seed: int = 0, **sizes):
+    """Tiny HunyuanVideo 1.5 ModelPatcher (`comfy.supported_models.HunyuanVideo15`, `model_base.HunyuanVideo15`)."""
+    comfy = import_comfy()
+    return _model_patcher(comfy.supported_models.HunyuanVideo15, hunyuan_video_15_config(**sizes), None, seed)
+
+
+def diffusers_hunyuan_video_15_twin(hidden: int = HIDDEN, heads: int = HEADS, depth: int = DEPTH,
+                                    context: int = CONTEXT, vision: int = 48, seed: int = 0):
+    """diffusers' HunyuanVideo15Transformer3DModel with the sizes of `comfy_hunyuan_video_15()` (seeded weights)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    head = hidden // heads
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=65, out_channels=32, num_attention_heads=heads, attention_head_dim=head, num_layers=depth,
+        num_refiner_layers=2, text_embed_dim=context, text_embed_2_dim=1472, image_embed_dim=vision,
+        rope_axes_dim=(head // 4, head * 3 // 8, head * 3 // 8))
+    return seed_weights(model.to(CPU, torch.float32), seed).eval()

@@ -27,7 +27,9 @@ Writers and their names (tests/hunyuan_video_writers.py cites each rule's source
   `self_attn_proj`, `mlp.fc1`): diffusion-pipe writes them with `transformer.` (models/hunyuan_video.py), older
   diffusion-pipe and musubi's `convert_lora.py --target other` with `diffusion_model.`; musubi-tuner's own files
   (`networks/lora.py`, prefix `lora_unet`) as `lora_unet_<Tencent path _>` (`lora_unet_double_blocks_0_img_mlp_fc1`);
-  LyCORIS `lycoris_<path _>` in either naming; bare Tencent names (HunyuanVideo's own LoRA scripts).
+  LyCORIS `lycoris_<path _>` in either naming; bare Tencent names (HunyuanVideo's own LoRA scripts). musubi's
+  HunyuanVideo 1.5 network (`networks/lora_hv_1_5.py`) trains q, k, v apart: `lora_unet_double_blocks_0_img_attn_q`
+  = rows (0, h) of `img_attn.qkv` (what its `convert_hunyuan_video_1_5_lora_to_comfy.py` fuses).
 * diffusers / PEFT on `HunyuanVideoTransformer3DModel` (`transformer.` prefix, also bare and `base_model.model.`):
   `transformer_blocks.N.attn.to_q` = rows (0, h) of `double_blocks.N.img_attn.qkv`, `add_q_proj` of `txt_attn.qkv`,
   `single_transformer_blocks.N.attn.to_q` / `proj_mlp` = rows of `linear1`, `context_embedder.token_refiner.
@@ -125,8 +127,11 @@ _DIFFUSERS_STREAM = {
 # top-level modules: (canonical, Tencent, diffusers, block, kind, rows)
 _TOP = (
     ("img_in.proj", "img_in.proj", "x_embedder.proj", IN, "img_in", "h"),
-    ("time_in.in_layer", "time_in.mlp.0", "time_text_embed.timestep_embedder.linear_1", IN, "time_in", "h"),
-    ("time_in.out_layer", "time_in.mlp.2", "time_text_embed.timestep_embedder.linear_2", IN, "time_in", "h"),
+    # (diffusers' 1.5 class, HunyuanVideo15Transformer3DModel, names the time embedder `time_embed`)
+    ("time_in.in_layer", "time_in.mlp.0", ("time_text_embed.timestep_embedder.linear_1",
+                                           "time_embed.timestep_embedder.linear_1"), IN, "time_in", "h"),
+    ("time_in.out_layer", "time_in.mlp.2", ("time_text_embed.timestep_embedder.linear_2",
+                                            "time_embed.timestep_embedder.linear_2"), IN, "time_in", "h"),
     ("vector_in.in_layer", "vector_in.in_layer", "time_text_embed.text_embedder.linear_1", IN, "vector_in", "h"),
     ("vector_in.out_layer", "vector_in.out_layer", "time_text_embed.text_embedder.linear_2", IN, "vector_in", "h"),
     ("guidance_in.in_layer", "guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_1", IN, "guidance_in",
@@ -325,7 +330,11 @@ class HunyuanVideoFamily(Family):
             return None
         hidden = int(proj[0]) if proj is not None else 3072
         mlp = shapes.get("transformer_blocks.0.ff.net.0.proj.weight")
+        vision = shapes.get("image_embedder.linear_1.weight")
         spec = HunyuanVideoSpec(
+            byt5="context_embedder_2.linear_1.weight" in keyset,
+            vision_in=(int(vision[1]) if vision is not None else 1152) if "image_embedder.linear_1.weight" in keyset
+            else 0, cond_type="cond_type_embed.weight" in keyset,
             hidden=hidden, depth=_count(keyset, r"transformer_blocks\.(\d+)\."),
             depth_single=_count(keyset, r"single_transformer_blocks\.(\d+)\."),
             mlp_hidden=int(mlp[0]) if mlp is not None else 4 * hidden,
@@ -362,21 +371,23 @@ class HunyuanVideoFamily(Family):
                 continue
             if path.startswith("guidance_in") and not spec.guidance:
                 continue
-            add(ModuleDef(path, block, kind, rows[size]), tencent, [(dif, None, 0)])
+            add(ModuleDef(path, block, kind, rows[size]), tencent,
+                [(name, None, 0) for name in ((dif,) if isinstance(dif, str) else dif)])
         if spec.meanflow:
             for sub in ("in_layer", "out_layer"):
                 add(ModuleDef(f"time_r_in.{sub}", IN, "time_in", h))
+        # 1.5's input modules; diffusers' names are HunyuanVideo15Transformer3DModel's
         if spec.byt5:
-            add(ModuleDef("byt5_in.layernorm", IN, "norm"))
-            for sub in ("fc1", "fc2", "fc3"):
-                add(ModuleDef(f"byt5_in.{sub}", IN, "txt_in"))
+            add(ModuleDef("byt5_in.layernorm", IN, "norm"), None, [("context_embedder_2.norm", None, 0)])
+            for j, sub in enumerate(("fc1", "fc2", "fc3")):
+                add(ModuleDef(f"byt5_in.{sub}", IN, "txt_in"), None, [(f"context_embedder_2.linear_{j + 1}", None, 0)])
         if spec.vision_in:
-            add(ModuleDef("vision_in.proj.0", IN, "norm"))
-            add(ModuleDef("vision_in.proj.1", IN, "img_in"))
-            add(ModuleDef("vision_in.proj.3", IN, "img_in", h))
-            add(ModuleDef("vision_in.proj.4", IN, "norm"))
+            add(ModuleDef("vision_in.proj.0", IN, "norm"), None, [("image_embedder.norm_in", None, 0)])
+            add(ModuleDef("vision_in.proj.1", IN, "img_in"), None, [("image_embedder.linear_1", None, 0)])
+            add(ModuleDef("vision_in.proj.3", IN, "img_in", h), None, [("image_embedder.linear_2", None, 0)])
+            add(ModuleDef("vision_in.proj.4", IN, "norm"), None, [("image_embedder.norm_out", None, 0)])
         if spec.cond_type:
-            add(ModuleDef("cond_type_embedding", IN, "txt_in"))
+            add(ModuleDef("cond_type_embedding", IN, "txt_in"), None, [("cond_type_embed", None, 0)])
         for r in range(spec.refiner_blocks):
             c, t, d = f"{REFINER}.{r}", f"{REFINER}.{r}", f"context_embedder.token_refiner.refiner_blocks.{r}"
             for sub, tsub, dsub, kind, size in _REFINER:
@@ -432,6 +443,15 @@ class HunyuanVideoFamily(Family):
             out += self.native_aliases(tencent, prefixes=("transformer.",))
         for name, pieces, rows in diffusers:
             out += self.diffusers_aliases(name, pieces, rows)
+        m = re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv", module.path)
+        if m:   # musubi's HunyuanVideo 1.5 network trains q, k and v apart: `img_attn_q` = rows (0, h) of the qkv
+            h = spec.hidden
+            for j, x in enumerate("qkv"):
+                path = f"double_blocks.{m.group(1)}.{m.group(2)}_attn_{x}"
+                under = path.replace(".", "_")
+                for name in (f"diffusion_model.{path}", f"transformer.{path}", path, f"lora_unet_{under}",
+                             f"lycoris_{under}"):
+                    out.append(Alias(name, ((j * h, 0, h),), h))
         seen, unique = set(), []
         for alias in out:
             if alias.name not in seen:
