@@ -54,8 +54,9 @@ def _host_title(km: "KeyMap") -> str:
 
 
 def _foreign_family(km: "KeyMap", name: str) -> Optional[str]:
+    shared = getattr(km.family, "shares_names_with", ())   # block names the host's family shares (Flux.2: Flux.1's)
     for family in registry.families():
-        if family is km.family:
+        if family is km.family or family.name in shared:
             continue
         for pattern, words in family.markers:
             if re.search(pattern, name):

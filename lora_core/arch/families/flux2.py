@@ -150,6 +150,9 @@ class Flux2Family(Family):
         (r"(^|[._])(ff|ff_context)[._]linear_(in|out)([._]|$)", "Flux.2 (ff.linear_in / linear_out)"),
         (r"(^|[._])time_guidance_embed[._]", "Flux.2 (time_guidance_embed)"),
     )
+    # Flux.1's marks (double_blocks / single_blocks ...) are names of this family too: on a Flux.2 model they tell
+    # nothing (explain.py skips them; this family's own `explain` says what an unmatched one means)
+    shares_names_with = ("flux",)
     # musubi-tuner (architectures.py) / ai-toolkit strings that name Flux.2 ([dev] is the only one this host loads)
     metadata_match = ("flux_2", "flux.2", "flux2", "flux-2")
 
