@@ -360,6 +360,7 @@ def test_loras_for_other_families_and_sizes_are_refused_naming_both(flux2, twin,
         "flux2_wide": (f2.comfy_native(tf.comfy_flux2(hidden=96, heads=3), seed=25), None),
         "flux2_deep": (f2.musubi(tf.comfy_flux2(depth=3, depth_single=4), seed=26), None),
         "flux2_full": (real_shape_lora(6144, 18432).tensors, None),
+        "flux2_klein": (real_shape_lora(4096, 12288).tensors, {"ss_base_model_version": "flux_2_klein_9b"}),
     }
     for name, (state, meta) in files.items():
         lw.save_safetensors(state, tmp_path / f"{name}.safetensors", meta)
@@ -382,6 +383,7 @@ def test_loras_for_other_families_and_sizes_are_refused_naming_both(flux2, twin,
         refused(sd15, "flux2_musubi", "made for Flux.2 [dev]", "Stable Diffusion 1.x")
         refused(model, "flux2_wide", "does not fit")
         refused(model, "flux2_full", "does not fit", "6144")
+        refused(model, "flux2_klein", "does not fit", "4096")   # Klein (not loadable in 0.3.75): by its widths
         _, report = loader.load(model, "flux2_deep.safetensors", 1.0)   # the blocks this model has apply
     assert "WARNING" in report and "key for double block 2, but this Flux.2 [dev] model has 2 double blocks" in report
     assert "key for single block 3, but this Flux.2 [dev] model has 3 single blocks" in report
@@ -404,6 +406,12 @@ def test_reasons_for_names_this_model_lacks(flux2):
     for name in ("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
                  "lora_unet_double_stream_modulation_img_lin", "transformer.transformer_blocks.0.ff.linear_in"):
         assert flux1_km.resolve(name) is None and "Flux.2" in flux1_km.explain_unmatched(name), name
+
+
+def test_training_is_refused_with_the_reason(flux2):
+    """No TrainSpec for Flux.2 yet: the train node says so instead of training with another family's rules."""
+    with pytest.raises(LoraValueError, match=r"Training does not support Flux\.2 \[dev\] yet"):
+        node_module("train").model_train_spec(flux2[0])
 
 
 # ------------------------------------------------------------------------------------- blocks
