@@ -321,3 +321,8 @@ def test_lora_patcher_on_hidream_transformer_equals_diffusers(twin, tmp_path, sc
     assert changed == len([k for k in state if k.endswith("lora_A.weight")])
     patcher.restore()
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
+
+
+def test_training_is_refused_with_the_reason(hidream):
+    with pytest.raises(LoraValueError, match="Training does not support HiDream-I1 yet"):
+        node_module("train").model_train_spec(hidream[0])
