@@ -65,8 +65,8 @@ def test_layouts_match_a1111_block_ids():
     assert [SDXL.text_encoders[c].family for c in ("te1", "te2")] == ["CLIP-L", "OpenCLIP-G"]
     assert SDXL.text_encoders["te2"].num_layers == 32 and SDXL.unet.context_dim == 2048
     assert get_arch("Pony") is SDXL and get_arch("illustrious") is SDXL and get_arch("SD1.5") is SD1
-    with pytest.raises(LoraValueError, match="unknown architecture 'hidream'"):
-        get_arch("hidream")   # a family the registry does not describe (yet)
+    with pytest.raises(LoraValueError, match="unknown architecture 'auraflow'"):
+        get_arch("auraflow")   # a family the registry does not describe (yet)
 
 
 def test_full_size_specs_equal_comfyui_detection_configs():

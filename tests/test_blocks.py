@@ -420,7 +420,7 @@ def test_every_arch_module_gets_a_factor():
     ("sd1", "named", "IN04", r"bad token 'IN04' at position 1 of the named block vector"),
     ("sd1", "named", "IN04=x", r"bad token 'x' at position 1 of the named"),
     ("sd1", "sd", "1", r"unknown block-weight mode 'sd'"),
-    ("hidream", "named", "*=1", r"unknown architecture 'hidream'"),   # a family the registry does not describe
+    ("auraflow", "named", "*=1", r"unknown architecture 'auraflow'"),   # a family the registry does not describe
     ("sd1", "a1111", "   ", r"empty a1111 block vector"),
 ])
 def test_error_messages(arch, mode, vector, match):

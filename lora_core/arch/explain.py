@@ -50,8 +50,10 @@ def _host_title(km: "KeyMap") -> str:
 
 
 def _foreign_family(km: "KeyMap", name: str) -> Optional[str]:
+    shared = km.family.shares_names_with if km.family is not None else ()   # (Flux.2 on Flux.1's block names)
     for family in registry.families():
-        if family is km.family or (km.family is not None and family.name in km.family.confusable_with):
+        if family is km.family or family.name in shared or (
+                km.family is not None and family.name in km.family.confusable_with):
             continue   # (a family whose names this host shares marks nothing here)
         for pattern, words in family.markers:
             if re.search(pattern, name):

@@ -319,6 +319,9 @@ class Family:
     # module fits (registry.confusable_family); the other family's key marks are not read as "made for" it; a file
     # both families read alike is taken as the other family's by `detect_lora` (the declaring family yields).
     confusable_with: tuple[str, ...] = ()
+    # Names of families whose block names this one reuses with other shapes (Flux.2 reuses Flux.1's
+    # `double_blocks` / `single_blocks`): the other family's key marks are not read as "made for" it on this host.
+    shares_names_with: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------- recognition
     def detect_host(self, keys: Sequence[str], shapes: Optional[Mapping[str, tuple]], config: Optional[dict],

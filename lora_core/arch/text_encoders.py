@@ -44,9 +44,17 @@ TEXT_ENCODER_FAMILIES = {name: spec for name, spec in ENCODERS.items() if spec.k
 
 
 def register_encoder(spec: TextEncoderSpec) -> TextEncoderSpec:
-    """Add an encoder a family needs (UMT5, an LLM encoder ...); families call this at import."""
-    ENCODERS.setdefault(spec.comfy_name, spec)
-    return ENCODERS[spec.comfy_name]
+    """Add an encoder a family needs (UMT5, an LLM encoder ...); families call this at import. Two families may
+    hold different models under one ComfyUI name (`llama`: HunyuanVideo's LLaVA-Llama-3-8B, HiDream's
+    Llama-3.1-8B): each keeps its own spec (its title in messages) as long as the module trees agree."""
+    first = ENCODERS.setdefault(spec.comfy_name, spec)
+    if first is not spec:
+        same_tree = (first.kind, first.hidden_size, first.num_layers, first.intermediate_size) == (
+            spec.kind, spec.hidden_size, spec.num_layers, spec.intermediate_size)
+        if not same_tree:
+            raise ValueError(f"text encoder {spec.family!r} registered under ComfyUI's {spec.comfy_name!r}, "
+                             f"which already holds {first.family!r} with another module tree")
+    return spec
 
 
 # ------------------------------------------------------------------------------------------- module lists

@@ -233,6 +233,8 @@ class FluxFamily(Family):
         keyset = set(keys)
         if "x_embedder.weight" not in keyset or not any(k.startswith("single_transformer_blocks.") for k in keyset):
             return None
+        if "double_stream_modulation_img.linear.weight" in keyset:
+            return None   # diffusers' Flux2Transformer2DModel: its own family
         shapes = shapes or {}
         hidden = int(shapes["x_embedder.weight"][0]) if "x_embedder.weight" in shapes else 3072
         mlp = int(shapes["single_transformer_blocks.0.proj_mlp.weight"][0]) \

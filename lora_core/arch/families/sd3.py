@@ -251,7 +251,7 @@ class SD3Family(Family):
 
     def variant_of_clip(self, comfy_names: set) -> Optional[ArchSpec]:
         # CLIP-G with T5 is SD3's alone (SDXL has no T5, Flux no CLIP-G); which SD3 is not in the CLIP
-        if "clip_g" in comfy_names and "t5xxl" in comfy_names:
+        if "clip_g" in comfy_names and "t5xxl" in comfy_names and "llama" not in comfy_names:   # llama: HiDream
             return self.MEDIUM
         return None
 
