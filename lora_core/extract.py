@@ -335,6 +335,7 @@ def _other_changes(base, tuned, targeted, wanted, key_map) -> list:
             delta = float((b.float() - a.float()).abs().max())
             out.append((key, f"changed (max |change| {delta:.3g}) but is no LoRA target (biases, norms and "
                              f"embeddings are not part of a kohya LoRA)"))
+    out.extend((key, "only in the tuned checkpoint") for key in tuned.shapes if key not in base.shapes)
     return out
 
 
