@@ -16,6 +16,7 @@ classes, tests/tiny_lumina.py):
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -511,6 +512,37 @@ def test_block_info_and_sweep(lumina, tmp_path):
     assert [label.split()[0] for label in labels[1:]] == ["NR0", "NR1", "CR0", "CR1", "L00", "L01", "OUT"]
     knocked = set(models[5].patches)   # L00 off
     assert knocked == {k for k in models[0].patches if ".layers.0." not in k} != set(models[0].patches)
+
+
+def test_sweep_sampled_and_laid_out_as_a_grid(lumina, tmp_path):
+    """A block sweep of a kohya Lumina 2 file sampled with ComfyUI's own KSampler on the tiny model (the sweep's
+    MODEL list, as ComfyUI's list mapping feeds it) and assembled by the grid node: the baseline tile differs from
+    none of itself, knocking a block out changes the image."""
+    import nodes as comfy_nodes   # ComfyUI's nodes.py
+
+    model, _ = lumina
+    state = {k: 4 * v if not k.endswith(".alpha") else v for k, v in zw.kohya_lumina(model, seed=39).items()}
+    lw.save_safetensors(state, tmp_path / "grid.safetensors")
+    tools = node_module("block_tools")
+    with loras_folder(tmp_path):
+        models, labels = tools.LoRACoreBlockSweep().sweep(model, "grid.safetensors", 1.0, "blocks", 1.0, 0.0,
+                                                          "named", "", 0, 1.0, 1.0)
+
+    def cond(seed):
+        return [[torch.randn(1, 6, tl.CONTEXT, generator=torch.Generator().manual_seed(seed)), {}]]
+
+    images = []
+    for variant in models[:4]:   # baseline, NR0, NR1, CR0 off
+        (out,) = comfy_nodes.common_ksampler(variant, 7, 2, 1.0, "euler", "normal", cond(1), cond(2),
+                                             {"samples": torch.zeros(1, 16, 8, 8)})
+        images.append(torch.sigmoid(out["samples"][:, :3]).permute(0, 2, 3, 1).contiguous())
+    grid, summary = tools.LoRACoreSweepGrid().assemble(images, columns=[2], heatmap=[True], threshold=[0.001],
+                                                       labels=labels[:4])
+    assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
+    lines = summary.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(labels[0]) and lines[1].startswith("NR0")
+    means = [float(re.search(r"mean \|diff\| ([\d.]+)%", line).group(1)) for line in lines]
+    assert means[0] == 0.0 and min(means[1:]) > 0.0
 
 
 # ------------------------------------------------------------------------------------- merge / export
