@@ -16,6 +16,7 @@ classes, tests/tiny_lumina.py):
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -387,6 +388,8 @@ def test_reasons_for_names_this_model_lacks(zimage, lumina):
         (l_km, "lora_unet_layers_0_adaLN_modulation_0"): "made for Z-Image",
         (l_km, "diffusion_model.context_refiner.0.adaLN_modulation.1"): "no modulation",
         (z_km, "diffusion_model.x_pad_token"): "plain parameters",
+        (z_km, "transformer.layers.0.attn.to_k"): "made for Lumina Image 2.0",
+        (z_km, "transformer.norm_out.linear_1"): "made for Lumina Image 2.0",
         (z_km, "lora_unet_double_blocks_0_img_attn_qkv"): "Flux.1",
         (z_km, "transformer.transformer_blocks.0.img_mlp.net.0.proj"): "Qwen-Image",
     }
@@ -511,6 +514,37 @@ def test_block_info_and_sweep(lumina, tmp_path):
     assert knocked == {k for k in models[0].patches if ".layers.0." not in k} != set(models[0].patches)
 
 
+def test_sweep_sampled_and_laid_out_as_a_grid(lumina, tmp_path):
+    """A block sweep of a kohya Lumina 2 file sampled with ComfyUI's own KSampler on the tiny model (the sweep's
+    MODEL list, as ComfyUI's list mapping feeds it) and assembled by the grid node: the baseline tile differs from
+    none of itself, knocking a block out changes the image."""
+    import nodes as comfy_nodes   # ComfyUI's nodes.py
+
+    model, _ = lumina
+    state = {k: 4 * v if not k.endswith(".alpha") else v for k, v in zw.kohya_lumina(model, seed=39).items()}
+    lw.save_safetensors(state, tmp_path / "grid.safetensors")
+    tools = node_module("block_tools")
+    with loras_folder(tmp_path):
+        models, labels = tools.LoRACoreBlockSweep().sweep(model, "grid.safetensors", 1.0, "blocks", 1.0, 0.0,
+                                                          "named", "", 0, 1.0, 1.0)
+
+    def cond(seed):
+        return [[torch.randn(1, 6, tl.CONTEXT, generator=torch.Generator().manual_seed(seed)), {}]]
+
+    images = []
+    for variant in models[:4]:   # baseline, NR0, NR1, CR0 off
+        (out,) = comfy_nodes.common_ksampler(variant, 7, 2, 1.0, "euler", "normal", cond(1), cond(2),
+                                             {"samples": torch.zeros(1, 16, 8, 8)})
+        images.append(torch.sigmoid(out["samples"][:, :3]).permute(0, 2, 3, 1).contiguous())
+    grid, summary = tools.LoRACoreSweepGrid().assemble(images, columns=[2], heatmap=[True], threshold=[0.001],
+                                                       labels=labels[:4])
+    assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
+    lines = summary.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(labels[0]) and lines[1].startswith("NR0")
+    means = [float(re.search(r"mean \|diff\| ([\d.]+)%", line).group(1)) for line in lines]
+    assert means[0] == 0.0 and min(means[1:]) > 0.0
+
+
 # ------------------------------------------------------------------------------------- merge / export
 
 def _stack_rows(**rows):
@@ -564,6 +598,44 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(zimage, lumina,
     assert_same(bake(core_model), want, base, "merged file in core's loader")
     assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged text encoder in our loader")
     assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged text encoder in core's loader")
+
+
+def test_merge_and_resize_keep_the_variant(lumina, ltwin, tmp_path):
+    """No model connected: the variant comes from the file (kohya's Lumina 2 metadata), its full-size layout is
+    used, and the merged file carries the variant's strings. A tiny diffusers-named file cannot be fused into the
+    full-size qkv rows (refused, asking for the model); with the model, a resize to a rank its fused qkv holds exactly
+    is the same LoRA in core's names: core on it equals our loader on the original (the q / k / v parts written as
+    one `attention.qkv` module in GQA row order)."""
+    from safetensors import safe_open
+
+    model, _ = lumina
+    kohya = zw.kohya_lumina(model, seed=37)
+    lw.save_safetensors(kohya, tmp_path / "k.safetensors", zw.KOHYA_METADATA["lumina2"])
+    peft = zw.peft_lumina2(ltwin, seed=38)
+    lw.save_safetensors(peft, tmp_path / "p.safetensors")
+    mix = node_module("mix")
+    with loras_folder(tmp_path):
+        merged_path, _ = mix.LoRACoreMergeSave().merge("exact", 0, 0.0, "k_merge", False, "auto", "fp32",
+                                                       lora_stack=[("k.safetensors", 0.5, 0.0)])["result"]
+        with pytest.raises(LoraMatchError, match="768: the file is for a model of another size. Connect the base"):
+            mix.LoRACoreResize().resize("p.safetensors", 12, 0.0, "p_resized", False, "auto", "fp32")
+        resized_path, report = mix.LoRACoreResize().resize("p.safetensors", 12, 0.0, "p_resized", False, "auto",
+                                                           "fp32", model=model)["result"]
+        ours, _ = node_module("loader").LoRACoreLoaderModelOnly().load(model, "p.safetensors", 1.0)
+    for path in (merged_path, resized_path):
+        with safe_open(path, framework="pt") as handle:
+            meta, keys = handle.metadata(), set(handle.keys())
+        assert meta["ss_base_model_version"] == "lumina2" and meta["modelspec.architecture"] == "lumina-2/lora"
+        assert all(k.startswith("lora_unet_") for k in keys), sorted(keys)[:4]
+    with safe_open(merged_path, framework="pt") as handle:
+        assert {k.rsplit(".", 2)[0] for k in handle.keys() if k.endswith(".lora_down.weight")} == \
+            {k.rsplit(".", 2)[0] for k in kohya if k.endswith(".lora_down.weight")}
+    resized = comfy.utils.load_torch_file(resized_path, safe_load=True)
+    assert resized["lora_unet_layers_0_attention_qkv.lora_up.weight"].shape[0] == 128
+    assert not any("_to_q" in k or "_attn_" in k for k in resized)
+    core_model, _ = comfy.sd.load_lora_for_models(model, None, resized, 1.0, 0.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert_same(bake(core_model), bake(ours), base, "resized file in core vs the original in ours")
 
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)

@@ -32,9 +32,9 @@ Writers and their names (tests/lumina_writers.py cites each rule's source):
   refiner `norm1` (attention_norm1), `norm2`, `time_caption_embed.timestep_embedder.linear_1/2`,
   `time_caption_embed.caption_embedder.0/1`, `norm_out.linear_1` / `linear_2` (final modulation / linear);
   diffusers single_file_utils.py convert_lumina2_to_diffusers): the same prefixes.
-  Both diffusers namings are read on both variants; rows always follow the host's own n_heads / n_kv_heads.
-  Core 0.3.75 splits `attention.to_q/k/v` into equal thirds on Lumina 2 too (wrong for its GQA layout): ours
-  does not.
+  Z-Image's diffusers names are read on both variants (core maps them on Lumina 2 too), Lumina 2's only on Lumina
+  2; rows always follow the host's own n_heads / n_kv_heads. Core 0.3.75 splits `attention.to_q/k/v` into equal
+  thirds on Lumina 2 too (wrong for its GQA layout): ours does not.
 * Full diffs: `<prefix><path>.diff` / `.diff_b` (lightx2v, ComfyUI).
 
 Text encoders: te1 = Qwen3-4B (`qwen3_4b`) on Z-Image, Gemma-2-2B (`gemma2_2b`) on Lumina 2. ComfyUI maps only
@@ -368,7 +368,9 @@ class LuminaFamily(Family):
         out = self.native_aliases(module.path, prefixes=("transformer.", "base_model.model.",
                                                          "transformer.base_model.model."))
         out.append(Alias("lora_transformer_" + module.path.replace(".", "_")))
-        for diffusers, pieces, rows, _ in self._diffusers_names(spec).get(module.path, ()):
+        for diffusers, pieces, rows, scheme in self._diffusers_names(spec).get(module.path, ()):
+            if scheme == "l" and spec.z_image:
+                continue   # Lumina2Transformer2DModel's names: only Lumina 2 files carry them
             out += self.diffusers_aliases(diffusers, pieces, rows, prefixes=DIFFUSERS_PREFIXES,
                                           underscored=DIFFUSERS_UNDERSCORED)
         return out
@@ -456,6 +458,10 @@ class LuminaFamily(Family):
                     made = "Z-Image" if mod.group(1) == "0" else "Lumina Image 2.0"
                     return (f"{name!r}: block modulation named `adaLN_modulation.{mod.group(1)}`, which is {made}'s; "
                             f"this {title} model has `{spec.mod_param}`: this LoRA was made for {made}")
+        if spec.z_image and re.search(r"(^|[._])(attn[._](to_|norm_)|feed_forward[._]linear_[123]|norm1[._]linear|"
+                                      r"time_caption_embed|norm_out[._]linear_[12])", rest):
+            return (f"{name!r}: diffusers' Lumina2Transformer2DModel name (`attn.to_q`, `feed_forward.linear_1`, "
+                    f"`norm1.linear`, ...): this LoRA was made for Lumina Image 2.0, not {title}")
         if re.search(r"(^|[._])x_pad_token|cap_pad_token", rest):
             return (f"{name!r}: Z-Image's pad tokens are plain parameters, not module weights: LoRA Core patches "
                     "module weights only")
