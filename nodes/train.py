@@ -424,8 +424,11 @@ class LoRACoreTrain:
                 "run": (list(RUN_MODES), {"default": "new run", "tooltip": "'continue' resumes <output_name>.state.pt "
                                           "for `steps` more steps (chunked training)."}),
                 "steps": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimizer steps in this run."}),
-                "algorithm": (["LoRA", "LoCon"], {"default": "LoRA", "tooltip": "LoRA: attention/FF/proj layers. LoCon: "
-                              "also the resnet and up/down-sampler convolutions."}),
+                "algorithm": (list(lt.ALGORITHMS), {"default": "LoRA", "tooltip": "LoRA: attention/FF/proj layers. LoCon: "
+                              "also the resnet and up/down-sampler convolutions. LoHa / LoKr / DoRA (LyCORIS's "
+                              "algorithms, saved in LyCORIS's format): the same layers as LoRA, with a Hadamard "
+                              "product of two low-rank pairs, a Kronecker product, or LoRA with a trained weight "
+                              "magnitude."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 512.0, "step": 0.5,
                                     "tooltip": "Scale = alpha/rank (0 = rank)."}),
@@ -575,7 +578,7 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
             targets += te
             t5_trained = any(key_map.component_specs[c].encoder is not None and
                              key_map.component_specs[c].encoder.kind == "t5" for c in components)
-    network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed)
+    network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
     trainer = lt.LoraTrainer(backend, network, dataset, config,
                              encode_images=lambda images: backend.encode_images(images, vae),
                              encode_text=backend.encode_text if clip is not None else None,
