@@ -129,15 +129,21 @@ def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Itera
 
 def find_key_map_te_targets(encoders: nn.Module, key_map, components: Iterable[str],
                             element_kinds: Iterable[str] = ("te_attn", "te_mlp")) -> list[Target]:
-    """The attention and MLP Linears (kohya's text-encoder targets: CLIP q/k/v/out/fc1/fc2, T5 q/k/v/o/wi/wo) of
+    """The attention and MLP Linears (kohya's text-encoder targets: CLIP q/k/v/out/fc1/fc2, T5 q/k/v/o/wi/wo, an
+    LLM's q/k/v/o and MLP projections; not a vision tower's) of
     the given text-encoder components, found through the host's KeyMap in `encoders` (ComfyUI's
     `clip.cond_stage_model`, whose state-dict keys are the key map's host keys), in layout order."""
     from lora_core.mix import output_name
 
     components, element_kinds = set(components), set(element_kinds)
+    # an encoder's extra modules (Qwen2.5-VL's vision tower) never see a caption: nothing there could train
+    extra = {c: {path for path, _ in spec.encoder.extra_modules} for c, spec in key_map.component_specs.items()
+             if spec.encoder is not None}
     targets = []
     for target in key_map.targets:
         if target.component not in components or target.kind not in element_kinds or target.param != "weight":
+            continue
+        if target.path in extra.get(target.component, ()):
             continue
         module = encoders.get_submodule(target.host_key[: -len(".weight")])
         if not isinstance(module, nn.Linear):
@@ -270,6 +276,10 @@ class LoRASidePath(nn.Module):
         return delta if device is None else delta.to(device)
 
 
+def _key(name: str) -> str:
+    return name.replace(".", ":")
+
+
 class LoRANetwork(nn.Module):
     """The side paths of one training run, keyed by kohya module name."""
 
@@ -294,11 +304,11 @@ class LoRANetwork(nn.Module):
             is_spatial_conv = isinstance(t.module, nn.Conv2d) and t.module.kernel_size != (1, 1)
             r = conv_rank if (is_spatial_conv and conv_rank) else rank
             a = conv_alpha if (is_spatial_conv and conv_alpha) else alpha
-            # ModuleDict keys cannot contain "."; kohya names have none.
+            # ModuleDict keys cannot contain "." (kohya names have none; ComfyUI's generic text-encoder names do)
             if algorithm in ("LoRA", "LoCon"):
-                self.paths[t.name] = LoRASidePath(t.module, r, a, generator)
+                self.paths[_key(t.name)] = LoRASidePath(t.module, r, a, generator)
             else:   # LyCORIS algorithms (lora_core.train.algorithms), in LyCORIS's key format
-                self.paths[t.name] = make_path(algorithm, t.module, r, a, generator)
+                self.paths[_key(t.name)] = make_path(algorithm, t.module, r, a, generator)
         self._originals: dict[str, object] = {}
 
     # ------------------------------------------------------------------ hooking
@@ -307,7 +317,7 @@ class LoRANetwork(nn.Module):
         for name, target in self.targets.items():
             if name in self._originals:
                 continue
-            module, path = target.module, self.paths[name]
+            module, path = target.module, self.path(name)
             self._originals[name] = module.__dict__.get("forward")
             original = module.forward
 
@@ -352,7 +362,7 @@ class LoRANetwork(nn.Module):
                 continue
             key = (target.component, target.block)
             group = groups.setdefault(key, {"params": [], "lr": lr, "name": f"{target.component}/{target.block}"})
-            group["params"].extend(self.paths[name].parameters())
+            group["params"].extend(self.path(name).parameters())
         return list(groups.values())
 
     def trainable_names(self, train_te: bool) -> list[str]:
@@ -363,21 +373,25 @@ class LoRANetwork(nn.Module):
                          names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
         """The file's tensors: kohya's lora_down/lora_up/alpha, or LyCORIS's keys for LoHa/LoKr/DoRA."""
         out = {}
-        for name in (names if names is not None else self.paths.keys()):
-            out.update(self.paths[name].file_tensors(name, dtype))
+        for name in (names if names is not None else self.targets):
+            out.update(self.path(name).file_tensors(name, dtype))
         return out
 
     def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str = "state") -> None:
         """Load weights saved by `kohya_state_dict`; every module must be present with the same shapes."""
-        missing = [n for n in self.paths if not any(k.startswith(n + ".") and not k.endswith(".alpha")
+        missing = [n for n in self.targets if not any(k.startswith(n + ".") and not k.endswith(".alpha")
                                                     for k in tensors)]
         if missing:
             raise LoraFormatError(f"{source}: no weights for {len(missing)} modules of this run (e.g. {missing[:3]}). "
                                   f"The saved run used other targets/blocks/algorithm: use the same settings to "
                                   f"continue, or start a new run.")
-        for name, path in self.paths.items():
-            path.load_file_tensors(tensors, name, source)
+        for name in self.targets:
+            self.path(name).load_file_tensors(tensors, name, source)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The weight delta this side path adds (for merging / checks), in fp32."""
-        return self.paths[name].weight_delta().detach()
+        return self.path(name).weight_delta().detach()
+
+    def path(self, name: str) -> nn.Module:
+        """The side path of the module named `name` (its file name)."""
+        return self.paths[_key(name)]
