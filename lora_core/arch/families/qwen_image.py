@@ -267,9 +267,9 @@ class QwenImageFamily(Family):
         of every QwenImageTransformerBlock except the modulation (musubi excludes `_mod_` by default): attention
         (to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out) and both MLPs, named lora_unet_<path _> (the native
         module names). musubi trains no text encoder (Qwen2.5-VL); ours can, through ComfyUI's generic names. Flow
-        matching at the model's shift (ComfyUI samples Qwen-Image with ModelSamplingFlux, mu 1.15: s = e^1.15); the resolution
-        shift option is Qwen-Image's own dynamic schedule (diffusers' scheduler config: mu 0.5 at 256 image tokens,
-        0.9 at 8192; musubi `qwen_shift`)."""
+        matching at the model's shift (ComfyUI samples Qwen-Image with ModelSamplingFlux, mu 1.15: s = e^1.15);
+        the resolution shift option is Qwen-Image's own dynamic schedule (diffusers' scheduler config: mu 0.5 at
+        256 image tokens, 0.9 at 8192; musubi `qwen_shift`)."""
         return TrainSpec(kinds=QWEN_TRAIN_KINDS, target_sets=QWEN_TARGET_SETS, conv_kinds=(),
                          text_encoders=("te1",), guidance_input=False,
                          timestep_sampling="logit-normal, model shift", resolution_shift=(2, 256, 0.5, 8192, 0.9),
