@@ -381,3 +381,24 @@ def test_qwen_trains_with_its_resolution_shift_and_a_lycoris_algorithm(hosts, tm
     report = plan.reports[0]
     modules = {k.split(".", 1)[0] for k in comfy.utils.load_torch_file(run["path"], safe_load=True)}
     assert report.unmatched == [] and report.unused_keys == [] and report.matched == len(modules)
+
+
+@pytest.mark.parametrize("algo", ["LoHa", "DoRA"])
+def test_lycoris_algorithms_on_sd3_equal_core(algo, hosts, tmp_path):
+    """LoHa / DoRA on the MMDiT (fused qkv whole, in LyCORIS's format): the returned MODEL equals core's loader on
+    the saved file, every trained weight changed."""
+    host = hosts["sd3"]
+    run = _run(host, tmp_path, steps=3, algorithm=algo, save_precision="fp32")
+    tensors = comfy.utils.load_torch_file(run["path"], safe_load=True)
+    modules = {k.split(".", 1)[0] for k in tensors}
+    assert all(k.split(".", 1)[1] in ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"} if algo == "LoHa"
+                                      else {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"})
+               for k in tensors)
+    core_model, _ = comfy.sd.load_lora_for_models(host.model, host.clip, tensors, 1.0, 1.0)
+    unet_map = comfy.lora.model_lora_keys_unet(host.model.model, {})
+    ours, core, base = patched_state(run["model"]), patched_state(core_model), patched_state(host.model)
+    for key in ours:
+        delta = (core[key] - base[key]).abs().max().item()
+        assert (ours[key] - core[key]).abs().max().item() <= 1e-5 * delta + 1e-7, key
+    changed = {k for k in ours if not torch.equal(ours[k], base[k])}
+    assert changed == {unet_map[m] for m in modules}
