@@ -451,7 +451,10 @@ def _dora_on_output_axis(dora_scale: torch.Tensor, weight_shape) -> bool:
 def _dora_delta(dora_scale: torch.Tensor, weight: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     """W_dora - W with W_dora = m * (W + ΔW) / ‖W + ΔW‖ (per output row or per input column)."""
     magnitude = _f32(dora_scale, weight.device)
-    adapted = diff.add_(weight)   # every _DIFFS function returns a fresh tensor, so reuse its memory
+    # Training differentiates through this (lora_core.train.algorithms): out of place when autograd records.
+    tracked = torch.is_grad_enabled() and (diff.requires_grad or magnitude.requires_grad or weight.requires_grad)
+    # every _DIFFS function returns a fresh tensor, so reuse its memory otherwise
+    adapted = diff + weight if tracked else diff.add_(weight)
     if _dora_on_output_axis(magnitude, weight.shape):
         axis = 0
         norm = torch.linalg.vector_norm(adapted.reshape(adapted.shape[0], -1), dim=1)
@@ -459,8 +462,11 @@ def _dora_delta(dora_scale: torch.Tensor, weight: torch.Tensor, diff: torch.Tens
         axis = 1
         other_dims = [d for d in range(adapted.dim()) if d != 1]
         norm = torch.linalg.vector_norm(adapted, dim=other_dims)
-    norm = _broadcast_on_axis(norm, axis, adapted.dim()).add_(_EPS_F32)
-    adapted.mul_(_broadcast_on_axis(magnitude, axis, adapted.dim()) / norm)
+    norm = _broadcast_on_axis(norm, axis, adapted.dim()) + _EPS_F32
+    factor = _broadcast_on_axis(magnitude, axis, adapted.dim()) / norm
+    if tracked:
+        return adapted * factor - weight
+    adapted.mul_(factor)
     return adapted.sub_(weight)
 
 

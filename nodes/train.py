@@ -356,7 +356,7 @@ def model_arch(model) -> str:
     arch = HostModels(model).key_map.arch
     if arch is None:
         raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
-                             "Flux.1 and Chroma.")
+                             "Flux.1, Chroma, SD3/SD3.5 and Qwen-Image.")
     return arch.name
 
 
@@ -407,15 +407,16 @@ def model_block_ids(model) -> list[str]:
 # ------------------------------------------------------------------------------------------ train node
 
 class LoRACoreTrain:
-    """Train a LoRA/LoCon on the MODEL (and optionally CLIP) already in the graph."""
+    """Train a LoRA/LoCon (or LyCORIS LoHa/LoKr/DoRA) on the MODEL (and optionally CLIP) already in the graph."""
 
     @classmethod
     def INPUT_TYPES(cls):
         lr = {"min": 0.0, "max": 1.0, "step": 1e-6, "round": False}
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma). It is adapted in place "
-                                    "during training and restored afterwards: no second copy is made."}),
+                "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
+                                    "Qwen-Image). It is adapted in place during training and restored afterwards: "
+                                    "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),
                 "dataset": ("LORA_CORE_DATASET", {"tooltip": "From 'LoRA Training Dataset'."}),
@@ -424,8 +425,11 @@ class LoRACoreTrain:
                 "run": (list(RUN_MODES), {"default": "new run", "tooltip": "'continue' resumes <output_name>.state.pt "
                                           "for `steps` more steps (chunked training)."}),
                 "steps": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimizer steps in this run."}),
-                "algorithm": (["LoRA", "LoCon"], {"default": "LoRA", "tooltip": "LoRA: attention/FF/proj layers. LoCon: "
-                              "also the resnet and up/down-sampler convolutions."}),
+                "algorithm": (list(lt.ALGORITHMS), {"default": "LoRA", "tooltip": "LoRA: attention/FF/proj "
+                              "layers. LoCon: also the resnet and up/down-sampler convolutions. LoHa / LoKr / DoRA (LyCORIS's "
+                              "algorithms, saved in LyCORIS's format): the same layers as LoRA, with a Hadamard "
+                              "product of two low-rank pairs, a Kronecker product, or LoRA with a trained weight "
+                              "magnitude."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 512.0, "step": 0.5,
                                     "tooltip": "Scale = alpha/rank (0 = rank)."}),
@@ -480,8 +484,9 @@ class LoRACoreTrain:
     RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report")
     FUNCTION = "train"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Trains a kohya-format LoRA/LoCon on the connected model, saves it to models/loras with ss_*/"
-                   "modelspec metadata and a resumable state, and returns the model with the LoRA applied.")
+    DESCRIPTION = ("Trains a kohya-format LoRA/LoCon (or LyCORIS LoHa/LoKr/DoRA) on the connected model, saves it "
+                   "to models/loras with ss_*/modelspec metadata and a resumable state, and returns the model with the "
+                   "LoRA applied.")
 
     def train(self, model, clip, vae, dataset, output_name, run, steps, algorithm, rank, alpha, unet_targets, blocks,
               block_lr, unet_lr, train_text_encoder, text_encoder_lr, optimizer, lr_scheduler, warmup_steps,
@@ -575,7 +580,7 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
             targets += te
             t5_trained = any(key_map.component_specs[c].encoder is not None and
                              key_map.component_specs[c].encoder.kind == "t5" for c in components)
-    network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed)
+    network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
     trainer = lt.LoraTrainer(backend, network, dataset, config,
                              encode_images=lambda images: backend.encode_images(images, vae),
                              encode_text=backend.encode_text if clip is not None else None,

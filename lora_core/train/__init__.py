@@ -8,6 +8,7 @@ resumable state. No ComfyUI imports (nodes/train.py adapts ComfyUI's objects).
                                 output=train.OutputFiles(folder, "my_lora"))
     result = trainer.run()
 """
+from .algorithms import ALGORITHMS, LYCORIS_ALGORITHMS, DoRAPath, LoHaPath, LoKrPath
 from .backends import DiffusersBackend, diffusers_ldm_namer, transformers_text_encoder, unlock_inference_params
 from .dataset import (CAPTION_POLICIES, BatchPlan, CaptionOptions, Sample, TrainDataset, from_images, load_folder,
                       make_buckets, nearest_bucket, process_caption)
@@ -27,5 +28,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "cat_cond", "lr_factor", "sd_alphas_cumprod", "snr_weights", "OutputFiles",
     "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state", "OutOfPlaceAdds",
     "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
-    "ResolutionShift", "time_shift",
+    "ResolutionShift", "time_shift", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
 ]

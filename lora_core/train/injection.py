@@ -129,15 +129,21 @@ def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Itera
 
 def find_key_map_te_targets(encoders: nn.Module, key_map, components: Iterable[str],
                             element_kinds: Iterable[str] = ("te_attn", "te_mlp")) -> list[Target]:
-    """The attention and MLP Linears (kohya's text-encoder targets: CLIP q/k/v/out/fc1/fc2, T5 q/k/v/o/wi/wo) of
+    """The attention and MLP Linears (kohya's text-encoder targets: CLIP q/k/v/out/fc1/fc2, T5 q/k/v/o/wi/wo, an
+    LLM's q/k/v/o and MLP projections; not a vision tower's) of
     the given text-encoder components, found through the host's KeyMap in `encoders` (ComfyUI's
     `clip.cond_stage_model`, whose state-dict keys are the key map's host keys), in layout order."""
     from lora_core.mix import output_name
 
     components, element_kinds = set(components), set(element_kinds)
+    # an encoder's extra modules (Qwen2.5-VL's vision tower) never see a caption: nothing there could train
+    extra = {c: {path for path, _ in spec.encoder.extra_modules} for c, spec in key_map.component_specs.items()
+             if spec.encoder is not None}
     targets = []
     for target in key_map.targets:
         if target.component not in components or target.kind not in element_kinds or target.param != "weight":
+            continue
+        if target.path in extra.get(target.component, ()):
             continue
         module = encoders.get_submodule(target.host_key[: -len(".weight")])
         if not isinstance(module, nn.Linear):
@@ -242,12 +248,43 @@ class LoRASidePath(nn.Module):
         dtype = self.down.weight.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
         return self.up(self.down(x.to(dtype))) * (self.scale * self.multiplier)
 
+    def file_tensors(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {f"{name}.lora_down.weight": self.down.weight.detach().to("cpu", dtype).clone(),
+                f"{name}.lora_up.weight": self.up.weight.detach().to("cpu", dtype).clone(),
+                f"{name}.alpha": self.alpha.detach().to("cpu", dtype).clone()}
+
+    def load_file_tensors(self, tensors: Mapping[str, torch.Tensor], name: str, source: str) -> None:
+        with torch.no_grad():
+            for part in ("down", "up"):
+                saved = tensors[f"{name}.lora_{part}.weight"]
+                param = getattr(self, part).weight
+                if tuple(saved.shape) != tuple(param.shape):
+                    raise LoraFormatError(f"{source}: {name}.lora_{part}.weight has shape {tuple(saved.shape)}, "
+                                          f"this run needs {tuple(param.shape)} (different rank?). Use the same "
+                                          f"rank to continue, or start a new run.")
+                param.copy_(saved.to(param.dtype))
+            if f"{name}.alpha" in tensors:
+                self.alpha.copy_(tensors[f"{name}.alpha"].to(self.alpha.dtype))
+
+    def weight_delta(self, device=None) -> torch.Tensor:
+        """up @ down * scale in the module's weight shape (fp32)."""
+        down, up = self.down.weight.float(), self.up.weight.float()
+        if down.ndim == 2:
+            delta = up @ down * self.scale
+        else:   # conv: up is 1x1 -> delta[o, i, kh, kw] = sum_r up[o, r] down[r, i, kh, kw]
+            delta = torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+        return delta if device is None else delta.to(device)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", ":")
+
 
 class LoRANetwork(nn.Module):
     """The side paths of one training run, keyed by kohya module name."""
 
     def __init__(self, targets: list[Target], rank: int, alpha: float, seed: int = 0,
-                 conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None):
+                 conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None, algorithm: str = "LoRA"):
         super().__init__()
         if not targets:
             raise LoraValueError("No module matched the chosen targets/blocks: nothing to train. Widen the "
@@ -255,6 +292,11 @@ class LoRANetwork(nn.Module):
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise LoraFormatError("Two target modules map to the same LoRA name; the model naming is ambiguous.")
+        from .algorithms import ALGORITHMS, make_path
+
+        if algorithm not in ALGORITHMS:
+            raise LoraValueError(f"algorithm {algorithm!r} is not one of {list(ALGORITHMS)}.")
+        self.algorithm = algorithm
         generator = torch.Generator().manual_seed(int(seed))
         self.targets = {t.name: t for t in targets}
         self.paths = nn.ModuleDict()
@@ -262,8 +304,11 @@ class LoRANetwork(nn.Module):
             is_spatial_conv = isinstance(t.module, nn.Conv2d) and t.module.kernel_size != (1, 1)
             r = conv_rank if (is_spatial_conv and conv_rank) else rank
             a = conv_alpha if (is_spatial_conv and conv_alpha) else alpha
-            # ModuleDict keys cannot contain "."; kohya names have none.
-            self.paths[t.name] = LoRASidePath(t.module, r, a, generator)
+            # ModuleDict keys cannot contain "." (kohya names have none; ComfyUI's generic text-encoder names do)
+            if algorithm in ("LoRA", "LoCon"):
+                self.paths[_key(t.name)] = LoRASidePath(t.module, r, a, generator)
+            else:   # LyCORIS algorithms (lora_core.train.algorithms), in LyCORIS's key format
+                self.paths[_key(t.name)] = make_path(algorithm, t.module, r, a, generator)
         self._originals: dict[str, object] = {}
 
     # ------------------------------------------------------------------ hooking
@@ -272,7 +317,7 @@ class LoRANetwork(nn.Module):
         for name, target in self.targets.items():
             if name in self._originals:
                 continue
-            module, path = target.module, self.paths[name]
+            module, path = target.module, self.path(name)
             self._originals[name] = module.__dict__.get("forward")
             original = module.forward
 
@@ -317,7 +362,7 @@ class LoRANetwork(nn.Module):
                 continue
             key = (target.component, target.block)
             group = groups.setdefault(key, {"params": [], "lr": lr, "name": f"{target.component}/{target.block}"})
-            group["params"].extend(self.paths[name].parameters())
+            group["params"].extend(self.path(name).parameters())
         return list(groups.values())
 
     def trainable_names(self, train_te: bool) -> list[str]:
@@ -326,39 +371,27 @@ class LoRANetwork(nn.Module):
     # ------------------------------------------------------------------ kohya state dict
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32,
                          names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+        """The file's tensors: kohya's lora_down/lora_up/alpha, or LyCORIS's keys for LoHa/LoKr/DoRA."""
         out = {}
-        for name in (names if names is not None else self.paths.keys()):
-            path = self.paths[name]
-            out[f"{name}.lora_down.weight"] = path.down.weight.detach().to("cpu", dtype).clone()
-            out[f"{name}.lora_up.weight"] = path.up.weight.detach().to("cpu", dtype).clone()
-            out[f"{name}.alpha"] = path.alpha.detach().to("cpu", dtype).clone()
+        for name in (names if names is not None else self.targets):
+            out.update(self.path(name).file_tensors(name, dtype))
         return out
 
     def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str = "state") -> None:
         """Load weights saved by `kohya_state_dict`; every module must be present with the same shapes."""
-        missing = [n for n in self.paths if f"{n}.lora_down.weight" not in tensors]
+        missing = [n for n in self.targets if not any(k.startswith(n + ".") and not k.endswith(".alpha")
+                                                    for k in tensors)]
         if missing:
             raise LoraFormatError(f"{source}: no weights for {len(missing)} modules of this run (e.g. {missing[:3]}). "
                                   f"The saved run used other targets/blocks/algorithm: use the same settings to "
                                   f"continue, or start a new run.")
-        with torch.no_grad():
-            for name, path in self.paths.items():
-                for part in ("down", "up"):
-                    saved = tensors[f"{name}.lora_{part}.weight"]
-                    param = getattr(path, part).weight
-                    if tuple(saved.shape) != tuple(param.shape):
-                        raise LoraFormatError(f"{source}: {name}.lora_{part}.weight has shape {tuple(saved.shape)}, "
-                                              f"this run needs {tuple(param.shape)} (different rank?). Use the same "
-                                              f"rank to continue, or start a new run.")
-                    param.copy_(saved.to(param.dtype))
-                if f"{name}.alpha" in tensors:
-                    path.alpha.copy_(tensors[f"{name}.alpha"].to(path.alpha.dtype))
+        for name in self.targets:
+            self.path(name).load_file_tensors(tensors, name, source)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The weight delta this side path adds (for merging / checks): up @ down * scale."""
-        path = self.paths[name]
-        down, up = path.down.weight.float(), path.up.weight.float()
-        if down.ndim == 2:
-            return up @ down * path.scale
-        # conv: up is 1x1 -> delta[o, i, kh, kw] = sum_r up[o, r] down[r, i, kh, kw]
-        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * path.scale
+        """The weight delta this side path adds (for merging / checks), in fp32."""
+        return self.path(name).weight_delta().detach()
+
+    def path(self, name: str) -> nn.Module:
+        """The side path of the module named `name` (its file name)."""
+        return self.paths[_key(name)]

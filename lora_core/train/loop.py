@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from lora_core.errors import LoraValueError
 
+from .algorithms import ALGORITHMS
 from .dataset import BatchPlan, TrainDataset, process_caption
 from .injection import LoRANetwork, OutOfPlaceAdds
 from .objective import TIMESTEP_SAMPLING, Objective
@@ -65,7 +66,8 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     seed: int = 0
-    algorithm: str = "LoRA"           # "LoRA" (Linear + 1x1 conv) or "LoCon" (+ resnet/sampler convs)
+    algorithm: str = "LoRA"           # "LoRA" (Linear + 1x1 conv), "LoCon" (+ resnet/sampler convs), or LyCORIS's
+                                      # "LoHa" / "LoKr" / "DoRA" (lora_core.train.algorithms) on the same targets
     rank: int = 16
     alpha: float = 8.0
     conv_rank: Optional[int] = None
@@ -107,7 +109,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}"),
             (self.scheduler in SCHEDULERS, f"LR scheduler {self.scheduler!r} is not one of {list(SCHEDULERS)}"),
             (self.mixed_precision in PRECISIONS, f"mixed precision {self.mixed_precision!r} is not one of {list(PRECISIONS)}"),
-            (self.algorithm in ("LoRA", "LoCon"), f"algorithm {self.algorithm!r} is not supported yet; use LoRA or LoCon"),
+            (self.algorithm in ALGORITHMS, f"algorithm {self.algorithm!r} is not one of {list(ALGORITHMS)}"),
             (self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
             (self.min_snr_gamma >= 0, f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype {self.save_dtype!r} is not one of {list(SAVE_DTYPES)}"),

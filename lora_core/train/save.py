@@ -19,6 +19,8 @@ import torch
 from lora_core.errors import LoraFileError, LoraValueError
 from lora_core.paths import output_path
 
+from .algorithms import LYCORIS_ALGORITHMS, NETWORK_ARGS
+
 IMPLEMENTATION_VERSION = "lora_core.train/1"
 _STEP_FILE = "{name}-step{step:08d}.safetensors"
 _STEP_RE = r"^{name}-step(\d{{8}})\.safetensors$"
@@ -152,6 +154,10 @@ def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type
                   for t in getattr(network, "targets", {}).values())
     if config.algorithm == "LoCon" or spatial:
         network_args = {"conv_dim": str(config.conv_rank or config.rank), "conv_alpha": str(config.conv_alpha or config.alpha)}
+    network_module = names["ss_network_module"]
+    if config.algorithm in LYCORIS_ALGORITHMS:   # what LyCORIS's kohya network (lycoris.kohya) writes
+        network_module = "lycoris.kohya"
+        network_args = {**NETWORK_ARGS[config.algorithm], **network_args}
     resolution = dataset.resolution if dataset is not None else int(names["resolution"])
     meta = {
         "ss_session_id": session_id,
@@ -161,7 +167,7 @@ def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type
         "ss_v2": names["ss_v2"],
         "ss_base_model_version": names["ss_base_model_version"],
         "ss_sd_model_name": base_model_name,
-        "ss_network_module": names["ss_network_module"],
+        "ss_network_module": network_module,
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_dropout": "None",

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef
+from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, TrainSpec
 from ..text_encoders import TextEncoderSpec, register_encoder
 
 # Qwen2.5-VL-7B's vision tower as ComfyUI keeps it (comfy/text_encoders/qwen_vl.py: 32 blocks, 1280 wide); Edit
@@ -261,6 +261,20 @@ class QwenImageFamily(Family):
         return (f"{name!r}: Qwen-Image-style key that names no module of this {title} model; check the LoRA's base "
                 "model (or the module is not a weight)")
 
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> TrainSpec:
+        """musubi-tuner's Qwen-Image training (networks/lora_qwen_image.py, docs/qwen_image.md): LoRA on the Linears
+        of every QwenImageTransformerBlock except the modulation (musubi excludes `_mod_` by default): attention
+        (to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out) and both MLPs, named lora_unet_<path _> (the native
+        module names). musubi trains no text encoder (Qwen2.5-VL); ours can, through ComfyUI's generic names. Flow
+        matching at the model's shift (ComfyUI samples Qwen-Image with ModelSamplingFlux, mu 1.15: s = e^1.15);
+        the resolution shift option is Qwen-Image's own dynamic schedule (diffusers' scheduler config: mu 0.5 at
+        256 image tokens, 0.9 at 8192; musubi `qwen_shift`)."""
+        return TrainSpec(kinds=QWEN_TRAIN_KINDS, target_sets=QWEN_TARGET_SETS, conv_kinds=(),
+                         text_encoders=("te1",), guidance_input=False,
+                         timestep_sampling="logit-normal, model shift", resolution_shift=(2, 256, 0.5, 8192, 0.9),
+                         block_lists=("transformer_blocks",))
+
     # ----------------------------------------------------------------------------- layout
     def block_layout(self, variant: ArchSpec) -> BlockLayout:
         layout = self._layouts.get(variant.layout_key)
@@ -280,6 +294,25 @@ class QwenImageFamily(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+
+# Training kinds -> element kinds.
+QWEN_TRAIN_KINDS = {
+    "attn": frozenset({"img_attn", "txt_attn"}),
+    "mlp": frozenset({"img_mlp", "txt_mlp"}),
+    "mod": frozenset({"img_mod", "txt_mod"}),
+    "embed": frozenset({"img_in", "txt_in", "time_in"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# The first (the node's default) is musubi's default: attention and MLPs of every block, no modulation ("attn+ff"
+# is the same set); "all layers" adds the block modulation, the input embeddings and the output layers.
+QWEN_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(QWEN_TRAIN_KINDS),
+}
 
 
 FAMILY = QwenImageFamily()

@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part
+from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec
 from ..text_encoders import CLIP_L, OPENCLIP_G, T5_XXL
 
 BASE = "BASE"
@@ -422,6 +422,19 @@ class SD3Family(Family):
         return (f"{name!r}: SD3-style key that names no module of this {title} model; check the LoRA's base model "
                 "(or the module is not a weight)")
 
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> TrainSpec:
+        """kohya sd-scripts' SD3 training (networks/lora_sd3.py, docs/sd3_train_network.md): LoRA on every Linear
+        of the joint blocks' image and text streams (SD3_TARGET_REPLACE_MODULE = SingleDiTBlock: attn.qkv whole,
+        attn.proj, mlp.fc1/fc2, adaLN_modulation.1; 3.5 Medium's attn2 too), named lora_unet_<path _>; with text
+        encoder training kohya trains CLIP-L (lora_te1_) and CLIP-G (lora_te2_), T5 (lora_te3_) only with
+        train_t5xxl. No guidance input; flow matching at the model's own shift (ComfyUI's ModelSamplingDiscreteFlow:
+        SD3 3.0), logit-normal like the SD3 paper; no resolution-dependent shift."""
+        return TrainSpec(kinds=SD3_TRAIN_KINDS, target_sets=SD3_TARGET_SETS, conv_kinds=(),
+                         text_encoders=("te1", "te2"), guidance_input=False,
+                         timestep_sampling="logit-normal, model shift", resolution_shift=None,
+                         block_lists=("joint_blocks",))
+
     # ----------------------------------------------------------------------------- layout
     def block_layout(self, variant: ArchSpec) -> BlockLayout:
         layout = self._layouts.get(variant.layout_key)
@@ -452,6 +465,26 @@ class SD3Family(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+
+# Training kinds -> element kinds (the train node's target choices name training kinds).
+SD3_TRAIN_KINDS = {
+    "attn": frozenset({"x_attn", "ctx_attn", "x_attn2"}),
+    "mlp": frozenset({"x_mlp", "ctx_mlp"}),
+    "mod": frozenset({"x_mod", "ctx_mod"}),
+    "embed": frozenset({"x_embed", "t_embed", "y_embed", "context_embed"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# The first (the node's default) is kohya's default, every Linear of the joint blocks, modulation included;
+# "attn+ff" leaves modulation out; "all layers" adds the embedders (x_embedder's patch conv too: kohya's emb_dims)
+# and the final layer. An MMDiT has no SD-style proj_in/out: "attn+proj" is "attn".
+SD3_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp", "mod"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(SD3_TRAIN_KINDS),
+}
 
 
 FAMILY = SD3Family()
