@@ -1,9 +1,9 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL, and on
 Flux.1 at full width with fewer blocks.
 
-    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux] [--ranks 8,32,128] [--stack 1,4,8]
+    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux,wan] [--ranks 8,32,128] [--stack 1,4,8]
                     [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)]
-                    [--flux-depth 2,4] [--out bench/results] [--threads N]
+                    [--flux-depth 2,4] [--wan-depth 30] [--out bench/results] [--threads N]
 
 Compares, in one run and on the same machine: ComfyUI core, our nodes inside ComfyUI's ModelPatcher, the
 standalone PatchEngine (on the ComfyUI modules), diffusers `fuse_lora`, and our LoraPatcher on the diffusers
@@ -19,6 +19,11 @@ Flux (bench/flux.py; `--arch flux` runs it alone): Flux.1-dev's widths built wit
 rank-32 diffusers-named one (parts on the fused qkv / linear1 rows) and both stacked, through core, our nodes and
 the engine (ComfyUI implementations only: no diffusers Flux copy next to it), then the engine's per-weight overhead
 on Flux.1-dev's full block layout at width 64. `--quick` leaves Flux out unless `--arch` names it.
+
+Wan (bench/wan.py; `--arch wan` runs it alone): Wan 2.1 T2V 1.3B built with ComfyUI's own classes at full size
+(dim 1536, FFN 8960, all 30 blocks; `--wan-depth N` for fewer), fp32 on a CPU and bf16 on a GPU; a rank-32
+musubi-tuner LoRA through core, our nodes and the engine; the block change is every block's cross-attention
+x0.5. `--quick` leaves Wan out unless `--arch` names it.
 """
 from __future__ import annotations
 
