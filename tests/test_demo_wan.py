@@ -124,3 +124,34 @@ def test_pair_loader_with_block_vector_equals_core_on_each_expert(assets, tmp_pa
     key = "diffusion_model.blocks.1.self_attn.q.weight"
     full, half = plain[key] - base_high[key], ours[key] - base_high[key]
     assert torch.allclose(half, 0.5 * full, atol=1e-6, rtol=1e-4) and full.abs().max() > 0
+
+
+def test_experts_patched_by_the_pair_sample_a_video_latent_high_then_low(assets, tmp_path):
+    """What a Wan 2.2 graph does, in-process: the pair on both experts, two KSamplerAdvanced (high-noise steps
+    with the leftover noise, then low-noise steps), the VAE decodes frames. The conditioning is a seeded 4096-wide
+    tensor standing in for UMT5-XXL's (see demo/tiny_wan.py: no tiny encoder gives that width)."""
+    import nodes as core_nodes
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for expert in ("high", "low"):
+        shutil.copy(assets[f"lora_wan_{expert}"], folder / tiny_wan.LORA_NAMES[expert])
+    with loras_folder(folder):
+        high, low, _, _ = node_module("wan").LoRACoreWanPairLoader().load(
+            _expert(assets["wan_high"]), _expert(assets["wan_low"]), tiny_wan.LORA_NAMES["high"],
+            tiny_wan.LORA_NAMES["low"], 1.0, 1.0, 1.0, pairs.ASSIGN_AUTO, block_vector="B01=0.5")
+    generator = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 8, 4096, generator=generator) * 0.1, {}]]
+    negative = [[torch.zeros(1, 8, 4096), {}]]
+    latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}   # EmptyHunyuanLatentVideo's shape for 64x64, 5 frames
+    sampler = core_nodes.KSamplerAdvanced()
+    (mid,) = sampler.sample(high, "enable", 1, 4, 1.0, "euler", "simple", positive, negative, latent, 0, 2,
+                            "enable")
+    (out,) = sampler.sample(low, "disable", 1, 4, 1.0, "euler", "simple", positive, negative, mid, 2, 4,
+                            "disable")
+    samples = out["samples"]
+    assert samples.shape == (1, 16, 2, 8, 8) and torch.isfinite(samples).all()
+    assert not torch.equal(samples, mid["samples"])
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(assets["wan_vae"])))
+    frames = vae.decode(samples)
+    assert frames.shape == (1, 5, 64, 64, 3) and torch.isfinite(frames).all()
