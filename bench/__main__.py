@@ -1,7 +1,8 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL, and on
 Flux.1 at full width with fewer blocks.
 
-    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux,wan] [--ranks 8,32,128] [--stack 1,4,8]
+    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux,wan] [--ranks 8,32,128]
+                    [--stack 1,4,8]
                     [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)]
                     [--flux-depth 2,4] [--wan-depth 30] [--out bench/results] [--threads N]
 
@@ -444,7 +445,8 @@ def markdown(results: dict) -> str:
     for arch, meta in results["archs"].items():
         lines.append(f"- {arch}: {meta['targets']} kohya targets, {meta['patched_params'] / 1e6:.1f} M patched "
                      f"params, {meta['dtype']}; H200 floor {meta['floor_s_h200'] * 1e3:.2f} ms"
-                     + (f"; full width ({meta['width']}), {'reduced ' if arch == 'flux' else ''}depth: {meta['depth_text']}; {meta['wall_s']:.0f} s"
+                     + (f"; full width ({meta['width']}), {'reduced ' if arch == 'flux' else ''}depth: "
+                        f"{meta['depth_text']}; {meta['wall_s']:.0f} s"
                         if arch in ("flux", "wan") else ""))
     lines += ["", "Times in seconds: load = LoRA mapping/host-side work, patch = weight math; re-patch and restore "
               "totals include every phase. err = max |W - fp64 reference| over sampled targets "
