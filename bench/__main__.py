@@ -1,5 +1,5 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL, and on
-Flux.1 at full width with fewer blocks.
+Flux.1 at full width with fewer blocks, and on Wan 2.1 T2V 1.3B at full size.
 
     python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux,wan] [--ranks 8,32,128]
                     [--stack 1,4,8]
