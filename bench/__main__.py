@@ -1,9 +1,10 @@
 """`make bench` / `python -m bench`: LoRA patch speed, memory and exactness on full-size SD1.5 and SDXL, and on
-Flux.1 at full width with fewer blocks.
+Flux.1 at full width with fewer blocks, and on Wan 2.1 T2V 1.3B at full size.
 
-    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux] [--ranks 8,32,128] [--stack 1,4,8]
+    python -m bench [--quick | --full] [--device cpu|cuda] [--arch sd15,sdxl,flux,wan] [--ranks 8,32,128]
+                    [--stack 1,4,8]
                     [--impls core,nodes,engine,lorapatcher,diffusers (+ engine-batched, engine-perweight)]
-                    [--flux-depth 2,4] [--out bench/results] [--threads N]
+                    [--flux-depth 2,4] [--wan-depth 30] [--out bench/results] [--threads N]
 
 Compares, in one run and on the same machine: ComfyUI core, our nodes inside ComfyUI's ModelPatcher, the
 standalone PatchEngine (on the ComfyUI modules), diffusers `fuse_lora`, and our LoraPatcher on the diffusers
@@ -19,6 +20,11 @@ Flux (bench/flux.py; `--arch flux` runs it alone): Flux.1-dev's widths built wit
 rank-32 diffusers-named one (parts on the fused qkv / linear1 rows) and both stacked, through core, our nodes and
 the engine (ComfyUI implementations only: no diffusers Flux copy next to it), then the engine's per-weight overhead
 on Flux.1-dev's full block layout at width 64. `--quick` leaves Flux out unless `--arch` names it.
+
+Wan (bench/wan.py; `--arch wan` runs it alone): Wan 2.1 T2V 1.3B built with ComfyUI's own classes at full size
+(dim 1536, FFN 8960, all 30 blocks; `--wan-depth N` for fewer), fp32 on a CPU and bf16 on a GPU; a rank-32
+musubi-tuner LoRA through core, our nodes and the engine; the block change is every block's cross-attention
+x0.5. `--quick` leaves Wan out unless `--arch` names it.
 """
 from __future__ import annotations
 
@@ -44,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="SD1.5 only, ranks 8/32, 1 and 4 LoRAs")
     p.add_argument("--full", action="store_true", help="the whole grid for SDXL too, also on a CPU")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--arch", default=None, help="comma list of sd15, sdxl, flux")
+    p.add_argument("--arch", default=None, help="comma list of sd15, sdxl, flux, wan")
     p.add_argument("--flux-depth", default=None, help="double,single blocks of the Flux case (default 2,4)")
+    p.add_argument("--wan-depth", default=None, help="blocks of the Wan 2.1 1.3B case (default 30, all)")
     p.add_argument("--ranks", default=None, help="comma list, default 8,32,128")
     p.add_argument("--stack", default=None, help="comma list of LoRA counts, default 1,4,8")
     p.add_argument("--impls", default=None, help="default core,nodes,engine,lorapatcher,diffusers")
@@ -60,7 +67,7 @@ def parse_args(argv=None):
     # SDXL on a CPU gets a smaller case unless the grid was asked for (see the module docstring)
     args.light_sdxl = (args.device == "cpu" and not args.full and args.ranks is None and args.stack is None
                        and args.impls is None)
-    args.arch = (args.arch or ("sd15" if args.quick else "sd15,sdxl,flux")).split(",")
+    args.arch = (args.arch or ("sd15" if args.quick else "sd15,sdxl,flux,wan")).split(",")
     args.ranks = [int(r) for r in (args.ranks or ("8,32" if args.quick else "8,32,128")).split(",")]
     args.stack = [int(n) for n in (args.stack or ("1,4" if args.quick else "1,4,8")).split(",")]
     args.impls = (args.impls or "core,nodes,engine,lorapatcher,diffusers").split(",")
@@ -76,7 +83,7 @@ def model_dtype(args, arch: str) -> torch.dtype:
     fp64 then shows each implementation's arithmetic instead of bf16's rounding."""
     if args.dtype:
         return DTYPES[args.dtype]
-    if arch == "flux":
+    if arch in ("flux", "wan"):
         return torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.device == "cuda":
         return torch.float16
@@ -334,6 +341,41 @@ def bench_flux(args, device: torch.device, clock, results: dict) -> None:
     log(f"[flux] {meta['wall_s']:.0f} s")
 
 
+def bench_wan(args, device: torch.device, clock, results: dict) -> None:
+    """Wan 2.1 T2V 1.3B at full width (bench/wan.py): a rank-32 musubi LoRA through core, our nodes and the engine:
+    patch, strength change, block change (cross-attention x0.5), restore, in one run."""
+    from . import wan as W
+
+    dtype = model_dtype(args, "wan")
+    config = W.unet_config(W.parse_depth(args.wan_depth))
+    impls = [i for i in args.impls if i in ("core", "nodes", "engine", "engine-batched", "engine-perweight")]
+    started = time.perf_counter()
+    log(f"[wan] building ComfyUI Wan 2.1 T2V 1.3B, {config['num_layers']} blocks ({str(dtype)[6:]}, {device})")
+    env = C.ComfyEnv(W.comfy_wan(config, dtype, device), None, device, blocks=W.BLOCKS)
+    layers = W.musubi_layers(env.patcher)
+    meta = W.meta(config, dtype, layers)
+    results["archs"]["wan"] = meta
+    log(f"[wan] {meta['depth_text']}; {meta['width']}; {meta['targets']} patched weights, "
+        f"{meta['patched_params'] / 1e6:.0f} M parameters")
+    originals = M.Originals(env.patcher.model, W.SEED)
+    lora = W.WanLoras(layers).musubi(0)
+    makers = {"core": lambda: C.CoreImpl(env), "nodes": lambda: C.NodesImpl(env), "engine": lambda: C.EngineImpl(env),
+              "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
+              "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
+    reference = W.WanReference([lora], originals)
+    for name in impls:   # one untimed pass each (see warm_up)
+        run_case_once(makers[name], env, [lora], reference, clock, device)
+    for name in impls:
+        row = run_case(makers[name], env, [lora], reference, clock, device, args.repeat)
+        row.update(arch="wan", rank=W.RANK, loras=1, names="musubi", modules=len(lora.parts))
+        results["rows"].append(row)
+        log(summary(row))
+    del reference, env, makers
+    C.free()
+    meta["wall_s"] = time.perf_counter() - started
+    log(f"[wan] {meta['wall_s']:.0f} s")
+
+
 def machine_name() -> str:
     """The CPU as the OS names it (/proc/cpuinfo on Linux), its family/model numbers, and the memory size."""
     name, family, model, mem_kb = platform.processor() or platform.machine(), "", "", 0
@@ -403,8 +445,9 @@ def markdown(results: dict) -> str:
     for arch, meta in results["archs"].items():
         lines.append(f"- {arch}: {meta['targets']} kohya targets, {meta['patched_params'] / 1e6:.1f} M patched "
                      f"params, {meta['dtype']}; H200 floor {meta['floor_s_h200'] * 1e3:.2f} ms"
-                     + (f"; full width ({meta['width']}), reduced depth: {meta['depth_text']}; {meta['wall_s']:.0f} s"
-                        if arch == "flux" else ""))
+                     + (f"; full width ({meta['width']}), {'reduced ' if arch == 'flux' else ''}depth: "
+                        f"{meta['depth_text']}; {meta['wall_s']:.0f} s"
+                        if arch in ("flux", "wan") else ""))
     lines += ["", "Times in seconds: load = LoRA mapping/host-side work, patch = weight math; re-patch and restore "
               "totals include every phase. err = max |W - fp64 reference| over sampled targets "
               "(rounding floor of the dtype in brackets).", "",
@@ -471,6 +514,8 @@ def main(argv=None) -> int:
     for arch in args.arch:
         if arch == "flux":
             bench_flux(args, device, clock, results)
+        elif arch == "wan":
+            bench_wan(args, device, clock, results)
         else:
             bench_arch(args, arch, device, clock, results)
     add_ratios(results)
