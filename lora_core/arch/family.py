@@ -255,6 +255,28 @@ class ArchSpec:
 # ------------------------------------------------------------------------------------------- training
 
 
+def deeper_block_reason(name: str, rest: str, title: str, stacks, known: str) -> Optional[str]:
+    """Why a LoRA module name resolves to nothing when it addresses block `index` of a stack the host has fewer of
+    (a LoRA for a deeper model). `stacks`: ((regex alternatives, blocks the host has, what), ...); a stack whose
+    `what` is not "single" ignores names whose prefix says single (diffusers' `single_transformer_blocks` holds
+    `transformer_blocks`). `known` closes the message with the family's full-size depths."""
+    for words, count, what in stacks:
+        m = re.search(rf"(?:^|[._])(?:{words})[._](\d+)[._]", rest)
+        if m and ("single" in what or "single" not in rest[:m.end()]):
+            index = int(m.group(1))
+            if index >= count:
+                span = f" (0-{count - 1})" if count else ""
+                return (f"{name!r}: key for {what} block {index}, but this {title} model has {count} {what} "
+                        f"blocks{span}: this LoRA was made for a deeper model ({known})")
+    return None
+
+
+def text_encoder_descriptions(variant: "ArchSpec") -> dict[str, str]:
+    """Block descriptions of a variant's text encoders (`TE1` -> "text encoder 1 (CLIP-L)")."""
+    return {c.block: f"text encoder {c.id[2:]} ({c.encoder.family})"
+            for c in variant.components.values() if c.is_text_encoder}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """How LoRAs are trained on a family, as the trainers that name its files do it (the family's half of

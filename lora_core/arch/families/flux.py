@@ -44,7 +44,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec,
+                      deeper_block_reason, text_encoder_descriptions)
 from ..text_encoders import CLIP_L, T5_XXL
 
 BASE = "BASE"
@@ -419,15 +420,11 @@ class FluxFamily(Family):
         title = km.arch.title if km.arch is not None else "Flux"
         if not isinstance(spec, FluxSpec):
             return None
-        for words, count, what in (("double_blocks|transformer_blocks", spec.depth, "double"),
-                                   ("single_blocks|single_transformer_blocks", spec.depth_single, "single")):
-            m = re.search(rf"(?:^|[._])(?:{words})[._](\d+)[._]", rest)
-            if m and (what == "single" or "single" not in rest[:m.end()]):
-                index = int(m.group(1))
-                if index >= count:
-                    return (f"{name!r}: key for {what} block {index}, but this {title} model has {count} {what} "
-                            f"blocks (0-{count - 1}): this LoRA was made for a deeper model (Flux.1 has 19 double "
-                            f"and 38 single blocks)")
+        stacks = (("double_blocks|transformer_blocks", spec.depth, "double"),
+                  ("single_blocks|single_transformer_blocks", spec.depth_single, "single"))
+        reason = deeper_block_reason(name, rest, title, stacks, "Flux.1 has 19 double and 38 single blocks")
+        if reason:
+            return reason
         if re.search(r"(img_mod|txt_mod|modulation[._]lin|norm1[._]linear|norm1_context|norm[._]linear)", rest) \
                 and not spec.modulation:
             return (f"{name!r}: per-block modulation key, but {title} has no per-block modulation (Chroma drives "
@@ -456,9 +453,7 @@ class FluxFamily(Family):
         descriptions = {IN: "input embeddings (img_in, txt_in" + ("" if chroma else ", time_in, vector_in, "
                                                                    "guidance_in") + ")",
                         OUT: "final layer", MOD: "distilled guidance layer (Chroma's modulation network)"}
-        for c in variant.components.values():
-            if c.is_text_encoder:
-                descriptions[c.block] = f"text encoder {c.id[2:]} ({c.encoder.family})"
+        descriptions.update(text_encoder_descriptions(variant))
         for i, b in enumerate(doubles):
             descriptions[b] = f"double block {i} (image and text streams, joint attention)"
         for i, b in enumerate(singles):

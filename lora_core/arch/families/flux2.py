@@ -53,7 +53,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, deeper_block_reason,
+                      text_encoder_descriptions)
 from ..text_encoders import TextEncoderSpec, register_encoder
 
 MISTRAL3_24B = register_encoder(TextEncoderSpec("Mistral-Small-3.1-24B", "mistral3_24b", 5120, 40, 40, 32768, 32,
@@ -354,15 +355,12 @@ class Flux2Family(Family):
         if not isinstance(spec, Flux2Spec):
             return None
         title = km.arch.title if km.arch is not None else self.title
-        for words, count, what in (("double_blocks|transformer_blocks", spec.depth, "double"),
-                                   ("single_blocks|single_transformer_blocks", spec.depth_single, "single")):
-            m = re.search(rf"(?:^|[._])(?:{words})[._](\d+)[._]", rest)
-            if m and (what == "single" or "single" not in rest[:m.end()]):
-                index = int(m.group(1))
-                if index >= count:
-                    return (f"{name!r}: key for {what} block {index}, but this {title} model has {count} {what} "
-                            f"blocks (0-{count - 1}): this LoRA was made for a deeper model (Flux.2 [dev] has 8 "
-                            f"double and 48 single blocks, Flux.1 19 and 38)")
+        stacks = (("double_blocks|transformer_blocks", spec.depth, "double"),
+                  ("single_blocks|single_transformer_blocks", spec.depth_single, "single"))
+        reason = deeper_block_reason(name, rest, title, stacks,
+                                     "Flux.2 [dev] has 8 double and 48 single blocks, Flux.1 19 and 38")
+        if reason:
+            return reason
         if re.search(r"(img_mod|txt_mod|modulation[._]lin|norm1[._]linear|norm1_context|norm[._]linear)", rest) \
                 and not re.search(r"stream_modulation", rest):
             return (f"{name!r}: per-block modulation key, but {title} has no per-block modulation (its modulation "

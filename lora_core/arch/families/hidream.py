@@ -39,7 +39,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, deeper_block_reason,
+                      text_encoder_descriptions)
 from ..text_encoders import CLIP_L, OPENCLIP_G, T5_XXL, TextEncoderSpec, register_encoder
 
 LLAMA31_8B = register_encoder(TextEncoderSpec("Llama-3.1-8B", "llama", 4096, 32, 32, 14336, 32, kind="llm"))
@@ -223,12 +224,11 @@ class HiDreamFamily(Family):
         if not isinstance(spec, HiDreamSpec):
             return None
         title = km.arch.title if km.arch is not None else self.title
-        for words, count, what in (("double_stream_blocks", spec.depth, "double stream"),
-                                   ("single_stream_blocks", spec.depth_single, "single stream")):
-            m = re.search(rf"(?:^|[._]){words}[._](\d+)[._]", rest)
-            if m and int(m.group(1)) >= count:
-                return (f"{name!r}: key for {what} block {m.group(1)}, but this {title} model has {count} {what} "
-                        f"blocks (0-{count - 1}): this LoRA was made for a deeper model (HiDream-I1 has 16 and 32)")
+        stacks = (("double_stream_blocks", spec.depth, "double stream"),
+                  ("single_stream_blocks", spec.depth_single, "single stream"))
+        reason = deeper_block_reason(name, rest, title, stacks, "HiDream-I1 has 16 and 32")
+        if reason:
+            return reason
         m = re.search(r"(?:^|[._])experts[._](\d+)[._]", rest)
         if m and int(m.group(1)) >= spec.experts:
             return (f"{name!r}: key for routed expert {m.group(1)}, but this {title} model has {spec.experts} "
@@ -247,9 +247,7 @@ class HiDreamFamily(Family):
         singles = tuple(_ss(i) for i in range(full.depth_single))
         descriptions = {IN: "input embeddings (x_embedder, t_embedder, p_embedder, caption_projection)",
                         OUT: "final layer"}
-        for c in variant.components.values():
-            if c.is_text_encoder:
-                descriptions[c.block] = f"text encoder {c.id[2:]} ({c.encoder.family})"
+        descriptions.update(text_encoder_descriptions(variant))
         for i, b in enumerate(doubles):
             descriptions[b] = (f"double stream block {i} (image and text attention, MoE image feed-forward, text "
                                "feed-forward)")

@@ -67,7 +67,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, deeper_block_reason,
+                      text_encoder_descriptions)
 from ..text_encoders import CLIP_L, TextEncoderSpec, register_encoder
 from .qwen_image import QWEN25_VL_7B
 
@@ -522,15 +523,12 @@ class HunyuanVideoFamily(Family):
         if not isinstance(spec, HunyuanVideoSpec):
             return None
         title = km.arch.title if km.arch is not None else self.title
-        for words, count, what in (("double_blocks|transformer_blocks", spec.depth, "double"),
-                                   ("single_blocks|single_transformer_blocks", spec.depth_single, "single")):
-            m = re.search(rf"(?:^|[._])(?:{words})[._](\d+)[._]", rest)
-            if m and (what == "single" or "single" not in rest[:m.end()]):
-                index = int(m.group(1))
-                if index >= count:
-                    return (f"{name!r}: key for {what} block {index}, but this {title} model has {count} {what} "
-                            f"blocks{f' (0-{count - 1})' if count else ''}: this LoRA was made for a deeper model "
-                            f"(HunyuanVideo 1.0 has 20 double and 40 single blocks, 1.5 54 double blocks)")
+        stacks = (("double_blocks|transformer_blocks", spec.depth, "double"),
+                  ("single_blocks|single_transformer_blocks", spec.depth_single, "single"))
+        reason = deeper_block_reason(name, rest, title, stacks,
+                                     "HunyuanVideo 1.0 has 20 double and 40 single blocks, 1.5 54 double blocks")
+        if reason:
+            return reason
         if re.fullmatch(r"(img_in|txt_in)", rest) or re.match(r"(x_embedder|context_embedder)$", rest):
             return (f"{name!r}: Flux.1's input-embedder name; HunyuanVideo embeds through `img_in.proj` (a 3-D patch "
                     f"conv) and the `txt_in` token refiner: this LoRA was made for Flux.1")
@@ -550,9 +548,7 @@ class HunyuanVideoFamily(Family):
         singles = tuple(_sb(i) for i in range(full.depth_single))
         descriptions = {IN: "input embeddings (img_in, time_in, vector_in, guidance_in) and the txt_in token refiner",
                         OUT: "final layer"}
-        for c in variant.components.values():
-            if c.is_text_encoder:
-                descriptions[c.block] = f"text encoder {c.id[2:]} ({c.encoder.family})"
+        descriptions.update(text_encoder_descriptions(variant))
         for i, b in enumerate(doubles):
             descriptions[b] = f"double block {i} (image and text streams, joint attention)"
         for i, b in enumerate(singles):

@@ -47,7 +47,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec,
+                      text_encoder_descriptions)
 from ..text_encoders import CLIP_L, OPENCLIP_G, T5_XXL
 
 BASE = "BASE"
@@ -445,9 +446,7 @@ class SD3Family(Family):
         joints = tuple(_jb(i) for i in range(full.blocks))
         descriptions = {IN: "input embeddings (x_embedder, t_embedder, y_embedder, context_embedder)",
                         OUT: "final layer"}
-        for c in variant.components.values():
-            if c.is_text_encoder:
-                descriptions[c.block] = f"text encoder {c.id[2:]} ({c.encoder.family})"
+        descriptions.update(text_encoder_descriptions(variant))
         for i, b in enumerate(joints):
             what = "image and text streams, joint attention"
             if i in full.attn2:
