@@ -202,10 +202,12 @@ def detect_lora(lora_file, use_metadata: bool = True) -> Optional[ArchSpec]:
         top = max(votes.values())
         winners = [name for name in winners if votes[name] == top]
     if len(winners) > 1:
-        # a tie between families that share their names (`Family.confusable_with`): the declaring family yields
-        # (a BFL-named block file with nothing only HunyuanVideo has is taken as Flux.1's, by far the commoner)
+        # a tie between families that share their names (`Family.confusable_with`, `shares_names_with`): the
+        # declaring family yields (a BFL-named block file with nothing only HunyuanVideo or Flux.2 has is taken as
+        # Flux.1's, by far the commoner)
         fams = {ARCHS[n].family for n in winners}
-        yielding = {f for f in fams if any(o.name in f.confusable_with for o in fams if o is not f)}
+        yielding = {f for f in fams if any(o.name in f.confusable_with or o.name in f.shares_names_with
+                                           for o in fams if o is not f)}
         if yielding and yielding != fams:
             winners = [n for n in winners if ARCHS[n].family not in yielding]
     if len(winners) > 1:

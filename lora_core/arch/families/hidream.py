@@ -219,6 +219,15 @@ class HiDreamFamily(Family):
         return ("double_stream_blocks", "single_stream_blocks", "x_embedder", "t_embedder", "p_embedder",
                 "caption_projection", "final_layer")
 
+    def lora_votes(self, modules, variant, key_map) -> int:
+        """-1 for a file with no transformer, T5 or Llama module: text-encoder LoRAs of CLIP-L / CLIP-G alone fit
+        SDXL (and SD3) as well, and are SDXL's far more often."""
+        for name in modules:
+            target = key_map.resolve(name)
+            if target is not None and target.component not in ("te1", "te2"):
+                return 0
+        return -1
+
     def explain(self, km, name: str, rest: str) -> Optional[str]:
         spec = km.config
         if not isinstance(spec, HiDreamSpec):
