@@ -34,6 +34,17 @@ def node_module(family: str):
     return importlib.import_module(f"{PACK_NAME}.nodes.{family}")
 
 
+def block_stack_rows(**rows) -> dict:
+    """The widget values of LoRACoreBlockStack's five rows, all off (named mode, empty vector), with `rows`
+    (`enabled_1=True, lora_1=..., vector_1=...`) on top."""
+    out = {}
+    for i in range(1, 6):
+        out.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
+                    f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
+    out.update(rows)
+    return out
+
+
 @contextlib.contextmanager
 def loras_folder(path: Path):
     """Point ComfyUI's `loras` folder at `path` for the duration of a test."""

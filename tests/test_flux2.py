@@ -25,7 +25,7 @@ import torch
 from diffusers.loaders import Flux2LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import lora_writers as lw
@@ -517,11 +517,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(flux2, twin, tm
     lw.save_safetensors(a, tmp_path / "a.safetensors", f2.MUSUBI_METADATA)
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = {}
-    for i in range(1, 6):
-        rows.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                     f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    rows.update(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
                 vector_1="DB00=0.5, SB01.linear1_mlp=0, TE1=0.3", enabled_2=True, lora_2="b.safetensors",
                 strength_model_2=-0.7, vector_2="SB02.linear2=0.25, MOD=0, IN=0.5")
     with loras_folder(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import tiny_models as tm
@@ -220,11 +220,7 @@ def test_merged_block_weighted_flux_stack_loads_to_the_stacks_weights(flux, tmp_
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw = node_module("block_weight")
     mix = node_module("mix")
-    rows = {}
-    for i in range(1, 6):
-        rows.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                     f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    rows.update(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, vector_1="DB*=0.5, SB03-SB04=0",
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, vector_1="DB*=0.5, SB03-SB04=0",
                 enabled_2=True, lora_2="b.safetensors", strength_model_2=-0.7, vector_2="SB*.linear1_mlp=0.25")
     with loras_folder(tmp_path):
         stack = bw.LoRACoreBlockStack().build(0, 1.0, 1.0, False, **rows)[0]

@@ -16,7 +16,7 @@ import torch
 from diffusers.loaders import HiDreamImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import hidream_writers as hw
@@ -262,11 +262,7 @@ def test_merged_block_weighted_lora_loads_to_its_weights(hidream, tmp_path):
     a = {**hw.kohya_generic(model, seed=33), **hw.text_encoders(clip, seed=34)}
     lw.save_safetensors(a, tmp_path / "a.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = {}
-    for i in range(1, 6):
-        rows.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                     f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    rows.update(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
                 vector_1="DS00=0.5, SS01.expert=0, TE4=0.3")
     with loras_folder(tmp_path):
         stack = bw.LoRACoreBlockStack().build(0, 1.0, 1.0, False, **rows)[0]

@@ -24,7 +24,7 @@ import torch
 from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import hunyuan_video_writers as hw
 from tests import lora_writers as lw
@@ -510,11 +510,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(hv, twin, tmp_p
     lw.save_safetensors(a, tmp_path / "a.safetensors", hw.MUSUBI_METADATA)
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = {}
-    for i in range(1, 6):
-        rows.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                     f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    rows.update(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
                 vector_1="DB00=0.5, SB01.linear1_mlp=0, TE2=0.3", enabled_2=True, lora_2="b.safetensors",
                 strength_model_2=-0.7, vector_2="IN.refiner=0.25, OUT=0, DB01.img=2")
     with loras_folder(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders import Lumina2LoraLoaderMixin, ZImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import lumina_writers as zw
@@ -547,15 +547,6 @@ def test_sweep_sampled_and_laid_out_as_a_grid(lumina, tmp_path):
 
 # ------------------------------------------------------------------------------------- merge / export
 
-def _stack_rows(**rows):
-    out = {}
-    for i in range(1, 6):
-        out.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                    f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    out.update(rows)
-    return out
-
-
 @pytest.mark.parametrize("which", ["z_image", "lumina2"])
 def test_merged_block_weighted_stack_loads_to_the_stacks_weights(zimage, lumina, ztwin, ltwin, tmp_path, which):
     """A block-weighted stack of a native file (with text-encoder modules) and a diffusers PEFT file merged into one
@@ -569,7 +560,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(zimage, lumina,
     lw.save_safetensors(a, tmp_path / "a.safetensors")
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = _stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
                        vector_1="L00=0.5, CR*=0, TE1=0.3", enabled_2=True, lora_2="b.safetensors",
                        strength_model_2=-0.7, vector_2="L01.attn=0.25, IN=0")
     with loras_folder(tmp_path):

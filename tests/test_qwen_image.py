@@ -16,7 +16,7 @@ import torch
 from diffusers.loaders import QwenImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import qwen_image_writers as qw
@@ -381,15 +381,6 @@ def test_block_info_and_sweep(qwen, tmp_path):
 
 # ------------------------------------------------------------------------------------- merge / export
 
-def _stack_rows(**rows):
-    out = {}
-    for i in range(1, 6):
-        out.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                    f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    out.update(rows)
-    return out
-
-
 def test_merged_block_weighted_stack_loads_to_the_stacks_weights(qwen, twin, tmp_path):
     """A block-weighted stack of a musubi file (with text-encoder modules) and a diffusers PEFT file merged into
     one file (exact): musubi's naming for the transformer, ComfyUI's generic names for Qwen2.5-VL, the family's
@@ -400,7 +391,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(qwen, twin, tmp
     lw.save_safetensors(a, tmp_path / "a.safetensors")
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = _stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
                        vector_1="B00=0.5, B01.txt=0", enabled_2=True, lora_2="b.safetensors",
                        strength_model_2=-0.7, vector_2="B*.img_mlp=0.25, OUT=0, IN=2")
     with loras_folder(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from diffusers.loaders import SD3LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import sd3_writers as sw
@@ -566,11 +566,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(medium35, twin3
     lw.save_safetensors(a, tmp_path / "a.safetensors")
     lw.save_safetensors(b, tmp_path / "b.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = {}
-    for i in range(1, 6):
-        rows.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                     f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    rows.update(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.6,
                 vector_1="JB00=0.5, JB02.ctx=0, TE2=0.3", enabled_2=True, lora_2="b.safetensors",
                 strength_model_2=-0.7, vector_2="JB01.x_attn2=0.25, IN=0")
     with loras_folder(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder, node_module
+from tests.pack import block_stack_rows, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import tiny_models as tm
@@ -518,15 +518,6 @@ def test_block_info_and_sweep(t2v, tmp_path):
 
 # ------------------------------------------------------------------------------------- merge / export
 
-def _stack_rows(**rows):
-    out = {}
-    for i in range(1, 6):
-        out.update({f"enabled_{i}": False, f"lora_{i}": "None", f"strength_model_{i}": 1.0,
-                    f"strength_clip_{i}": 0.0, f"mode_{i}": "named", f"preset_{i}": "custom", f"vector_{i}": ""})
-    out.update(rows)
-    return out
-
-
 def test_merged_block_weighted_stack_loads_to_the_stacks_weights(t2v, twin, tmp_path):
     """musubi (with UMT5 modules), diffusers PEFT and lightx2v (diff_b, norm diffs, diff_m) files, block-weighted,
     merged into one file (exact): musubi's `lora_unet_` names, the modulation diffs under ComfyUI's full key, UMT5
@@ -538,7 +529,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(t2v, twin, tmp_
     for name, state in (("a", a), ("b", b), ("c", c)):
         lw.save_safetensors(state, tmp_path / f"{name}.safetensors")
     bw, mix = node_module("block_weight"), node_module("mix")
-    rows = _stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
+    rows = block_stack_rows(enabled_1=True, lora_1="a.safetensors", strength_model_1=0.9, strength_clip_1=0.7,
                        vector_1="B00=0.5, B01.cross_attn=0", enabled_2=True, lora_2="b.safetensors",
                        strength_model_2=-0.7, vector_2="B*.ffn=0.25, OUT=0, IN=2", enabled_3=True,
                        lora_3="c.safetensors", strength_model_3=0.6, vector_3="B01.mod=0.5")
