@@ -34,6 +34,29 @@ def node_module(family: str):
     return importlib.import_module(f"{PACK_NAME}.nodes.{family}")
 
 
+def host(model, clip=None):
+    """The pack's view of a MODEL / CLIP pair (nodes/_host.HostModels)."""
+    return node_module("_host").HostModels(model, clip)
+
+
+def core_drops(model, clip, state) -> list[str]:
+    """The keys core 0.3.75 reports as not loaded for `state` (it logs them and goes on)."""
+    import logging
+
+    import comfy.sd
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
+    finally:
+        root.removeHandler(handler)
+    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
+
+
 def block_stack_rows(**rows) -> dict:
     """The widget values of LoRACoreBlockStack's five rows, all off (named mode, empty vector), with `rows`
     (`enabled_1=True, lora_1=..., vector_1=...`) on top."""

@@ -25,7 +25,7 @@ import torch
 from diffusers.loaders import Flux2LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import lora_writers as lw
@@ -58,10 +58,6 @@ def flux2():
 @pytest.fixture(scope="module")
 def twin():
     return tf.diffusers_flux2_twin()
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
 
 
 def core_log(model, clip, state) -> list[str]:

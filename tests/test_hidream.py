@@ -9,14 +9,13 @@ the MoE element kinds, Inspire BASE-only, A1111 refused), merges, and `LoraPatch
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 from diffusers.loaders import HiDreamImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import hidream_writers as hw
@@ -49,23 +48,6 @@ def hidream():
 @pytest.fixture(scope="module")
 def twin():
     return th.diffusers_hidream_twin()
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
-
-
-def core_drops(model, clip, state) -> list[str]:
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
-    finally:
-        root.removeHandler(handler)
-    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
 
 
 # ------------------------------------------------------------------------------------- recognition, key map

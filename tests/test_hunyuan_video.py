@@ -17,14 +17,13 @@ with its own classes, tests/tiny_hunyuan_video.py):
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import hunyuan_video_writers as hw
 from tests import lora_writers as lw
@@ -62,24 +61,6 @@ def twin():
 @pytest.fixture(scope="module")
 def flux():
     return tm.comfy_flux(), tm.comfy_clip_flux()
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
-
-
-def core_drops(model, clip, state) -> list[str]:
-    """The keys core 0.3.75 reports as not loaded for `state` (it logs them and goes on)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
-    finally:
-        root.removeHandler(handler)
-    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
 
 
 def shapes_of(model) -> dict:

@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders import Lumina2LoraLoaderMixin, ZImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import lumina_writers as zw
@@ -66,10 +66,6 @@ def ztwin():
 @pytest.fixture(scope="module")
 def ltwin():
     return tl.diffusers_lumina2_twin()
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
 
 
 # ------------------------------------------------------------------------------------- key map vs core

@@ -9,14 +9,13 @@ sweep), merges that load to the stack's weights in core and ours, and `LoraPatch
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 from diffusers.loaders import QwenImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import qwen_image_writers as qw
@@ -42,20 +41,6 @@ def qwen():
 @pytest.fixture(scope="module")
 def twin():
     return tq.diffusers_qwen_image_twin()
-
-
-def core_drops(model, clip, state) -> list[str]:
-    """The keys core 0.3.75 reports as not loaded for `state` (it logs them and goes on)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
-    finally:
-        root.removeHandler(handler)
-    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
 
 
 # ------------------------------------------------------------------------------------- recognition, key map

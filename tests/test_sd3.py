@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 from diffusers.loaders import SD3LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import sd3_writers as sw
@@ -66,24 +65,6 @@ def twin():
 @pytest.fixture(scope="module")
 def twin35():
     return ts.diffusers_sd3_twin("3.5-medium")
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
-
-
-def core_drops(model, clip, state):
-    """Core's loader on `state` logs 'not loaded' for some of its keys (it cannot read them)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
-    finally:
-        root.removeHandler(handler)
-    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
 
 
 # ------------------------------------------------------------------------------------- key map vs core

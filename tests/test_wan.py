@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import tiny_models as tm
@@ -70,24 +69,6 @@ def twin():
 @pytest.fixture(scope="module")
 def twin_i2v():
     return tw.diffusers_wan_twin("i2v")
-
-
-def host(model, clip=None):
-    return node_module("_host").HostModels(model, clip)
-
-
-def core_drops(model, clip, state) -> list[str]:
-    """The keys core 0.3.75 reports as not loaded for `state` (it logs them and goes on)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        comfy.sd.load_lora_for_models(model, clip, state, 1.0, 1.0)
-    finally:
-        root.removeHandler(handler)
-    return [r.getMessage() for r in records if "not loaded" in r.getMessage().lower()]
 
 
 # ------------------------------------------------------------------------------------- recognition, key map
