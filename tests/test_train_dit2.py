@@ -254,8 +254,9 @@ def test_backend_calls_the_model_the_way_the_sampler_does(kind, hosts):
 
 # ------------------------------------------------------------------------------------------ training runs
 
-# calibrated (seed 0, 40 steps, rank 4, batch 2, 1 thread): see the numbers printed by test_loss_falls
-LEARN_MIN = {"zimage": 0.10, "lumina2": 0.10}
+# calibrated (seed 0, 40 steps, rank 4, batch 2, 1 thread): mean velocity-error reduction Z-Image 41.4% (per level
+# 36.9-45.3%) at lr 1e-2 with musubi's set; Lumina 2 58.7% (57.5-59.8%) at lr 5e-3 with kohya's
+LEARN_MIN = {"zimage": 0.25, "lumina2": 0.35}
 LOSS_RATIO_MAX = 0.9
 
 
