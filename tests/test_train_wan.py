@@ -406,3 +406,52 @@ def test_video_data_errors_name_the_file_and_the_fix(tmp_path, host):
     spec = sd3.FAMILY.train_spec(sd3.SD35_MEDIUM)
     with pytest.raises(LoraValueError, match="video sample.*image model"):
         nt._check_latent_rank(host.dataset, spec, sd3.SD35_MEDIUM)
+
+
+def test_text_encoder_training_writes_names_core_reads(host, tmp_path, caplog):
+    """With train_text_encoder, Wan's UMT5 (te1) trains too (musubi trains none; its attention / FFN Linears here),
+    named as core maps UMT5 (`text_encoders.umt5xxl.transformer.<path>`, comfy.lora.model_lora_keys_clip): the file
+    still loads in core with no key left."""
+    model, clip, lora, curve, name, report = host.train(tmp_path, steps=3, train_text_encoder=True,
+                                                        output_name="wan_te")
+    modules = file_modules(lora.path)
+    te = {m for m in modules if m.startswith("text_encoders.umt5xxl.transformer.encoder.block.")}
+    assert len(te) == 2 * 7 and len(modules - te) == 20     # q k v o wi_0 wi_1 wo per UMT5 block
+    tensors = comfy.utils.load_torch_file(lora.path, safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        core_model, core_clip = comfy.sd.load_lora_for_models(host.model, host.clip, tensors, 1.0, 1.0)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    assert len(core_model.patches) == 20 and len(core_clip.patcher.patches) == 14
+
+
+def test_expert_ranges_per_variant_and_what_is_not_wired():
+    """The I2V-A14B experts split at 900 (musubi docs/wan.md: --timestep_boundary 0.9 for I2V), T2V at 875; the
+    TI2V-5B (48-channel VAE, per-token timesteps) is refused with the family's name."""
+    from lora_core.arch.families import wan
+
+    assert wan.FAMILY.timestep_ranges(wan.WAN22_I2V_A14B) == {"high noise": (900, 1000), "low noise": (0, 900)}
+    assert wan.FAMILY.timestep_ranges(wan.WAN_T2V_14B)["high noise"] == (875, 1000)
+    assert wan.FAMILY.train_spec(wan.WAN21_T2V_1_3B).latent_dims == 3
+    assert wan.FAMILY.train_spec(wan.WAN22_TI2V_5B) is None
+    with pytest.raises(LoraValueError, match="Training does not support Wan 2.2 TI2V-5B yet"):
+        nt.model_train_spec(tw.comfy_wan("5b"))
+
+
+def test_images_beside_videos_train_as_one_frame_videos(host, tmp_path):
+    from PIL import Image
+
+    save_frames(tmp_path, "clip", training_videos()["red_right"], "a clip")
+    Image.fromarray((training_videos()["blue_down"][0] * 255).byte().numpy()).save(tmp_path / "still.png")
+    (tmp_path / "still.txt").write_text("a still")
+    with input_folder(tmp_path.parent):
+        dataset, summary = nt.LoRACoreTrainDataset().build(**{**DATASET, "folder": tmp_path.name})
+    assert "1 videos (5 frames) + 1 images" in summary
+    shapes = sorted(tuple(s.image.shape) for s in dataset.samples)
+    assert shapes == [(3, 5, 32, 64), (3, 32, 64)]
+    arch, spec = nt.model_train_spec(host.model)
+    backend = nt.ComfyBackend(host.model, host.clip, train_spec=spec)
+    still = next(s for s in dataset.samples if s.image.ndim == 3)
+    assert tuple(backend.encode_images(still.image[None], host.vae).shape) == (1, 16, 1, 4, 8)
+    plan = lt.BatchPlan(dataset, 2, seed=0)
+    assert all(len(plan.batch(i)) == 1 for i in range(plan.batches_per_epoch))   # never batched together
