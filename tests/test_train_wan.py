@@ -455,3 +455,30 @@ def test_images_beside_videos_train_as_one_frame_videos(host, tmp_path):
     assert tuple(backend.encode_images(still.image[None], host.vae).shape) == (1, 16, 1, 4, 8)
     plan = lt.BatchPlan(dataset, 2, seed=0)
     assert all(len(plan.batch(i)) == 1 for i in range(plan.batches_per_epoch))   # never batched together
+
+
+@pytest.mark.parametrize("variant", ["i2v", "i2v-a14b"])
+def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_path, caplog):
+    """Wan 2.1 I2V (CLIP-image branch: cross_attn.k_img / v_img train too, as musubi's WanAttentionBlock Linears)
+    and a Wan 2.2 I2V-A14B expert (36 input channels) train on the same videos with the model's own concat
+    conditioning left empty (core's WAN21.concat_cond: zero mask and image latents, as plain text-to-video); the
+    file loads in core with no key left."""
+    model = tw.comfy_wan(variant)
+    vae = StandardVAE(model, list(host.videos.values()))
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kwargs = train_kwargs(steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
+                          output_name=f"wan_{variant}")
+    with loras_folder(folder):
+        _, _, lora, _, _, _ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
+                                                       timestep_range="low noise")
+    modules = file_modules(lora.path)
+    assert modules == musubi_targets(model.model.diffusion_model)
+    assert any(m.endswith("cross_attn_k_img") for m in modules) == (variant == "i2v")
+    assert file_metadata(lora.path)["modelspec.timestep_range"] == "0,900"   # 36 input channels: I2V's boundary
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        core_model, _ = comfy.sd.load_lora_for_models(model, host.clip, comfy.utils.load_torch_file(lora.path), 1.0,
+                                                      1.0)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    assert len(core_model.patches) == len(modules)
