@@ -61,6 +61,11 @@ class LoRACoreTrainDataset:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Train on these images instead of a folder."}),
+                "frames": ("INT", {"default": 0, "min": 0, "max": 257, "step": 1, "tooltip": "Video models (Wan): "
+                           "frames per video sample, 4k+1 (1, 5, 9, ..., 81; the first ones of each clip); 0 = every "
+                           "frame, cut to 4k+1. Videos are the folder's sub-folders of frames (sorted images) and "
+                           "clips (.mp4/.webm/.mov/.mkv/.avi), captions in a same-name .txt beside each. With images "
+                           "connected and frames > 0, the IMAGE batch is one video's frames."}),
             },
         }
 
@@ -71,17 +76,23 @@ class LoRACoreTrainDataset:
     DESCRIPTION = "Loads training images and captions, with repeats, caption shuffle/dropout and aspect-ratio buckets."
 
     def build(self, folder, caption, missing_caption, repeats, resolution, bucketing, bucket_step, min_bucket,
-              max_bucket, shuffle_caption, keep_tokens, caption_dropout, images=None):
+              max_bucket, shuffle_caption, keep_tokens, caption_dropout, images=None, frames=0):
         options = lt.CaptionOptions(shuffle=shuffle_caption, keep_tokens=keep_tokens, dropout=caption_dropout)
         buckets = dict(resolution=resolution, repeats=repeats, bucketing=bucketing, bucket_step=bucket_step,
                        min_bucket=min_bucket, max_bucket=max_bucket)
-        if images is not None:
+        if images is not None and frames:
+            from lora_core.train.video import from_videos
+
+            lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
+            dataset = from_videos([images.movedim(-1, 0)[:3]], lines[:1], frames=frames, caption_options=options,
+                                  **buckets)
+        elif images is not None:
             lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
             dataset = lt.from_images([img.movedim(-1, 0)[:3] for img in images], lines, caption_options=options,
                                      **buckets)
         else:
             dataset = lt.load_folder(_resolve_folder(folder), missing_caption=missing_caption, default_caption=caption,
-                                     captions=options, **buckets)
+                                     captions=options, frames=frames, **buckets)
         return dataset, _dataset_summary(dataset)
 
 
@@ -105,7 +116,14 @@ def _resolve_folder(folder: str) -> str:
 
 def _dataset_summary(dataset) -> str:
     buckets = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(dataset.bucket_counts().items()))
-    summary = (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
+    videos = [s for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos:
+        counts = sorted({int(s.image.shape[1]) for s in videos})
+        what = (f"{len(videos)} videos ({'/'.join(map(str, counts))} frames)"
+                + (f" + {len(dataset.samples) - len(videos)} images" if len(videos) < len(dataset.samples) else ""))
+    else:
+        what = f"{len(dataset.samples)} images"
+    summary = (f"{what} x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
                f"buckets {buckets}")
     for note in dataset.size_notes():
         log.info("LoRA Core dataset: %s", note)
@@ -259,6 +277,9 @@ class ComfyBackend:
         return self.block_modules() if self.native_call else []
 
     def encode_images(self, images: torch.Tensor, vae) -> torch.Tensor:
+        if images.ndim == 5:   # videos (B, 3, F, H, W): a video VAE (Wan's) encodes one clip given as (F, H, W, 3)
+            latents = torch.cat([vae.encode(video.movedim(0, -1)[..., :3].float()) for video in images])
+            return self.base.process_latent_in(latents)
         latents = vae.encode(images.movedim(1, -1)[..., :3].float())
         return self.base.process_latent_in(latents)
 
@@ -356,7 +377,7 @@ def model_arch(model) -> str:
     arch = HostModels(model).key_map.arch
     if arch is None:
         raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
-                             "Flux.1, Chroma, SD3/SD3.5 and Qwen-Image.")
+                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image and Wan 2.1 / 2.2.")
     return arch.name
 
 
@@ -415,7 +436,7 @@ class LoRACoreTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
-                                    "Qwen-Image). It is adapted in place during training and restored afterwards: "
+                                    "Qwen-Image, Wan 2.1 / 2.2). It is adapted in place during training and restored afterwards: "
                                     "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),
@@ -477,6 +498,11 @@ class LoRACoreTrain:
                 "text_encoders": (list(TEXT_ENCODER_CHOICES), {"default": "kohya default", "tooltip": "Which text "
                                   "encoders train_text_encoder trains: kohya's default (SD: all; Flux: CLIP-L, "
                                   "not T5; Chroma: its T5) or all (Flux: CLIP-L and T5)."}),
+                "timestep_range": ("STRING", {"default": "", "tooltip": "Flow models: train only noise levels in "
+                                   "'min,max' on the 0-1000 scale (musubi's min/max_timestep; levels outside are "
+                                   "drawn again, keeping the sampling's shape). One Wan 2.2 expert: 'high noise' "
+                                   "(T2V 875,1000; I2V 900,1000) or 'low noise' (0,875 / 0,900); written to the "
+                                   "file as modelspec.timestep_range. Empty = every level."}),
             },
         }
 
@@ -492,7 +518,8 @@ class LoRACoreTrain:
               block_lr, unet_lr, train_text_encoder, text_encoder_lr, optimizer, lr_scheduler, warmup_steps,
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
-              save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default"):
+              save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default",
+              timestep_range=""):
         import comfy.model_management as mm
         import folder_paths
 
@@ -506,6 +533,9 @@ class LoRACoreTrain:
             raise LoraValueError(f"guidance must be a finite number >= 0, got {guidance!r}.")
         valid_blocks = model_block_ids(model)
         arch, spec = model_train_spec(model)
+        ranges = arch.family.timestep_ranges(arch) if hasattr(arch.family, "timestep_ranges") else {}
+        t_range = lt.parse_timestep_range(timestep_range, ranges)
+        _check_latent_rank(dataset, spec, arch)
         kinds = tuple(spec.target_sets.get(unet_targets, ()))
         if not kinds:
             raise LoraValueError(f"unet_targets {unet_targets!r} has no meaning for {arch.title}; choose one of "
@@ -523,7 +553,8 @@ class LoRACoreTrain:
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
-            save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling)
+            save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling,
+            timestep_range=t_range)
         config.validate()
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
 
@@ -548,6 +579,14 @@ class LoRACoreTrain:
                   f"saved {result.final_path}")
         log.info("LoRA Core: %s", report)
         return new_model, new_clip, lora, curve, lora_name, report
+
+
+def _check_latent_rank(dataset, spec, arch) -> None:
+    """Video samples need a video family (TrainSpec.latent_dims 3: Wan); an image model cannot train on them."""
+    videos = [s.source for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos and spec.latent_dims < 3:
+        raise LoraValueError(f"The dataset has {len(videos)} video sample(s) (e.g. {videos[0]}), but {arch.title} is an "
+                             f"image model. Train videos on a video model (Wan), or give this model images only.")
 
 
 def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default"):

@@ -47,6 +47,12 @@ class Sample:
         t = self.latent if self.latent is not None else self.image
         return tuple(t.shape[-2:]) if t is not None else ()
 
+    @property
+    def batch_key(self) -> tuple:
+        """What samples batched together share: the bucket, and for videos (3, F, H, W) the frame count too."""
+        t = self.latent if self.latent is not None else self.image
+        return tuple(t.shape[1:]) if t is not None else ()
+
 
 @dataclass
 class CaptionOptions:
@@ -259,9 +265,17 @@ def read_caption(image_path: str, policy: str, default_caption: str) -> str:
 def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
                 bucket_step: int = 64, min_bucket: int = 256, max_bucket: int = 1024,
                 missing_caption: str = "error", default_caption: str = "",
-                captions: Optional[CaptionOptions] = None) -> TrainDataset:
-    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets)."""
+                captions: Optional[CaptionOptions] = None, frames: int = 0, videos: bool = True) -> TrainDataset:
+    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets). Sub-folders
+    of frames and video clips are video samples of `frames` frames (lora_core.train.video)."""
     from PIL import Image, UnidentifiedImageError
+
+    if videos:
+        from .video import has_videos, load_video_folder
+
+        if has_videos(folder):
+            return load_video_folder(folder, frames, resolution, repeats, bucketing, bucket_step, min_bucket,
+                                     max_bucket, missing_caption, default_caption, captions)
 
     paths = list_images(folder)
     missing, broken, samples = [], [], []
@@ -340,7 +354,7 @@ class BatchPlan:
         self.seed = int(seed)
         by_bucket: dict = {}
         for index, sample in enumerate(dataset.samples):
-            by_bucket.setdefault(sample.bucket, []).extend([index] * dataset.repeats)
+            by_bucket.setdefault(sample.batch_key, []).extend([index] * dataset.repeats)
         self.by_bucket = [by_bucket[k] for k in sorted(by_bucket)]
         self.batches_per_epoch = sum(-(-len(v) // batch_size) for v in self.by_bucket)
         self._epoch_cache: dict = {}

@@ -85,6 +85,7 @@ class TrainConfig:
     total_steps: int = 0              # scheduler horizon; 0 = the step this call ends at
     min_snr_gamma: float = 5.0        # 0 = off; DDPM objectives only (flow matching trains unweighted)
     timestep_sampling: str = "auto"   # objective.TIMESTEP_SAMPLING; "auto" = the objective's default
+    timestep_range: Optional[tuple] = None   # flow models: (min, max) on musubi's 0-1000 scale (one Wan 2.2 expert)
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0        # 0 = off
     mixed_precision: str = "auto"
@@ -321,6 +322,8 @@ class LoraTrainer:
         self.checkpoint_modules = list(checkpoint_modules)
         self.device = torch.device(backend.device)
         self.objective = objective_of(backend)
+        if config.timestep_range is not None:   # objective.py: redrawn inside the range, written to the file
+            self.objective = self.objective.with_timestep_range(config.timestep_range)
         self.objective.resolve_sampling(config.timestep_sampling)   # refuse a choice that does not apply, now
         self.group_by_length = bool(getattr(backend, "group_by_text_length", False))
         self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
