@@ -14,7 +14,8 @@ import torch
 from lora_core import engine as engine_module
 from lora_core.engine import PatchEngine, WeightPatch
 
-from tests.test_engine import SHAPES, Boom, exploding_delta, full_module, lora_module, make_tensors, stack_plan  # noqa: F401
+from tests.test_engine import (SHAPES, Boom, exploding_delta, full_module, lora_module,  # noqa: F401
+                               make_tensors, stack_plan)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

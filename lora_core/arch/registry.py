@@ -169,6 +169,18 @@ def layout_key_map(arch_name: str):
     and 2.2 A14B, ...: same family, structural config, modules and components) share one alias table; each keeps
     its own binding (so `KeyMap.arch` is the variant asked for). A family's aliases depend on the module and the
     structural config only (`Family.aliases`)."""
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()   # thousands of small objects, none of them garbage (see keymap.build_key_map)
+    try:
+        return _layout_key_map(arch_name)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _layout_key_map(arch_name: str):
     from .bindings import bind_layout
     from .keymap import build_key_map
 
