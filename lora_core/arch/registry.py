@@ -165,8 +165,8 @@ def layout_key_map(arch_name: str):
     """KeyMap of a full-size variant from data alone (ComfyUI-style host keys, no weights; built once per
     process, read-only): which block / kind each module of a LoRA file is when no model is loaded.
 
-    Variants whose layouts are the same data (Flux.1-dev / Kontext / Fill, the Qwen-Image editions, Wan 14B T2V
-    and 2.2 A14B, ...: same family, structural config, modules and components) share one alias table; each keeps
+    Variants whose layouts are the same data (Flux.1-dev / Kontext / Fill, the Qwen-Image editions: same
+    family, structural config, modules and components) share one alias table; each keeps
     its own binding (so `KeyMap.arch` is the variant asked for). A family's aliases depend on the module and the
     structural config only (`Family.aliases`)."""
     import gc
