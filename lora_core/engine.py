@@ -378,12 +378,38 @@ def _pinned(tensor: torch.Tensor, device: torch.device) -> bool:
     return device.type == "cpu" and tensor.device.type == "cuda"
 
 
+# CPU slabs from this size on are mapped with their pages faulted in by the kernel in one pass (MAP_POPULATE).
+# Measured on a 2-vCPU KVM guest, 2 GiB then filled: 1.09-1.15 s in every run, against 1.2-3.7 s for
+# torch.empty's pages faulted one by one by the copy (and 0.41 s for memory already touched).
+POPULATE_BYTES = 64 << 20
+
+
 def _slab(numel: int, dtype: torch.dtype, device: torch.device, pinned: bool) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
-    # Plain CPU memory. Huge-page mappings were measured and rejected: each backup then faults in fresh pages
-    # (and may wait on compaction), while torch.empty reuses memory the allocator already holds.
-    return torch.empty(numel, dtype=dtype, pin_memory=True) if pinned else torch.empty(numel, dtype=dtype)
+    if pinned:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes >= POPULATE_BYTES and _POPULATE:
+        try:
+            import mmap
+
+            region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+            return torch.frombuffer(region, dtype=dtype, count=numel)   # the tensor keeps the mapping alive
+        except (OSError, ValueError, TypeError, RuntimeError):
+            pass
+    # Huge-page mappings were measured and rejected: each backup then faults in fresh pages (and may wait on
+    # compaction), while torch.empty reuses memory the allocator already holds.
+    return torch.empty(numel, dtype=dtype)
+
+
+def _populate_flag() -> int:
+    import mmap
+
+    return getattr(mmap, "MAP_POPULATE", 0)
+
+
+_POPULATE = _populate_flag()
 
 
 _SLAB_ALIGN = 64   # bytes: every carved buffer starts on a cache line (vectorised copies, addmm)

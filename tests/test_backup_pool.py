@@ -166,3 +166,23 @@ def test_batched_and_single_paths_share_the_pool(device, batch, slab_calls):
         assert engine.reserved_bytes() == 0 and len(slab_calls) == 2
     engine.restore()
     assert all(torch.equal(tensors[k], originals[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_cpu_slabs_are_mapped_with_their_pages_faulted_in_and_work_like_any_backup(monkeypatch, dtype):
+    """From POPULATE_BYTES on, a CPU slab is an anonymous mapping populated by the kernel in one pass (Linux
+    MAP_POPULATE; torch.empty elsewhere): backups carved from it hold the originals, survive the engine dropping
+    its own reference to the slab, and restore exactly."""
+    monkeypatch.setattr(engine_module, "POPULATE_BYTES", 1024)
+    slab = engine_module._slab(4096, dtype, torch.device("cpu"), False)
+    if engine_module._POPULATE:
+        assert slab.untyped_storage().data_ptr() % 4096 == 0   # a mapping of its own, page-aligned
+    tensors = make_tensors(dtype=dtype)
+    originals = {k: t.clone() for k, t in tensors.items()}
+    engine = PatchEngine(tensors)
+    for cycle in range(3):
+        engine.apply(stack_plan(2, strengths=[0.9 - 0.2 * cycle, 0.3]))
+        assert all(torch.equal(engine._backups[k], originals[k]) for k in SHAPES), cycle
+        engine.restore()
+        assert all(torch.equal(tensors[k], originals[k]) for k in SHAPES), cycle
+    engine.restore(release=True)
