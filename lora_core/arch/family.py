@@ -375,7 +375,8 @@ class Family:
         raise NotImplementedError
 
     def aliases(self, module: ModuleDef, config: Any, variant: ArchSpec) -> Iterable[Alias]:
-        """Every writer's name for `module` or a part of it (the canonical ComfyUI/kohya forms included)."""
+        """Every writer's name for `module` or a part of it (the canonical ComfyUI/kohya forms included). Depends
+        on `module` and `config` only: variants with the same layout data share one table (layout_key_map)."""
         raise NotImplementedError
 
     def diffusers_names(self, config: Any) -> Mapping[str, tuple[str, ...]]:
