@@ -305,7 +305,8 @@ def test_stack_equals_merged_and_bake_equals_merged_weights(fam):
     assert_equal(encoded(ours_clip), encoded(merged_clip), fam.base[1], f"{fam.name} text encoders, stack")
     baked, baked_clip, report = live.LoRACoreBakeLive().bake(ours, ours_clip)
     assert not live._live_forwards(baked) and not live._live_forwards(baked_clip.patcher), report
-    for what, got_patcher, want_patcher in (("MODEL", baked, merged), ("CLIP", baked_clip.patcher, merged_clip.patcher)):
+    pairs = (("MODEL", baked, merged), ("CLIP", baked_clip.patcher, merged_clip.patcher))
+    for what, got_patcher, want_patcher in pairs:
         mm.load_models_gpu([want_patcher], force_full_load=True)
         want = {k: v.clone() for k, v in want_patcher.model.state_dict().items()}
         mm.load_models_gpu([got_patcher], force_full_load=True)
