@@ -25,7 +25,9 @@ of the following ones (`warm`): fresh memory pages and allocator growth land on 
 `--steps` adds the per-step sampling cost: one denoiser call (`BaseModel.apply_model`, batch 1, the latent size
 given) on the plain model, with live LoRAs of ranks 8, 32, 128 and a 4-LoRA stack of rank 32 (live), and with the
 merged rank-32 LoRA (merged weights cost nothing per step): `--repeat` rounds, each loading and timing every case
-in turn (so a change in the shared machine's load falls on all cases alike), best per case.
+in turn (so a change in the shared machine's load falls on all cases alike), best per case. On a CPU the live
+cases also report the time spent inside the LoRA terms (`LiveLayer.add`) during one call, relative to the rest
+of that call: the overhead measured within one forward, free of the load changes between separate calls.
 
     python -m bench.strength_change [--arch sd15|flux|sd15,flux] [--device cuda] [--steps] [--latent 64]
 
@@ -203,6 +205,7 @@ def step_overhead(env, factory_make, device, dtype, latent: int, repeat: int, cl
     # Rounds over every case (load it, one warm-up call, one timed call), best per case over the rounds: a
     # change in the shared machine's load then falls on every case alike instead of on whichever ran last.
     times: dict = {label: [] for label in patchers}
+    shares: dict = {}
     rounds = max(1, repeat)
     for round_ in range(rounds):
         for label, patcher in patchers.items():
@@ -211,10 +214,35 @@ def step_overhead(env, factory_make, device, dtype, latent: int, repeat: int, cl
                 if round_ == 0:   # warm-up: the first call of a case allocates its buffers
                     patcher.model.apply_model(x, sigma, **conds)
                 times[label].append(clock(patcher.model.apply_model, x, sigma, **conds)[1])
+                if round_ == rounds - 1 and label.startswith("live") and device.type == "cpu":
+                    shares[label] = lora_share(live.live.LiveLayer, patcher, x, sigma, conds)
             mm.unload_all_models()
             if round_ == rounds - 1:
                 log(f"  {label}: {min(times[label]):.3f} s/step")
-    return {label: min(t) for label, t in times.items()}
+    return {label: min(t) for label, t in times.items()}, shares
+
+
+def lora_share(layer_class, patcher, x, sigma, conds) -> tuple[float, float]:
+    """(seconds inside the live LoRA terms, seconds of the whole call) of one denoiser call on a CPU: the LoRA's
+    cost measured inside the same call, so the shared machine's load changes between calls do not enter it."""
+    real = layer_class.add
+    spent = [0.0]
+
+    def timed(self, *args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - begin
+
+    layer_class.add = timed
+    try:
+        begin = time.perf_counter()
+        patcher.model.apply_model(x, sigma, **conds)
+        total = time.perf_counter() - begin
+    finally:
+        layer_class.add = real
+    return spent[0], total
 
 
 def build_env(arch: str, device: torch.device, flux_depth: Optional[str]):
@@ -283,11 +311,16 @@ def run_case(arch: str, args, device: torch.device) -> dict:
         latent = args.latent or (64 if device.type == "cuda" or arch != "flux" else 32)
         print(f"\n# per-step cost: one apply_model call, batch 1, latent {latent}x{latent}, best of {args.repeat} "
               f"rounds over every case\n")
-        steps = step_overhead(env, make, device, dtype, latent, args.repeat, clock, log=lambda *_: None)
-        print("| model | s/step | overhead vs plain |")
-        print("|---|---|---|")
+        steps, shares = step_overhead(env, make, device, dtype, latent, args.repeat, clock, log=lambda *_: None)
+        print("| model | s/step | vs plain (separate calls) | LoRA terms inside one call |")
+        print("|---|---|---|---|")
         for label, seconds in steps.items():
-            print(f"| {label} | {seconds:.4f} | {100 * (seconds / steps['plain'] - 1):+.1f}% |")
+            share = ""
+            if label in shares:
+                inside, total = shares[label]
+                share = f"{inside:.4f} s = {100 * inside / (total - inside):+.1f}% of the rest"
+            print(f"| {label} | {seconds:.4f} | {100 * (seconds / steps['plain'] - 1):+.1f}% | {share} |")
+        steps = {"steps": steps, "shares": shares}
     print(flush=True)
     mm.unload_all_models()
     del env, loras
