@@ -482,3 +482,14 @@ def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_p
                                                       1.0)
     assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
     assert len(core_model.patches) == len(modules)
+
+
+def test_continuing_an_expert_keeps_its_range(host, tmp_path):
+    """run=continue resumes the same expert (its range stays in the file); another range is refused by name."""
+    host.train(tmp_path, steps=2, timestep_range="high noise", output_name="expert")
+    _, _, lora, _, _, _ = host.train(tmp_path, steps=2, timestep_range="875,1000", output_name="expert",
+                                     run="continue")
+    meta = file_metadata(lora.path)
+    assert meta["ss_steps"] == "4" and meta["modelspec.timestep_range"] == "875,1000"
+    with pytest.raises(LoraValueError, match=r"timestep_range=\(875.0, 1000.0\).*timestep_range=\(0.0, 875.0\)"):
+        host.train(tmp_path, steps=2, timestep_range="low noise", output_name="expert", run="continue")
