@@ -61,11 +61,12 @@ class LoRACoreTrainDataset:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Train on these images instead of a folder."}),
-                "frames": ("INT", {"default": 0, "min": 0, "max": 257, "step": 1, "tooltip": "Video models (Wan): "
-                           "frames per video sample, 4k+1 (1, 5, 9, ..., 81; the first ones of each clip); 0 = every "
-                           "frame, cut to 4k+1. Videos are the folder's sub-folders of frames (sorted images) and "
-                           "clips (.mp4/.webm/.mov/.mkv/.avi), captions in a same-name .txt beside each. With images "
-                           "connected and frames > 0, the IMAGE batch is one video's frames."}),
+                "frames": ("INT", {"default": 0, "min": -1, "max": 257, "step": 1, "tooltip": "Video models (Wan): "
+                           "frames per video sample, 4k+1 (1, 5, 9, ..., 81; the first ones of each clip); -1 = every "
+                           "frame, cut to 4k+1; 0 = an image dataset (videos not read). Videos are the folder's "
+                           "sub-folders of frames (sorted images) and clips (.mp4/.webm/.mov/.mkv/.avi), captions in "
+                           "a same-name .txt beside each; loose images train as one-frame videos. With images "
+                           "connected and frames set, the IMAGE batch is one video's frames."}),
             },
         }
 

@@ -384,8 +384,12 @@ def test_video_folder_buckets_by_aspect_frames_and_clips(tmp_path):
         assert len({dataset.samples[i].batch_key for i in batch}) == 1
     assert batches == [lt.BatchPlan(dataset, 2, seed=5).batch(i) for i in range(len(batches))]
     assert batches != [lt.BatchPlan(dataset, 2, seed=6).batch(i) for i in range(len(batches))]
-    every = lt.load_folder(str(tmp_path), frames=0, **options)          # 0: each video's own 4k + 1 (9 frames)
+    every = lt.load_folder(str(tmp_path), frames=-1, **options)         # -1: each video's own 4k + 1 (9 frames)
     assert {s.image.shape[1] for s in every.samples} == {9}
+    # frames 0 (the default) is an image dataset, as before: a folder of videos only is refused naming `frames`
+    with pytest.raises(LoraValueError, match=r"4 video\(s\) \(tall_a, tall_clip.mp4, wide_a, \.\.\.\) and no images: "
+                                             r"set `frames`"):
+        lt.load_folder(str(tmp_path), **options)
 
 
 def test_video_data_errors_name_the_file_and_the_fix(tmp_path, host):
@@ -447,6 +451,9 @@ def test_images_beside_videos_train_as_one_frame_videos(host, tmp_path):
     with input_folder(tmp_path.parent):
         dataset, summary = nt.LoRACoreTrainDataset().build(**{**DATASET, "folder": tmp_path.name})
     assert "1 videos (5 frames) + 1 images" in summary
+    with input_folder(tmp_path.parent):   # frames 0: the images only, the video left out (with a warning)
+        images, summary = nt.LoRACoreTrainDataset().build(**{**DATASET, "folder": tmp_path.name, "frames": 0})
+    assert summary.startswith("1 images") and [s.source for s in images.samples] == [str(tmp_path / "still.png")]
     shapes = sorted(tuple(s.image.shape) for s in dataset.samples)
     assert shapes == [(3, 5, 32, 64), (3, 32, 64)]
     arch, spec = nt.model_train_spec(host.model)
@@ -482,3 +489,14 @@ def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_p
                                                       1.0)
     assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
     assert len(core_model.patches) == len(modules)
+
+
+def test_continuing_an_expert_keeps_its_range(host, tmp_path):
+    """run=continue resumes the same expert (its range stays in the file); another range is refused by name."""
+    host.train(tmp_path, steps=2, timestep_range="high noise", output_name="expert")
+    _, _, lora, _, _, _ = host.train(tmp_path, steps=2, timestep_range="875,1000", output_name="expert",
+                                     run="continue")
+    meta = file_metadata(lora.path)
+    assert meta["ss_steps"] == "4" and meta["modelspec.timestep_range"] == "875,1000"
+    with pytest.raises(LoraValueError, match=r"timestep_range=\(875.0, 1000.0\).*timestep_range=\(0.0, 875.0\)"):
+        host.train(tmp_path, steps=2, timestep_range="low noise", output_name="expert", run="continue")

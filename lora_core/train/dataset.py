@@ -266,16 +266,18 @@ def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing:
                 bucket_step: int = 64, min_bucket: int = 256, max_bucket: int = 1024,
                 missing_caption: str = "error", default_caption: str = "",
                 captions: Optional[CaptionOptions] = None, frames: int = 0, videos: bool = True) -> TrainDataset:
-    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets). Sub-folders
-    of frames and video clips are video samples of `frames` frames (lora_core.train.video)."""
+    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets). With `frames`
+    (4k + 1, or -1 for every frame), sub-folders of frames and video clips are video samples too
+    (lora_core.train.video)."""
     from PIL import Image, UnidentifiedImageError
 
-    if videos:
-        from .video import has_videos, load_video_folder
+    if videos:   # frames != 0: a video dataset (lora_core.train.video); 0: images, as before
+        from .video import ignored_videos, load_video_folder
 
-        if has_videos(folder):
+        if frames:
             return load_video_folder(folder, frames, resolution, repeats, bucketing, bucket_step, min_bucket,
                                      max_bucket, missing_caption, default_caption, captions)
+        ignored_videos(folder)
 
     paths = list_images(folder)
     missing, broken, samples = [], [], []

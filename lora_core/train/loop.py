@@ -361,7 +361,8 @@ class LoraTrainer:
         """Continue a run: weights, optimizer, step, losses, session id and RNG from a state file."""
         state = load_state(state_path)
         saved = state["config"]
-        for key in ("algorithm", "rank", "alpha", "unet_kinds", "blocks", "train_text_encoder", "batch_size", "seed"):
+        for key in ("algorithm", "rank", "alpha", "unet_kinds", "blocks", "train_text_encoder", "batch_size", "seed",
+                    "timestep_range"):
             mine = self.config.as_dict()[key]
             if saved.get(key) != mine:
                 raise LoraValueError(f"Cannot continue {state_path}: it was trained with {key}={saved.get(key)!r}, this "

@@ -5,8 +5,9 @@ images in the same folder stay image samples (a video model trains them as one-f
 
 * **frames**: each video sample has `frames` frames, the first ones of the clip (musubi-tuner's default frame
   extraction, "head"). Wan's VAE compresses time 4x after the first frame, so a video needs 4k + 1 frames (1, 5,
-  9, ..., 81); 0 takes every frame of each video, cut to the largest 4k + 1 (up to MAX_FRAMES). A video with fewer
-  frames than asked is refused with its name and count.
+  9, ..., 81); -1 takes every frame of each video, cut to the largest 4k + 1 (up to MAX_FRAMES). A video with
+  fewer frames than asked is refused with its name and count. 0 (the default) is an image dataset, as before:
+  sub-folders and clips are not read (a folder with videos and no images is refused, naming `frames`).
 * **buckets**: a video's bucket is chosen from its first frame's size exactly as an image's (lora_core.train.
   dataset.choose_bucket: kohya's aspect-ratio buckets of about resolution^2 pixels), and every frame is fitted to
   it. Batches come from one bucket and one frame count (dataset.Sample.batch_key), deterministic given the seed.
@@ -30,15 +31,19 @@ from .dataset import (IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, CaptionOptions, Sample
 log = logging.getLogger("lora_core.train")
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi")
-MAX_FRAMES = 257           # frames=0 never reads more than this from one video (Wan trains 81 at most)
+MAX_FRAMES = 257           # frames=-1 never reads more than this from one video (Wan trains 81 at most)
 TEMPORAL_STRIDE = 4        # Wan's VAE: 4k + 1 frames -> k + 1 latent frames
 
 
+EVERY_FRAME = -1
+
+
 def check_frames(frames: int) -> int:
-    """`frames` is 0 (every frame, cut to 4k + 1) or a positive 4k + 1; else a clear error."""
-    if not isinstance(frames, int) or frames < 0 or (frames and (frames - 1) % TEMPORAL_STRIDE):
+    """`frames` is -1 (every frame, cut to 4k + 1) or a positive 4k + 1; else a clear error."""
+    if not isinstance(frames, int) or not (frames == EVERY_FRAME or (frames >= 1 and
+                                                                     (frames - 1) % TEMPORAL_STRIDE == 0)):
         raise LoraValueError(f"frames {frames!r}: a video sample needs 4k + 1 frames (1, 5, 9, 13, 17, ..., 81) for "
-                             f"Wan's VAE, or 0 for every frame of each video (cut to 4k + 1).")
+                             f"Wan's VAE, or -1 for every frame of each video (cut to 4k + 1).")
     return frames
 
 
@@ -74,10 +79,12 @@ def _frame_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def read_frames(path: str, limit: int) -> list:
-    """PIL frames (RGB) of a frames folder or a clip, at most `limit` of them (the first ones)."""
+def read_frames(path: str, limit: int, fit=None) -> list:
+    """The frames of a frames folder or a clip, at most `limit` of them (the first ones): PIL images (RGB), or
+    what `fit(image)` makes of each as it is read (so a long clip is never held at full size)."""
     from PIL import Image
 
+    fit = fit or (lambda image: image)
     if os.path.isdir(path):
         frames = []
         for file in _frame_files(path)[:limit]:
@@ -85,7 +92,7 @@ def read_frames(path: str, limit: int) -> list:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise LoraFileError(f"Video frame {file} is {img.width}x{img.height} pixels, too large to train "
                                         f"on. Downscale the frames.")
-                frames.append(img.convert("RGB"))
+                frames.append(fit(img.convert("RGB")))
         return frames
     try:
         import av
@@ -98,7 +105,10 @@ def read_frames(path: str, limit: int) -> list:
             if not container.streams.video:
                 raise LoraFileError(f"{path} has no video stream.")
             for frame in container.decode(video=0):
-                frames.append(frame.to_image().convert("RGB"))
+                if frame.width * frame.height > MAX_IMAGE_PIXELS:
+                    raise LoraFileError(f"Video clip {path} is {frame.width}x{frame.height} pixels, too large to "
+                                        f"train on. Downscale it.")
+                frames.append(fit(frame.to_image().convert("RGB")))
                 if len(frames) >= limit:
                     break
     except LoraFileError:
@@ -113,25 +123,31 @@ def load_video(path: str, frames: int, resolution: int, bucketing: bool, bucket_
                max_bucket: int) -> tuple[torch.Tensor, tuple]:
     """(3, F, H, W) in [0, 1], fitted to the bucket of its first frame, and the original (w, h)."""
     wanted = check_frames(frames)
-    pictures = read_frames(path, wanted or MAX_FRAMES)
+    every = wanted == EVERY_FRAME
+    first: dict = {}
+
+    def fit(image):
+        if not first:   # the bucket is the first frame's
+            first["size"] = image.size
+            first["bucket"] = choose_bucket(image.width, image.height, resolution, bucketing, bucket_step,
+                                            min_bucket, max_bucket)
+        if image.size != first["size"]:
+            raise LoraFileError(f"Video {path}: frames have different sizes ({first['size'][0]}x{first['size'][1]} "
+                                f"and {image.width}x{image.height}). Give every frame the same size.")
+        return fit_to_bucket(image, first["bucket"])
+
+    pictures = read_frames(path, MAX_FRAMES if every else wanted, fit)
     if not pictures:
         raise LoraFileError(f"Video {path} has no frames.")
-    count = wanted or frames_for(len(pictures))
+    count = frames_for(len(pictures)) if every else wanted
     if len(pictures) < count:
         raise LoraFileError(f"Video {path} has {len(pictures)} frame(s), fewer than frames={wanted}. Lower `frames` "
-                            f"(4k + 1: e.g. {frames_for(len(pictures))}), use 0 for each video's own length, or "
+                            f"(4k + 1: e.g. {frames_for(len(pictures))}), use -1 for each video's own length, or "
                             f"remove the video.")
-    pictures = pictures[:count]
-    size = pictures[0].size
-    if any(p.size != size for p in pictures):
-        other = next(p.size for p in pictures if p.size != size)
-        raise LoraFileError(f"Video {path}: frames have different sizes ({size[0]}x{size[1]} and {other[0]}x"
-                            f"{other[1]}). Give every frame the same size.")
-    bucket = choose_bucket(size[0], size[1], resolution, bucketing, bucket_step, min_bucket, max_bucket)
-    return torch.stack([fit_to_bucket(p, bucket) for p in pictures], dim=1), size
+    return torch.stack(pictures[:count], dim=1), first["size"]
 
 
-def load_video_folder(folder: str, frames: int = 0, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
+def load_video_folder(folder: str, frames: int = EVERY_FRAME, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
                       bucket_step: int = 64, min_bucket: int = 256, max_bucket: int = 1024,
                       missing_caption: str = "error", default_caption: str = "",
                       captions: Optional[CaptionOptions] = None) -> TrainDataset:
@@ -162,11 +178,11 @@ def load_video_folder(folder: str, frames: int = 0, resolution: int = 512, repea
                         buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket))
 
 
-def from_videos(videos, captions, frames: int = 0, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
+def from_videos(videos, captions, frames: int = EVERY_FRAME, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
                 bucket_step: int = 64, min_bucket: int = 256, max_bucket: int = 1024,
                 caption_options: Optional[CaptionOptions] = None) -> TrainDataset:
     """A TrainDataset from (3, F, H, W) [0, 1] video tensors (a ComfyUI IMAGE batch of frames, moved to channels
-    first), one caption each (or one for all); frames cut to `frames` (0: 4k + 1) and fitted to their bucket."""
+    first), one caption each (or one for all); frames cut to `frames` (-1: 4k + 1) and fitted to their bucket."""
     from .dataset import tensor_to_bucket
 
     check_frames(frames)
@@ -177,7 +193,7 @@ def from_videos(videos, captions, frames: int = 0, resolution: int = 512, repeat
                              f"for all.")
     samples = []
     for i, (video, caption) in enumerate(zip(videos, captions)):
-        count = frames or frames_for(video.shape[1])
+        count = frames_for(video.shape[1]) if frames == EVERY_FRAME else frames
         if video.shape[1] < count:
             raise LoraValueError(f"video {i} has {video.shape[1]} frames, fewer than frames={frames}.")
         _, _, h, w = video.shape
@@ -190,3 +206,20 @@ def from_videos(videos, captions, frames: int = 0, resolution: int = 512, repeat
 
 def is_video(sample: Sample) -> bool:
     return sample.image is not None and sample.image.ndim == 4
+
+
+def ignored_videos(folder: str) -> list[str]:
+    """An image dataset (frames 0) does not read videos: the ones it leaves out, or a clear error when the folder
+    has videos and no images (the user meant a video dataset)."""
+    found = video_entries(folder)
+    if not found:
+        return []
+    images = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    names = [os.path.basename(p) for p in found]
+    if not images:
+        raise LoraValueError(f"Dataset folder {folder} has {len(found)} video(s) ({', '.join(names[:3])}"
+                             f"{', ...' if len(names) > 3 else ''}) and no images: set `frames` to the frames per "
+                             f"video sample (4k + 1, e.g. 17 or 81; -1 = every frame) to train on them.")
+    log.warning("LoRA Core dataset: %s: %d video(s) (%s) are not read with frames 0 (an image dataset); set frames "
+                "to train them", folder, len(found), ", ".join(names[:3]))
+    return found
