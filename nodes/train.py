@@ -630,7 +630,9 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
 
     # T5 layers add their residuals in place (the DiT's blocks too: the loop handles those, see in_place_modules)
     # the base stays as stored (fp8 layers cast per call, NF4 with base_quant nf4): entered before run() injects
-    frozen = lt.FrozenBase(backend.modules(), nf4=nf4, nf4_roots=[backend.unet] if nf4 is not None else ())
+    roots = [backend.unet] + ([clip.cond_stage_model] if config.train_text_encoder and clip is not None else [])
+    frozen = lt.FrozenBase(roots, nf4=nf4, nf4_roots=[backend.unet] if nf4 is not None else (),
+                           compute_dtype=backend.compute_dtype())
     trainer.base_report = frozen.report
     with frozen, _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
         result = trainer.run(should_stop=mm.processing_interrupted, on_step=on_step)

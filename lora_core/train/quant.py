@@ -80,7 +80,7 @@ class BitsAndBytesNF4(NF4Codec):
 
     def dequantize(self, state, dtype):
         packed, quant_state = state
-        return self.F.dequantize_4bit(packed, quant_state, quant_type="nf4").to(dtype)
+        return self.F.dequantize_4bit(packed, quant_state).to(dtype)
 
     def nbytes(self, state) -> int:
         packed, quant_state = state
@@ -256,8 +256,10 @@ class FrozenBase:
     here), exit after it is removed. Every parameter under `roots` must be frozen."""
 
     def __init__(self, roots: Iterable[nn.Module], nf4: Optional[NF4Codec] = None,
-                 nf4_roots: Iterable[nn.Module] = (), offload_device="cpu"):
+                 nf4_roots: Iterable[nn.Module] = (), offload_device="cpu",
+                 compute_dtype: Optional[torch.dtype] = None):
         self.roots = list(roots)
+        self.compute_dtype = compute_dtype   # known: layers storing plain weights in it are left alone
         self.nf4 = nf4
         self.nf4_roots = list(nf4_roots) if nf4 is not None else []
         self.offload_device = torch.device(offload_device)
@@ -306,11 +308,19 @@ class FrozenBase:
                     nf4 = module.__dict__.get("_lora_core_nf4") is not None
                     if not nf4 and not _casts(module):
                         continue
+                    if not nf4 and self.compute_dtype is not None and _is_plain(module.weight) and \
+                            module.weight.dtype == self.compute_dtype and not getattr(module, "weight_function", None) \
+                            and not isinstance(getattr(module, "scale_weight", None), torch.Tensor):
+                        continue   # computes with the stored weight itself (a manual-cast op in its own dtype)
                     if not nf4 and not (_supported(module) and _known_storage(module.weight)):
                         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                             self.report.own_forward += 1
                         continue
                     if not _supported(module):
+                        continue
+                    if module.__dict__.get("forward") is not None:
+                        # another wrapper (a LoRA injected before entering) owns the forward: leave it whole
+                        self.report.own_forward += 1
                         continue
                     self._hook(module)
             self._count_bytes()
@@ -320,7 +330,7 @@ class FrozenBase:
         return self
 
     def _hook(self, module: nn.Module) -> None:
-        previous = module.__dict__.get("forward")
+        previous = None
         original = module.forward
         function = _FrozenLinear if isinstance(module, nn.Linear) else _FrozenConv
 
