@@ -504,6 +504,14 @@ class LoRACoreTrain:
                                    "drawn again, keeping the sampling's shape). One Wan 2.2 expert: 'high noise' "
                                    "(T2V 875,1000; I2V 900,1000) or 'low noise' (0,875 / 0,900); written to the "
                                    "file as modelspec.timestep_range. Empty = every level."}),
+                "base_quant": (list(lt.BASE_QUANT), {"default": "as loaded", "tooltip": "The base's weights while "
+                               "training (the QLoRA idea). as loaded: as ComfyUI loaded them; an fp8 model "
+                               "(UNETLoader weight_dtype fp8_e4m3fn) stays fp8, each layer cast to the compute "
+                               "dtype per call and never kept for the backward pass. nf4: the denoiser's Linears "
+                               "quantised to 4-bit NF4 for the run (needs CUDA and bitsandbytes); the MODEL is "
+                               "given back unchanged. The saved LoRA loads on any precision of the model."}),
+                "lora_dtype": (list(lt.LORA_DTYPES), {"default": "fp32", "tooltip": "dtype of the trained LoRA "
+                               "weights (fp32 recommended; bf16 halves their memory and optimizer state)."}),
             },
         }
 
@@ -520,7 +528,7 @@ class LoRACoreTrain:
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
               save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default",
-              timestep_range=""):
+              timestep_range="", base_quant="as loaded", lora_dtype="fp32"):
         import comfy.model_management as mm
         import folder_paths
 
@@ -532,6 +540,8 @@ class LoRACoreTrain:
             raise LoraValueError(f"text_encoders must be one of {list(TEXT_ENCODER_CHOICES)}, got {text_encoders!r}.")
         if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
             raise LoraValueError(f"guidance must be a finite number >= 0, got {guidance!r}.")
+        if base_quant not in lt.BASE_QUANT:
+            raise LoraValueError(f"base_quant must be one of {list(lt.BASE_QUANT)}, got {base_quant!r}.")
         valid_blocks = model_block_ids(model)
         arch, spec = model_train_spec(model)
         ranges = arch.family.timestep_ranges(arch) if hasattr(arch.family, "timestep_ranges") else {}
@@ -555,14 +565,14 @@ class LoRACoreTrain:
             gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
             save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling,
-            timestep_range=t_range)
+            timestep_range=t_range, lora_dtype=lora_dtype)
         config.validate()
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
 
         # ComfyUI runs nodes under inference_mode; autograd needs it off.
         with torch.inference_mode(False):
             result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm,
-                                     guidance=guidance, text_encoders=text_encoders)
+                                     guidance=guidance, text_encoders=text_encoders, base_quant=base_quant)
             if result.interrupted:
                 log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
                             result.step, result.final_path)
@@ -578,6 +588,9 @@ class LoRACoreTrain:
                   f"{result.steps_per_second:.2f} steps/s), {len(trainer.train_names)} modules, rank {rank}, "
                   f"alpha {alpha}; last-20 mean loss {sum(result.losses[-20:]) / max(1, len(result.losses[-20:])):.4f}; "
                   f"saved {result.final_path}")
+        base_report = getattr(trainer, "base_report", None)
+        if base_report is not None and (base_report.frozen_cast or base_report.nf4 or base_report.own_forward):
+            report += f"\nbase: {base_report.describe()}"
         log.info("LoRA Core: %s", report)
         return new_model, new_clip, lora, curve, lora_name, report
 
@@ -590,13 +603,15 @@ def _check_latent_rank(dataset, spec, arch) -> None:
                              f"image model. Train videos on a video model (Wan), or give this model images only.")
 
 
-def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default"):
+def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default",
+           base_quant="as loaded"):
     import comfy.utils
 
     from ._host import HostModels
 
     arch, spec = model_train_spec(model)
     backend = ComfyBackend(model, clip, config.train_text_encoder, guidance=guidance, train_spec=spec)
+    nf4 = lt.resolve_base_quant(base_quant, backend.device)   # refuse nf4 without CUDA + bitsandbytes, first
     mm.load_models_gpu([model], force_full_load=True)
     lt.unlock_inference_params(backend.unet)
     key_map = HostModels(model, clip).key_map
@@ -652,7 +667,12 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
                      sum(recent) / len(recent))
 
     # T5 layers add their residuals in place (the DiT's blocks too: the loop handles those, see in_place_modules)
-    with _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
+    # the base stays as stored (fp8 layers cast per call, NF4 with base_quant nf4): entered before run() injects
+    roots = [backend.unet] + ([clip.cond_stage_model] if config.train_text_encoder and clip is not None else [])
+    frozen = lt.FrozenBase(roots, nf4=nf4, nf4_roots=[backend.unet] if nf4 is not None else (),
+                           compute_dtype=backend.compute_dtype())
+    trainer.base_report = frozen.report
+    with frozen, _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
         result = trainer.run(should_stop=mm.processing_interrupted, on_step=on_step)
     return result, trainer
 

@@ -41,6 +41,7 @@ from .algorithms import ALGORITHMS
 from .dataset import BatchPlan, TrainDataset, process_caption
 from .injection import LoRANetwork, OutOfPlaceAdds
 from .objective import TIMESTEP_SAMPLING, Objective
+from .quant import LORA_DTYPES
 from .save import OutputFiles, kohya_metadata, save_lora
 from .state import load_state, restore_rng, save_state
 
@@ -96,6 +97,7 @@ class TrainConfig:
     keep_last: int = 3                # step files kept (0 = all)
     save_dtype: str = "fp16"
     overwrite: bool = False
+    lora_dtype: str = "fp32"          # the trained weights' dtype (quant.LORA_DTYPES: fp32 or bf16)
 
     def validate(self) -> None:
         checks = [
@@ -114,6 +116,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
             (self.min_snr_gamma >= 0, f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype {self.save_dtype!r} is not one of {list(SAVE_DTYPES)}"),
+            (self.lora_dtype in LORA_DTYPES, f"LoRA dtype {self.lora_dtype!r} is not one of {list(LORA_DTYPES)}"),
             (self.timestep_sampling in TIMESTEP_SAMPLING,
              f"timestep sampling {self.timestep_sampling!r} is not one of {list(TIMESTEP_SAMPLING)}"),
         ]
@@ -335,7 +338,7 @@ class LoraTrainer:
         self._latents: dict[int, torch.Tensor] = {}
         self._text_cache: dict = {}
         self._check_data_sources()
-        network.to(self.device, torch.float32)
+        network.to(self.device, LORA_DTYPES[config.lora_dtype])
         te_lr = config.text_encoder_lr if config.train_text_encoder else None
         self.train_names = network.trainable_names(config.train_text_encoder)
         groups = network.param_groups(config.unet_lr, te_lr, config.block_lr)
