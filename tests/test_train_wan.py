@@ -500,3 +500,17 @@ def test_continuing_an_expert_keeps_its_range(host, tmp_path):
     assert meta["ss_steps"] == "4" and meta["modelspec.timestep_range"] == "875,1000"
     with pytest.raises(LoraValueError, match=r"timestep_range=\(875.0, 1000.0\).*timestep_range=\(0.0, 875.0\)"):
         host.train(tmp_path, steps=2, timestep_range="low noise", output_name="expert", run="continue")
+
+
+def test_gradient_checkpointing_wraps_the_blocks_and_changes_nothing(host, tmp_path):
+    """Gradient checkpointing wraps the WanAttentionBlocks (TrainSpec.block_lists): the same losses and file."""
+    runs = {}
+    for flag in (False, True):
+        host.train(tmp_path / str(flag), steps=3, gradient_checkpointing=flag, output_name="ckpt")
+        runs[flag] = lt.load_state(str(tmp_path / str(flag) / "ckpt.state.pt"))
+    assert runs[True]["losses"] == pytest.approx(runs[False]["losses"], rel=1e-5)
+    for key, value in runs[False]["lora"].items():
+        assert torch.allclose(runs[True]["lora"][key], value, atol=1e-6), key
+    arch, spec = nt.model_train_spec(host.model)
+    blocks = nt.ComfyBackend(host.model, host.clip, train_spec=spec).checkpoint_modules()
+    assert [type(b).__name__ for b in blocks] == ["WanAttentionBlock"] * 2
