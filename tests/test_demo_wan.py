@@ -206,3 +206,43 @@ def test_experts_patched_by_the_pair_sample_from_clip_l_high_then_low(assets, cl
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(assets["wan_vae"])))
     frames = vae.decode(samples)
     assert frames.shape == (1, 5, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+WORKFLOW_09 = Path(__file__).resolve().parent.parent / "workflows" / "09_wan22_lora_pair.json"
+SHIPPED_VECTOR = "B01=0.5, B*.cross_attn=0.8"
+
+
+def _shipped_factor(module: str) -> float:
+    """SHIPPED_VECTOR by hand: cross-attention 0.8 in every block (the later entry wins in block 1), the rest
+    of block 1 0.5, everything else 1."""
+    block, rest = module[len("lora_unet_blocks_"):].split("_", 1)
+    return 0.8 if rest.startswith("cross_attn_") else 0.5 if block == "1" else 1.0
+
+
+@pytest.mark.parametrize("strength", [1.0, -0.6])
+def test_workflow_09_pair_and_vector_equal_core_with_each_module_scaled(assets, clip_l_path, tmp_path, strength):
+    """The pair loader as workflow 09 sets it (its block vector, a CLIP-L on the clip input) on the experts as
+    the workflow's UNETLoader loads them (weight_dtype default) equals core's loader on each expert with every
+    module's lora_up scaled by the vector's factor; the CLIP comes back unpatched (the pair has no text part)."""
+    (pair_node,) = [n for n in json.loads(WORKFLOW_09.read_text())["nodes"] if n["type"] == "LoRACoreWanPairLoader"]
+    assert pair_node["widgets_values"][-1] == SHIPPED_VECTOR, "workflow 09's vector changed: update this test"
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for expert in ("high", "low"):
+        shutil.copy(assets[f"lora_wan_{expert}"], folder / tiny_wan.LORA_NAMES[expert])
+    models = {e: comfy.sd.load_diffusion_model(str(assets[f"wan_{e}"])) for e in ("high", "low")}
+    bases = {e: {k: v.clone() for k, v in m.model.state_dict().items()} for e, m in models.items()}
+    clip = comfy.sd.load_clip([str(clip_l_path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    with loras_folder(folder):
+        high, low, clip_out, _ = node_module("wan").LoRACoreWanPairLoader().load(
+            models["high"], models["low"], tiny_wan.LORA_NAMES["high"], tiny_wan.LORA_NAMES["low"], strength,
+            strength, 1.0, pairs.ASSIGN_AUTO, clip=clip, block_vector=SHIPPED_VECTOR)
+    assert not clip_out.patcher.patches
+    for expert, ours in (("high", high), ("low", low)):
+        state = comfy.utils.load_torch_file(str(assets[f"lora_wan_{expert}"]))
+        factors = {key: _shipped_factor(key.split(".")[0]) for key in state if key.endswith(".lora_up.weight")}
+        assert set(factors.values()) == {0.5, 0.8, 1.0}
+        # in fp32: 0.8 is not exact in the file's fp16
+        state = {key: value.float() * factors.get(key, 1.0) for key, value in state.items()}
+        core, _ = comfy.sd.load_lora_for_models(models[expert], None, state, strength, 0)
+        assert_same(bake(ours), bake(core), bases[expert], expert)
