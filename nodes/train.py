@@ -17,6 +17,8 @@ from lora_core.train.blocks import parse_block_list, parse_block_lr
 from lora_core.train.plot import loss_curve_rgb
 from lora_core.types import LoraFile
 
+from .train_preview import PREVIEW_DEFAULTS, TrainMonitor, preview_inputs
+
 log = logging.getLogger("lora_core")
 
 CATEGORY = "LoRA Core/Training"
@@ -477,11 +479,12 @@ class LoRACoreTrain:
                 "text_encoders": (list(TEXT_ENCODER_CHOICES), {"default": "kohya default", "tooltip": "Which text "
                                   "encoders train_text_encoder trains: kohya's default (SD: all; Flux: CLIP-L, "
                                   "not T5; Chroma: its T5) or all (Flux: CLIP-L and T5)."}),
+                **preview_inputs(),
             },
         }
 
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report")
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report", "previews")
     FUNCTION = "train"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Trains a kohya-format LoRA/LoCon (or LyCORIS LoHa/LoKr/DoRA) on the connected model, saves it "
@@ -492,7 +495,8 @@ class LoRACoreTrain:
               block_lr, unet_lr, train_text_encoder, text_encoder_lr, optimizer, lr_scheduler, warmup_steps,
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
-              save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default"):
+              save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default",
+              **preview_options):
         import comfy.model_management as mm
         import folder_paths
 
@@ -525,12 +529,18 @@ class LoRACoreTrain:
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
             save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling)
         config.validate()
+        unknown = set(preview_options) - set(PREVIEW_DEFAULTS)
+        if unknown:
+            raise LoraValueError(f"LoRACoreTrain has no input(s) {sorted(unknown)}.")
+        monitor = TrainMonitor(dataset, seed, steps, **{**PREVIEW_DEFAULTS, **preview_options})
+        dataset = monitor.dataset   # without the held-out validation images
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
+        monitor.title = output.name
 
         # ComfyUI runs nodes under inference_mode; autograd needs it off.
         with torch.inference_mode(False):
             result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm,
-                                     guidance=guidance, text_encoders=text_encoders)
+                                     guidance=guidance, text_encoders=text_encoders, monitor=monitor)
             if result.interrupted:
                 log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
                             result.step, result.final_path)
@@ -540,17 +550,20 @@ class LoRACoreTrain:
 
         lora = read_lora_file(result.final_path)
         new_model, new_clip = apply_lora(model, clip, lora, output.name)
-        curve = _curve_image(result.losses, output.name)
+        curve = _curve_image(result.losses, output.name, monitor.curve)
         lora_name = os.path.relpath(result.final_path, output.folder)
         report = (f"Trained {output.name}: steps {result.step} (this run {result.steps_done}, "
                   f"{result.steps_per_second:.2f} steps/s), {len(trainer.train_names)} modules, rank {rank}, "
                   f"alpha {alpha}; last-20 mean loss {sum(result.losses[-20:]) / max(1, len(result.losses[-20:])):.4f}; "
                   f"saved {result.final_path}")
+        if monitor.report():
+            report += "; " + monitor.report()
         log.info("LoRA Core: %s", report)
-        return new_model, new_clip, lora, curve, lora_name, report
+        return new_model, new_clip, lora, curve, lora_name, report, monitor.grid()
 
 
-def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default"):
+def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default",
+           monitor=None):
     import comfy.utils
 
     from ._host import HostModels
@@ -585,13 +598,16 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
                              encode_images=lambda images: backend.encode_images(images, vae),
                              encode_text=backend.encode_text if clip is not None else None,
                              output=output, arch=arch.name,
-                             checkpoint_modules=backend.checkpoint_modules())
+                             checkpoint_modules=backend.checkpoint_modules(),
+                             hooks=monitor.hooks(model, clip, vae, config.train_text_encoder) if monitor else ())
     if resume:
         trainer.resume(output.state)
     elif os.path.exists(output.state) and not config.overwrite:
         raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run to "
                              f"'continue' to resume it, pick another output name, or allow overwriting.")
     pbar = comfy.utils.ProgressBar(config.steps)
+    if monitor is not None:
+        monitor.pbar, monitor.losses, monitor.first = pbar, lambda: trainer.losses, trainer.step
     first = trainer.step
     every = max(1, config.steps // 20)
 
@@ -602,7 +618,8 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
             try:
                 from PIL import Image
 
-                preview = ("PNG", Image.fromarray(loss_curve_rgb(trainer.losses, output.name)), 512)
+                preview = monitor.ui_preview(trainer.losses) if monitor is not None else \
+                    ("PNG", Image.fromarray(loss_curve_rgb(trainer.losses, output.name)), 512)
             except Exception:  # a preview is a nicety; never fail training for it
                 preview = None
         pbar.update_absolute(done, config.steps, preview)
@@ -631,8 +648,8 @@ def apply_lora(model, clip, lora: LoraFile, name: str):
     return new_model, new_clip
 
 
-def _curve_image(losses, title) -> torch.Tensor:
-    rgb = loss_curve_rgb(losses, title)
+def _curve_image(losses, title, validation=()) -> torch.Tensor:
+    rgb = loss_curve_rgb(losses, title, validation=validation)
     return torch.from_numpy(rgb).float().div(255.0)[None]
 
 

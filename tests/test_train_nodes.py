@@ -123,7 +123,7 @@ def test_node_contract():
     order = list(nt.LoRACoreTrain.INPUT_TYPES()["required"])
     assert order == ["model", "clip", "vae", "dataset"] + list(train_kwargs())
     assert list(nt.LoRACoreTrainDataset.INPUT_TYPES()["required"]) == list(DATASET_DEFAULTS)
-    assert nt.LoRACoreTrain.RETURN_TYPES == ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
+    assert nt.LoRACoreTrain.RETURN_TYPES == ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING", "IMAGE")
 
 
 def test_train_outputs_file_and_loss_curve(trained):

@@ -313,12 +313,14 @@ class LoraTrainer:
     def __init__(self, backend: Backend, network: LoRANetwork, dataset: TrainDataset, config: TrainConfig,
                  encode_images: Optional[Callable] = None, encode_text: Optional[Callable] = None,
                  output: Optional[OutputFiles] = None, arch: str = "SD1", base_model_name: str = "",
-                 checkpoint_modules: Sequence[torch.nn.Module] = ()):
+                 checkpoint_modules: Sequence[torch.nn.Module] = (), hooks: Sequence = ()):
         config.validate()
         self.backend, self.network, self.dataset, self.config = backend, network, dataset, config
         self.encode_images, self.encode_text = encode_images, encode_text
         self.output, self.arch, self.base_model_name = output, arch, base_model_name
         self.checkpoint_modules = list(checkpoint_modules)
+        # beside the loop (hooks.TrainHook): previews, validation loss; their state is saved and resumed with ours
+        self.hooks = list(hooks)
         self.device = torch.device(backend.device)
         self.objective = objective_of(backend)
         self.objective.resolve_sampling(config.timestep_sampling)   # refuse a choice that does not apply, now
@@ -371,6 +373,8 @@ class LoraTrainer:
         self.session_id = state["session_id"]
         self.started_at = state["started_at"]
         restore_rng(state["rng"])
+        for hook in self.hooks:
+            hook.load_state_dict((state.get("extra") or {}).get(hook.name) or {}, state_path)
         log.info("LoRA Core: continuing %s from step %d", state_path, self.step)
 
     def _cache_latents(self) -> None:
@@ -525,12 +529,15 @@ class LoraTrainer:
     # -------------------------------------------------------------- saving
     def metadata(self) -> dict:
         cfg = dataclasses.replace(self.config, total_steps=self.config.total_steps or self._end_step)
+        extra = {}
+        for hook in self.hooks:
+            extra.update(hook.metadata())
         return kohya_metadata(config=cfg, network=self.network, dataset=self.dataset, arch=self.arch,
                               prediction_type=self.objective.prediction, step=self.step,
                               session_id=self.session_id, started_at=self.started_at,
                               output_name=self.output.name if self.output else "lora",
                               base_model_name=self.base_model_name, objective=self.objective,
-                              guidance=getattr(self.backend, "guidance", None))
+                              guidance=getattr(self.backend, "guidance", None), extra=extra or None)
 
     def lora_tensors(self) -> dict:
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_dtype], self.train_names)
@@ -544,7 +551,8 @@ class LoraTrainer:
         save_state(self.output.state, lora=self.network.kohya_state_dict(torch.float32),
                    optimizer=self.optimizer.state_dict(), scheduler={"name": self.config.scheduler, "step": self.step},
                    step=self.step, config=self.config.as_dict(), session_id=self.session_id,
-                   started_at=self.started_at, losses=self.losses)
+                   started_at=self.started_at, losses=self.losses,
+                   extra={hook.name: hook.state_dict() for hook in self.hooks})
         if not final:
             self.output.prune(self.config.keep_last, self.session_id)
         return written
@@ -577,6 +585,8 @@ class LoraTrainer:
             in_place = getattr(self.backend, "in_place_modules", None)
             with _Checkpointing(self.checkpoint_modules if cfg.gradient_checkpointing else ()), torch.enable_grad(), \
                     OutOfPlaceAdds(in_place() if in_place is not None else ()):
+                for hook in self.hooks:
+                    hook.begin(self)
                 while self.step < self._end_step:
                     if should_stop is not None and should_stop():
                         interrupted = True
@@ -585,6 +595,8 @@ class LoraTrainer:
                     self.step += 1
                     steps_done += 1
                     self.losses.append(loss)
+                    for hook in self.hooks:
+                        hook.after_step(self)
                     if on_step is not None:
                         on_step(self.step, self._end_step, loss)
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self._end_step:
