@@ -129,7 +129,7 @@ def test_node_contract():
 def test_train_outputs_file_and_loss_curve(trained):
     from safetensors import safe_open
 
-    model, clip, lora, curve, lora_name, report = trained["outputs"]
+    model, clip, lora, curve, lora_name, report = trained["outputs"][:6]
     assert lora_name == "sq.safetensors" and os.path.isfile(trained["folder"] / lora_name)
     assert lora.path == str(trained["folder"] / lora_name)
     assert curve.ndim == 4 and curve.shape[-1] == 3 and curve.dtype == torch.float32 and 0 <= curve.min()
