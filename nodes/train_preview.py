@@ -232,7 +232,10 @@ class TrainMonitor:
         return Image.fromarray(loss_curve_rgb(losses, self.title, validation=self.curve))
 
     def ui_preview(self, losses):
-        """("JPEG", image, max size): what the progress channel shows (samples above the loss chart)."""
+        """(format, image, max size): what the progress channel shows: the latest samples above the loss chart
+        (JPEG, as core's sampler previews), or the chart alone as before previews (PNG, 512 px)."""
+        if self.latest_row is None:
+            return ("PNG", self.chart(losses), 512)
         return ("JPEG", stack_preview(self.latest_row, self.chart(losses)), PREVIEW_MAX_SIZE)
 
     def _on_preview(self, step, images) -> None:

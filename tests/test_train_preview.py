@@ -106,8 +106,9 @@ def test_node_contract():
 def test_previews_grid_messages_and_model(host, dataset, tmp_path):
     model, clip, vae = host
     with Messages() as messages:
-        outputs = run(host, dataset, tmp_path, output_name="pv", **PREVIEWS)
-    new_model, _, lora, curve, _, report, grid = outputs
+        outputs = run(host, dataset, tmp_path, output_name="pv", train_text_encoder=True, text_encoder_lr=1e-2,
+                      **PREVIEWS)
+    new_model, new_clip, lora, curve, _, report, grid = outputs
     # rows at the start, every 2 steps and the end; one column per prompt
     assert "previews at steps [0, 2, 4] (2 prompt(s) per row)" in report
     assert grid.shape == (1, 3 * SIZE, 2 * SIZE, 3) and grid.dtype == torch.float32
@@ -118,14 +119,15 @@ def test_previews_grid_messages_and_model(host, dataset, tmp_path):
     assert all(p[1].width == 768 and p[1].height > 432 for _, p in previews)
     assert [v for v, _, _ in messages.calls][-1] == 4 and all(t == 4 for _, t, _ in messages.calls)
 
-    # the last row is what the returned MODEL (the saved fp32 file applied) renders; the first is the base model's
-    renderer = tp.PreviewRenderer(new_model, clip, vae, tp.parse_prompts(PROMPTS), seed=5, steps=3, cfg=7.0,
-                                  sampler="euler", scheduler="normal", width=SIZE, height=SIZE,
-                                  text_encoder_trains=False)
-    with torch.no_grad():
-        final = renderer(4)
-        renderer.model = model
-        base = renderer(0)
+    # the last row is what the returned MODEL and CLIP (the saved fp32 file applied) render; the first is the base
+    # model's: previews sample the model being trained, its text encoder included
+    def render(model, clip):
+        with torch.no_grad():
+            return tp.PreviewRenderer(model, clip, vae, tp.parse_prompts(PROMPTS), seed=5, steps=3, cfg=7.0,
+                                      sampler="euler", scheduler="normal", width=SIZE, height=SIZE,
+                                      text_encoder_trains=False)(0)
+
+    final, base = render(new_model, new_clip), render(model, clip)
     rows = grid[0].unflatten(0, (3, SIZE)).unflatten(2, (2, SIZE)).permute(0, 2, 1, 3, 4)  # (row, col, H, W, 3)
     last_error = (rows[2] - final).abs().max().item()
     first_error = (rows[0] - base).abs().max().item()

@@ -19,6 +19,8 @@ from .loop import (OPTIMIZERS, PRECISIONS, SCHEDULERS, LoraTrainer, TrainConfig,
 from .objective import TIMESTEP_SAMPLING, Objective, ResolutionShift, time_shift
 from .save import OutputFiles, kohya_metadata, read_session_id, save_lora
 from .state import load_state, save_state
+from .hooks import PreviewHook, TrainHook, outside_training
+from .validation import ValidationLoss, split_dataset, validation_set
 
 __all__ = [
     "DiffusersBackend", "diffusers_ldm_namer", "transformers_text_encoder", "unlock_inference_params",
@@ -29,4 +31,5 @@ __all__ = [
     "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state", "OutOfPlaceAdds",
     "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
     "ResolutionShift", "time_shift", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
+    "PreviewHook", "TrainHook", "outside_training", "ValidationLoss", "split_dataset", "validation_set",
 ]

@@ -17,6 +17,9 @@ A backend gives:
 
 Latents are (batch, channels, *spatial) of any rank: images (B, C, H, W), video (B, C, frames, H, W).
 
+Hooks (lora_core.train.hooks: sample previews, validation loss) run beside the loop, outside autograd and with the
+global RNG restored, so they never change what is trained; their state goes into the resume state.
+
 Everything random in a step (batch, caption augmentation, noise, timesteps, noise offset) is drawn from
 generators seeded by (seed, micro-batch index); together with the saved optimizer state this makes
 "N steps, stop, resume N more" equal to "2N steps".
