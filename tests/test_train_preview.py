@@ -234,3 +234,29 @@ def test_validation_folder_must_not_hold_training_images(tmp_path):
     training = load_folder(str(tmp_path), resolution=64, bucket_step=16, min_bucket=32, max_bucket=128)
     with pytest.raises(LoraValueError, match="holds 2 training image"):
         load_validation_folder(str(tmp_path), training)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_previews_and_validation_on_flow_models(kind, tmp_path):
+    """Flux.1 / Chroma (flow matching, guidance input): previews sample the model being trained, the validation
+    loss is the flow objective on the held-out image."""
+    from tests.test_train_flux import Host
+
+    host = Host(kind)
+    options = dict(preview_every=1, preview_prompts="sks square", preview_steps=2, preview_width=SIZE,
+                   preview_height=SIZE, preview_cfg=1.0, validation_split=0.25, validate_every=1)
+    new_model, new_clip, lora, _, _, report, grid = host.train(tmp_path, steps=2, save_precision="fp32", **options)
+    assert grid.shape == (1, 3 * SIZE, SIZE, 3) and "previews at steps [0, 1, 2]" in report
+    assert "validation loss (1 of 4 dataset images" in report
+    assert [s for s, _ in json.loads(metadata(lora.path)["lora_core.validation_loss"])] == [0, 1, 2]
+
+    def render(model, clip):
+        with torch.no_grad():
+            return tp.PreviewRenderer(model, clip, host.vae, [("sks square", "")], seed=0, steps=2, cfg=1.0,
+                                      sampler="euler", scheduler="normal", width=SIZE, height=SIZE,
+                                      text_encoder_trains=False)(0)[0]
+
+    last_error = (grid[0, -SIZE:] - render(new_model, new_clip)).abs().max().item()
+    first_error = (grid[0, :SIZE] - render(host.model, host.clip)).abs().max().item()
+    change = (grid[0, -SIZE:] - grid[0, :SIZE]).abs().max().item()
+    assert last_error < 1e-4 and first_error < 1e-4 and change > 100 * max(last_error, first_error, 1e-5)
