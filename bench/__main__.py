@@ -148,9 +148,9 @@ def run_case(impl_factory, env, loras, reference, clock, device, repeat: int = 1
     rows = [run_case_once(impl_factory, env, loras, reference, clock, device) for _ in range(max(1, repeat))]
     best = rows[0]
     for row in rows[1:]:
-        for step in ("patch", "strength", "blocks", "restore"):
-            for phase, value in row[step].items():
-                if phase != "keys_rewritten":
+        for step in ("patch", "strength", "blocks", "restore", "again"):
+            for phase, value in row.get(step, {}).items():
+                if phase not in ("keys_rewritten", "allocated"):
                     best[step][phase] = min(best[step][phase], value)
         for key in ("err_patch", "err_strength", "err_blocks"):
             if row[key]["max_abs_err"] > best[key]["max_abs_err"]:
@@ -179,6 +179,10 @@ def run_case_once(impl_factory, env, loras, reference, clock, device) -> dict:
     row["err_blocks"] = reference.error(env, originals, s2, C.OUT_FACTOR)
     row["restore"] = impl.restore(clock)
     row["restore_max_abs_diff"], row["restore_exact"] = reference.restored(env, originals)
+    if hasattr(impl, "again"):
+        row["again"] = impl.again(clock)
+        _, exact = reference.restored(env, originals)
+        row["restore_exact"] = row["restore_exact"] and exact
     if hasattr(impl, "unload"):
         impl.unload()
     del impl
@@ -186,16 +190,20 @@ def run_case_once(impl_factory, env, loras, reference, clock, device) -> dict:
     return row
 
 
-def warm_up(makers, names, env, factory, sample, rank, clock, device) -> None:
-    """One untimed pass of every implementation: the first run in a process pays one-off costs (fresh memory
-    pages, kernel and allocator warm-up) that would otherwise land on whichever implementation runs first."""
-    loras = [factory.make(0, rank)]
-    reference = Reference(loras, sample)
-    for name in names:
+def warm_up(makers, impls, env, loras, reference, clock, device, results: dict, **labels) -> None:
+    """One pass of every implementation before the timed runs: the first run in a process pays one-off costs
+    (fresh memory pages, kernel and allocator warm-up, key maps built once per process) that would otherwise land
+    on whichever implementation runs first. Its times are kept as the first-in-process figures
+    (results["first"]; the timed rows are the warm ones)."""
+    for name in impls:
         try:
-            run_case_once(makers[name], env, loras, reference, clock, device)
+            row = run_case_once(makers[name], env, loras, reference, clock, device)
         except Exception:  # a failing implementation is reported by its timed run
             C.free()
+            continue
+        row.update(labels, loras=len(loras))
+        results.setdefault("first", []).append(row)
+        log("  first in process: " + summary(row))
 
 
 def total(phases: dict) -> float:
@@ -257,7 +265,9 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
                   "engine": lambda: C.EngineImpl(env),
                   "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
                   "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
-        warm_up(makers, comfy_impls, env, factory, sample, ranks[0], clock, device)
+        first = [factory.make(0, ranks[0])]
+        warm_up(makers, comfy_impls, env, first, Reference(first, sample), clock, device, results, arch=arch,
+                rank=ranks[0])
         for rank, n in case_list:
             loras = [factory.make(i, rank) for i in range(n)]
             reference = Reference(loras, sample)
@@ -278,7 +288,9 @@ def bench_arch(args, arch: str, device: torch.device, clock, results: dict) -> N
         log(f"[{arch}] building diffusers UNet + transformers CLIP ({meta['dtype']}, {device})")
         env = C.DiffusersEnv(arch, M.diffusers_models(arch, dtype, device), device)
         makers = {"lorapatcher": lambda: C.LoraPatcherImpl(env), "diffusers": lambda: C.DiffusersImpl(env)}
-        warm_up(makers, diffusers_impls, env, factory, sample, ranks[0], clock, device)
+        first = [factory.make(0, ranks[0])]
+        warm_up(makers, diffusers_impls, env, first, Reference(first, sample), clock, device, results, arch=arch,
+                rank=ranks[0])
         for rank, n in case_list:
             loras = [factory.make(i, rank) for i in range(n)]
             reference = Reference(loras, sample)
@@ -321,8 +333,7 @@ def bench_flux(args, device: torch.device, clock, results: dict) -> None:
               "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
               "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
     warm = F.FluxReference([kohya], originals)
-    for name in impls:   # one untimed pass each (see warm_up)
-        run_case_once(makers[name], env, [kohya], warm, clock, device)
+    warm_up(makers, impls, env, [kohya], warm, clock, device, results, arch="flux", rank=F.RANK, names="kohya")
     del warm
     for names, loras in cases:
         reference = F.FluxReference(loras, originals)
@@ -363,8 +374,7 @@ def bench_wan(args, device: torch.device, clock, results: dict) -> None:
               "engine-batched": lambda: C.EngineImpl(env, batch_same_shape=True),
               "engine-perweight": lambda: C.EngineImpl(env, batch_same_shape=False)}
     reference = W.WanReference([lora], originals)
-    for name in impls:   # one untimed pass each (see warm_up)
-        run_case_once(makers[name], env, [lora], reference, clock, device)
+    warm_up(makers, impls, env, [lora], reference, clock, device, results, arch="wan", rank=W.RANK, names="musubi")
     for name in impls:
         row = run_case(makers[name], env, [lora], reference, clock, device, args.repeat)
         row.update(arch="wan", rank=W.RANK, loras=1, names="musubi", modules=len(lora.parts))
@@ -410,7 +420,9 @@ def summary(row: dict) -> str:
     return (f"  {row['impl']:<11} r{row['rank']:<3} x{row['loras']}{names}: patch {total(row['patch']):.3f}s "
             f"strength {total(row['strength']):.3f}s blocks {total(row['blocks']):.3f}s "
             f"restore {total(row['restore']):.3f}s err {row['err_patch']['max_abs_err']:.2e} "
-            f"exact {row['restore_exact']}")
+            f"exact {row['restore_exact']}"
+            + (f"; after restore: patch {row['again']['patch']:.3f}s ({row['again']['allocated']} new "
+               f"allocations)" if row.get("again") else ""))
 
 
 def add_ratios(results: dict) -> None:
@@ -475,6 +487,29 @@ def markdown(results: dict) -> str:
         if results["device"] == "cuda":
             cells.append(fmt(row.get("floor_fraction")))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if results.get("first"):
+        lines += ["", "First patch in the process (the untimed pass before the rows above: fresh memory, key maps "
+                      "and caches built once per process) against the warm figures above, same case, seconds. "
+                      "The engine keeps its backup memory across a restore (engine.BackupPool): `after restore` "
+                      "is its patch on that memory, then `restore(release=True)`.", "",
+                  "| arch | rank | LoRAs | impl | first: load | first: patch | first total | warm total | "
+                  "first ÷ warm | first ÷ core's first | engine after restore |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in results["first"]:
+            warm = next((r for r in results["rows"] if "error" not in r and r["impl"] == row["impl"]
+                         and r["arch"] == row["arch"] and r["rank"] == row["rank"] and r["loras"] == row["loras"]
+                         and r.get("names") == row.get("names")), None)
+            core = next((r for r in results["first"] if r["impl"] == "core" and r["arch"] == row["arch"]), None)
+            fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "–"  # noqa: E731
+            arch = f"{row['arch']} {row['names']}" if row.get("names") else row["arch"]
+            again = row.get("again")
+            cells = [arch, row["rank"], row["loras"], row["impl"], fmt(row["patch"].get("load")),
+                     fmt(row["patch"]["patch"]), fmt(total(row["patch"])),
+                     fmt(total(warm["patch"])) if warm else "–",
+                     fmt(total(row["patch"]) / total(warm["patch"])) if warm else "–",
+                     fmt(total(row["patch"]) / total(core["patch"])) if core else "–",
+                     f"{again['patch']:.3f} ({again['allocated']} allocations)" if again else "–"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if results["forward"]:
         lines += ["", "UNet forward after patching (s, best of 3):", ""]
         for arch, fwd in results["forward"].items():

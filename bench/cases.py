@@ -2,7 +2,8 @@
 
 Each implementation patches the same kind of model with the same kohya LoRAs and goes through the same
 steps: patch, re-patch after a strength change, re-patch after a block-vector change (`BlockChange`: SD's
-UNet output blocks x0.5, Flux's single blocks x0.5), restore. Every step returns {phase: seconds}; `weight(target)` gives the live host tensor of a
+UNet output blocks x0.5, Flux's single blocks x0.5), restore (the engine then patches once more on its kept
+backup memory and restores: `again`). Every step returns {phase: seconds}; `weight(target)` gives the live host tensor of a
 target module so the runner can measure errors against an fp64 reference.
 
 * core        ComfyUI 0.3.75: `comfy.sd.load_lora_for_models` chained per LoRA (what chained LoraLoader
@@ -90,6 +91,7 @@ class ComfyEnv:
         import comfy.lora
 
         _quiet_comfy_logs()
+        _host_module()   # the pack is imported when ComfyUI starts, not at a first patch: not timed
         self.patcher, self.clip, self.device, self.blocks = patcher, clip, device, blocks
         key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
         self.key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map) if clip is not None else key_map
@@ -260,6 +262,15 @@ class EngineImpl:
     def restore(self, clock) -> dict:
         _, restore = clock(self.engine.restore)
         return {"restore": restore}
+
+    def again(self, clock) -> dict:
+        """The first strengths once more after the restore, on the same engine (its backup memory is reused:
+        engine.BackupPool), then restore and free that memory: {"patch", "restore"} seconds."""
+        plan = self._plan(self.loras, [round(1.0 - 0.1 * i, 2) for i in range(len(self.loras))])
+        allocations = self.engine._pool.allocations
+        _, patch = clock(self.engine.apply, plan)
+        _, restore = clock(self.engine.restore, release=True)
+        return {"patch": patch, "restore": restore, "allocated": self.engine._pool.allocations - allocations}
 
     def held_bytes(self) -> int:
         return self.engine.backup_bytes() + self.engine.factor_bytes()

@@ -24,9 +24,14 @@ of the following ones (`warm`): fresh memory pages and allocator growth land on 
 
 `--steps` adds the per-step sampling cost: one denoiser call (`BaseModel.apply_model`, batch 1, the latent size
 given) on the plain model, with live LoRAs of ranks 8, 32, 128 and a 4-LoRA stack of rank 32 (live), and with the
-merged rank-32 LoRA (merged weights cost nothing per step), best of `--repeat`.
+merged rank-32 LoRA (merged weights cost nothing per step): `--repeat` rounds, each loading and timing every case
+in turn (so a change in the shared machine's load falls on all cases alike), best per case. On a CPU the live
+cases also report the time spent inside the LoRA terms (`LiveLayer.add`) during one call, relative to the rest
+of that call: the overhead measured within one forward, free of the load changes between separate calls.
 
-    python -m bench.strength_change [--arch sd15|flux] [--device cuda] [--steps] [--latent 64]
+    python -m bench.strength_change [--arch sd15|flux|sd15,flux] [--device cuda] [--steps] [--latent 64]
+
+`--arch sd15,flux` runs both cases in one process (the README's table: one run, each ratio within it).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -182,74 +188,98 @@ def step_overhead(env, factory_make, device, dtype, latent: int, repeat: int, cl
     else:
         conds = {"c_crossattn": torch.randn(1, 77, 768, generator=gen).to(device, dtype)}
 
-    def per_step(patcher) -> float:
-        mm.load_models_gpu([patcher], force_full_load=True)
-        times = []
-        with torch.inference_mode():
-            patcher.model.apply_model(x, sigma, **conds)   # warm-up (first call allocates)
-            for _ in range(max(1, repeat)):
-                times.append(clock(patcher.model.apply_model, x, sigma, **conds)[1])
-        return min(times)
-
     cases = [("plain", None, None), ("live r8", [factory_make(0, 8)], "live"),
              ("live r32", [factory_make(0, 32)], "live"), ("live r128", [factory_make(0, 128)], "live"),
              ("live 4x r32", [factory_make(i, 32) for i in range(4)], "live"),
              ("merged r32", [factory_make(0, 32)], "merged")]
-    out = {}
+    patchers = {}
     for label, loras, how in cases:
         if loras is None:
-            patcher = env.patcher
+            patchers[label] = env.patcher
         else:
             requests = C._requests(loras, [0.8] * len(loras))
             if how == "live":
-                patcher, _, _ = live.apply_live(env.patcher, None, requests, host)
+                patchers[label] = live.apply_live(env.patcher, None, requests, host)[0]
             else:
-                patcher, _ = host.apply(host.plan(requests))
-        out[label] = per_step(patcher)
-        mm.unload_all_models()
-        log(f"  {label}: {out[label]:.3f} s/step")
-    return out
+                patchers[label] = host.apply(host.plan(requests))[0]
+    # Rounds over every case (load it, one warm-up call, one timed call), best per case over the rounds: a
+    # change in the shared machine's load then falls on every case alike instead of on whichever ran last.
+    times: dict = {label: [] for label in patchers}
+    shares: dict = {}
+    rounds = max(1, repeat)
+    for round_ in range(rounds):
+        for label, patcher in patchers.items():
+            mm.load_models_gpu([patcher], force_full_load=True)
+            with torch.inference_mode():
+                if round_ == 0:   # warm-up: the first call of a case allocates its buffers
+                    patcher.model.apply_model(x, sigma, **conds)
+                times[label].append(clock(patcher.model.apply_model, x, sigma, **conds)[1])
+                if round_ == rounds - 1 and label.startswith("live") and device.type == "cpu":
+                    shares[label] = lora_share(live.live.LiveLayer, patcher, x, sigma, conds)
+            mm.unload_all_models()
+            if round_ == rounds - 1:
+                log(f"  {label}: {min(times[label]):.3f} s/step")
+    return {label: min(t) for label, t in times.items()}, shares
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "flux"])
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--loras", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--flux-depth", default=None, help="D,S double and single blocks (bench.flux; default 2,4)")
-    p.add_argument("--steps", action="store_true", help="also time one denoiser call (per-step overhead)")
-    p.add_argument("--latent", type=int, default=None, help="latent side for --steps (default 64 GPU, 32 CPU)")
-    p.add_argument("--attribution", action="store_true", help="also print the per-phase table of core vs nodes")
-    args = p.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    from tests.comfy_host import import_comfy
+def lora_share(layer_class, patcher, x, sigma, conds) -> tuple[float, float]:
+    """(seconds inside the live LoRA terms, seconds of the whole call) of one denoiser call on a CPU: the LoRA's
+    cost measured inside the same call, so the shared machine's load changes between calls do not enter it."""
+    real = layer_class.add
+    spent = [0.0]
 
-    import_comfy(cpu=args.device == "cpu")
+    def timed(self, *args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - begin
+
+    layer_class.add = timed
+    try:
+        begin = time.perf_counter()
+        patcher.model.apply_model(x, sigma, **conds)
+        total = time.perf_counter() - begin
+    finally:
+        layer_class.add = real
+    return spent[0], total
+
+
+def build_env(arch: str, device: torch.device, flux_depth: Optional[str]):
+    """(env, LoRA maker (index, rank) -> LoRA, description, dtype) of one bench case."""
     from . import cases as C
     from . import models as M
 
-    device = torch.device(args.device)
-    if args.arch == "flux":
+    if arch == "flux":
         from . import flux as F
 
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-        config = F.unet_config(*F.parse_depth(args.flux_depth))
+        config = F.unet_config(*F.parse_depth(flux_depth))
         env = C.ComfyEnv(F.comfy_flux(config, dtype, device), None, device, blocks=F.BLOCKS)
         factory = F.FluxLoras(config, F.kohya_layers(env.patcher), F.diffusers_layers(config))
         make = lambda i, r: factory.kohya(i, r)  # noqa: E731
         shape = f"flux full width, {config['depth']}+{config['depth_single_blocks']} blocks"
     else:
-        dtype = torch.float32 if device.type == "cpu" and args.arch == "sd15" else (
+        dtype = torch.float32 if device.type == "cpu" and arch == "sd15" else (
             torch.bfloat16 if device.type == "cpu" else torch.float16)
-        env = C.ComfyEnv(*M.comfy_models(args.arch, dtype, device), device)
-        factory = M.LoraFactory(M.kohya_targets(args.arch))
+        env = C.ComfyEnv(*M.comfy_models(arch, dtype, device), device)
+        factory = M.LoraFactory(M.kohya_targets(arch))
         make = factory.make
-        shape = args.arch
+        shape = arch
     for patcher in env.patchers(env.patcher, env.clip):   # as ComfyUI sets it up: weights wait in RAM
         patcher.offload_device = torch.device("cpu")
+    return env, make, shape, dtype
+
+
+def run_case(arch: str, args, device: torch.device) -> dict:
+    """The change table (and, with --steps, the per-step table) of one model, printed; returns the numbers."""
+    import gc
+
+    import comfy.model_management as mm
+
+    from . import cases as C
+
+    env, make, shape, dtype = build_env(arch, device, args.flux_depth)
     loras = [make(i, args.rank) for i in range(args.loras)]
     clock = C.Clock(device)
     print(f"# change to first sampler step through load_models_gpu: {shape} {str(dtype)[6:]} on {device}, "
@@ -268,7 +298,7 @@ def main(argv=None) -> int:
         for impl in impls:
             first, warm = results[(impl.name, kind)]
             print(f"| {impl.name} | {kind} | {first['total']:.3f} | {warm['total']:.3f} | {warm['node']:.3f} | "
-                  f"{warm['load']:.3f} | {warm['total'] / core_warm:.3f}x |")
+                  f"{warm['load']:.3f} | {warm['total'] / core_warm:.3f}x |", flush=True)
     if args.attribution:
         print("\n| impl | total | " + " | ".join(PHASES) + " |")
         print("|---|---|" + "---|" * len(PHASES))
@@ -276,14 +306,54 @@ def main(argv=None) -> int:
             runs = [strength_change(impl, loras, device) for _ in range(max(1, args.repeat))]
             best = min(runs, key=lambda r: r["total"])
             print(f"| {impl.name} | {best['total']:.3f} | " + " | ".join(f"{best[p]:.3f}" for p in PHASES) + " |")
+    steps = None
     if args.steps:
-        latent = args.latent or (64 if device.type == "cuda" else 32)
-        print(f"\n# per-step cost: one apply_model call, batch 1, latent {latent}x{latent}, best of {args.repeat}\n")
-        steps = step_overhead(env, make, device, dtype, latent, args.repeat, clock, log=lambda *_: None)
-        print("| model | s/step | overhead vs plain |")
-        print("|---|---|---|")
+        latent = args.latent or (64 if device.type == "cuda" or arch != "flux" else 32)
+        print(f"\n# per-step cost: one apply_model call, batch 1, latent {latent}x{latent}, best of {args.repeat} "
+              f"rounds over every case\n")
+        steps, shares = step_overhead(env, make, device, dtype, latent, args.repeat, clock, log=lambda *_: None)
+        print("| model | s/step | vs plain (separate calls) | LoRA terms inside one call |")
+        print("|---|---|---|---|")
         for label, seconds in steps.items():
-            print(f"| {label} | {seconds:.4f} | {100 * (seconds / steps['plain'] - 1):+.1f}% |")
+            share = ""
+            if label in shares:
+                inside, total = shares[label]
+                share = f"{inside:.4f} s = {100 * inside / (total - inside):+.1f}% of the rest"
+            print(f"| {label} | {seconds:.4f} | {100 * (seconds / steps['plain'] - 1):+.1f}% | {share} |")
+        steps = {"steps": steps, "shares": shares}
+    print(flush=True)
+    mm.unload_all_models()
+    del env, loras
+    gc.collect()
+    return {"changes": results, "steps": steps}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--arch", default="sd15",
+                   help="sd15, sdxl, flux, or several comma-separated (one process: e.g. sd15,flux)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--loras", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--flux-depth", default=None, help="D,S double and single blocks (bench.flux; default 2,4)")
+    p.add_argument("--steps", action="store_true", help="also time one denoiser call (per-step overhead)")
+    p.add_argument("--latent", type=int, default=None,
+                   help="latent side for --steps (default 64; 32 for flux on a CPU)")
+    p.add_argument("--attribution", action="store_true", help="also print the per-phase table of core vs nodes")
+    args = p.parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    bad = [a for a in archs if a not in ("sd15", "sdxl", "flux")]
+    if bad or not archs:
+        p.error(f"--arch: unknown {bad or args.arch!r}; use sd15, sdxl, flux or a comma-separated list")
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from tests.comfy_host import import_comfy
+
+    import_comfy(cpu=args.device == "cpu")
+    device = torch.device(args.device)
+    for arch in archs:
+        run_case(arch, args, device)
     return 0
 
 

@@ -1,7 +1,8 @@
-"""`python -m demo` (make demo): build the tiny SD1.5 checkpoint, the tiny Flux (with its CLIP-L and TAEF1), their
-LoRAs and the training images under demo-output/models, start the real ComfyUI server with LoRA Core installed,
-run every workflows/*.json through /prompt and print where each output image is. `python -m demo --serve`
-(make serve): start the same server for a person.
+"""`python -m demo` (make demo): build the tiny SD1.5 checkpoint, the tiny Flux (with its CLIP-L and TAEF1), the
+tiny Wan 2.2 high / low-noise experts (with a Wan VAE), their LoRAs and the training images under
+demo-output/models, start the real ComfyUI server with LoRA Core installed, run every workflows/*.json through
+/prompt and print where each output image (or animated WebP) is. `python -m demo --serve` (make serve): start the
+same server for a person.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     ensure_demo_models(args.models)
-    print(f"tiny SD1.5 checkpoint, tiny Flux (+ CLIP-L, TAEF1), LoRAs and training images in {args.models} "
+    print(f"tiny SD1.5 checkpoint, tiny Flux (+ CLIP-L, TAEF1), tiny Wan 2.2 pair (+ VAE), LoRAs and training "
+          f"images in {args.models} "
           f"({time.perf_counter() - started:.1f} s)", flush=True)
     port = _port_for_person(args.port) if args.serve else args.port
     server = ComfyServer(args.base, args.models, port=port, output_dir=args.output)

@@ -258,8 +258,10 @@ def ensure_demo_models(models_dir: Path | str, force: bool = False) -> dict[str,
     """Create (or reuse, when the version stamps match) everything the demo and the end-to-end tests need under
     `models_dir` (a ComfyUI models folder): the SD1.5 checkpoint, its LoRAs and the training folder
     (checkpoints/, loras/, training/), and the tiny Flux with its CLIP-L, TAEF1 and Flux LoRAs
-    (diffusion_models/, text_encoders/, vae_approx/, loras/; demo/tiny_flux.py). Returns the paths."""
+    (diffusion_models/, text_encoders/, vae_approx/, loras/; demo/tiny_flux.py), and the tiny Wan 2.2 experts
+    with their VAE and LoRA pair (diffusion_models/, vae/, loras/; demo/tiny_wan.py). Returns the paths."""
     from demo.tiny_flux import ensure_flux_models
+    from demo.tiny_wan import ensure_wan_models
 
     models_dir = Path(models_dir)
     stamp = models_dir / ".lora_core_tiny_version"
@@ -277,4 +279,5 @@ def ensure_demo_models(models_dir: Path | str, force: bool = False) -> dict[str,
         stamp.write_text(ASSET_VERSION + "\n")
         paths.update({f"lora_{k}": v for k, v in loras.items()})
     paths.update(ensure_flux_models(models_dir, force=force))
+    paths.update(ensure_wan_models(models_dir, force=force))
     return paths

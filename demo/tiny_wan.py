@@ -1,10 +1,18 @@
-"""Tiny, seeded Wan 2.2 A14B-shaped assets that core's own loaders (Load Diffusion Model, Load VAE) load.
+"""Tiny, seeded Wan 2.2 A14B-shaped assets that core's own loaders (Load Diffusion Model, Load VAE) load and the
+real ComfyUI samples on CPU in seconds, conditioned by the demo's tiny CLIP-L (demo/tiny_flux.py).
 
 What ComfyUI allows (comfy/model_detection.py, the `head.modulation` branch; comfy/ldm/wan/model.py; comfy/sd.py):
 a Wan file's dim, FFN width, depth and in / out channels are read from its shapes, but num_heads is dim / 128 and
-the text width is WanModel's default 4096 (UMT5-XXL's; not read from the file), so the tiny experts are dim 128
-(one 128-wide head), FFN 256, 2 blocks (block ids B00, B01) and a 4096-wide `text_embedding.0`. A Wan 2.2
-T2V-A14B expert has Wan 2.1 T2V's structure (ComfyUI loads both as `supported_models.WAN21_T2V`), so:
+WanModel's text width is fixed at 4096 (UMT5-XXL's; not read from the file), and UMT5-XXL's config is fixed too
+(24 layers, 5.7 B parameters): no UMT5 file can be tiny. So the tiny experts are dim 128 (one 128-wide head), FFN
+256, 2 blocks (block ids B00, B01), and their text input is **768 wide** (`text_embedding.0.weight` [128, 768]
+instead of [128, 4096]), so CLIPTextEncode's (1, 77, 768) CLIP-L context feeds them directly. ComfyUI takes that
+shape from the file because each expert's safetensors metadata carries `_quantization_metadata` (ComfyUI's
+per-layer mixed-precision format, comfy/model_detection.py `detect_layer_quantization`): a non-empty `layers`
+dict selects comfy/ops.py `mixed_precision_ops`, whose Linear assigns each weight as the file stores it, with no
+shape check. The one `layers` entry (`QUANT_MARKER_LAYER`) names no module of the model, so nothing is
+quantised: every weight loads in the compute dtype, as with plain ops. A Wan 2.2 T2V-A14B expert has Wan 2.1
+T2V's structure (ComfyUI loads both as `supported_models.WAN21_T2V`), so:
 
 * `make_tiny_wan_experts(folder)`: `lora_core_tiny_wan22_high_noise.safetensors` and `..._low_noise.safetensors`
   for core's UNETLoader (models/diffusion_models), two differently seeded experts of the same structure.
@@ -17,15 +25,14 @@ T2V-A14B expert has Wan 2.1 T2V's structure (ComfyUI loads both as `supported_mo
   for the T2V high-noise expert, "0,875" for the low-noise one), saved as `tiny_wan_pair_high_noise` /
   `tiny_wan_pair_low_noise` (ai-toolkit's and most uploads' pair naming).
 
-No text encoder: UMT5-XXL's config is fixed in ComfyUI (4096 wide, 24 layers, 5.7 B parameters) and no other
-encoder core loads gives 4096-wide conditioning at a tiny size, so these assets cannot be sampled from a prompt in
-a tiny workflow; they are loaded, patched and decoded (tests/test_demo_wan.py).
+workflows/09_wan22_lora_pair.json samples them (tests/test_demo_wan.py checks them in-process).
 
 Keys and shapes come from ComfyUI's own classes on the meta device; weights are drawn from one torch.Generator per
 file, key by key in sorted order (demo.tiny_model.fill_tensor's rule; RMS-norm gammas at one).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,13 +40,19 @@ from safetensors.torch import save_file
 
 from demo.tiny_model import fill_tensor, write_kohya_lora
 
-ASSET_VERSION = "1"
+ASSET_VERSION = "2"
 EXPERT_NAMES = {"high": "lora_core_tiny_wan22_high_noise.safetensors",
                 "low": "lora_core_tiny_wan22_low_noise.safetensors"}
 VAE_NAME = "lora_core_tiny_wan_vae.safetensors"
 LORA_NAMES = {"high": "tiny_wan_pair_high_noise.safetensors", "low": "tiny_wan_pair_low_noise.safetensors"}
 TIMESTEP_RANGES = {"high": "875,1000", "low": "0,875"}   # musubi docs/wan.md, T2V boundary 0.875
-WAN_DIM, WAN_FFN, WAN_DEPTH, WAN_TEXT = 128, 256, 2, 4096
+WAN_DIM, WAN_FFN, WAN_DEPTH = 128, 256, 2
+CORE_TEXT_DIM = 4096   # WanModel's fixed text_dim (UMT5-XXL's width)
+WAN_TEXT = 768         # the tiny experts' text input: a CLIP-L's context width
+# The `layers` entry of the experts' _quantization_metadata: a name no WanModel module has, so ComfyUI selects its
+# mixed-precision ops (which load each Linear's weight in the file's shape) and quantises nothing.
+QUANT_MARKER_LAYER = "lora_core_tiny.no_quantized_layer"
+QUANT_METADATA = json.dumps({"format_version": "1.0", "layers": {QUANT_MARKER_LAYER: {"format": "float8_e4m3fn"}}})
 VAE_DIM = 8
 
 
@@ -51,8 +64,8 @@ def tiny_wan_config() -> dict:
             "model_type": "t2v"}
 
 
-def wan_layout() -> dict[str, tuple[int, ...]]:
-    """Every key of a tiny Wan expert (no prefix, as UNETLoader files have them) -> shape."""
+def core_wan_layout() -> dict[str, tuple[int, ...]]:
+    """Every key -> shape of the WanModel ComfyUI builds for the tiny config (with plain ops: text input 4096)."""
     from demo.host import import_comfy_core
 
     comfy = import_comfy_core()
@@ -60,6 +73,15 @@ def wan_layout() -> dict[str, tuple[int, ...]]:
     model_config.set_inference_dtype(torch.float32, None)
     state = model_config.get_model({}, device="meta").diffusion_model.state_dict()
     return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def wan_layout() -> dict[str, tuple[int, ...]]:
+    """Every key of a tiny Wan expert file (no prefix, as UNETLoader files have them) -> shape: ComfyUI's layout
+    with the 768-wide text input."""
+    layout = core_wan_layout()
+    assert layout["text_embedding.0.weight"] == (WAN_DIM, CORE_TEXT_DIM)
+    layout["text_embedding.0.weight"] = (WAN_DIM, WAN_TEXT)
+    return layout
 
 
 def wan_vae_config() -> dict:
@@ -101,8 +123,9 @@ def make_tiny_wan_experts(folder: Path | str, seed: int = 20) -> dict[str, Path]
     folder = Path(folder)
     layout = wan_layout()
     return {expert: _save(folder / EXPERT_NAMES[expert], layout, seed + i, torch.float16, {
-        "modelspec.architecture": "wan2.2-t2v-a14b",
-        "modelspec.title": f"LoRA Core tiny Wan 2.2 {expert}-noise expert (dim 128, 2 blocks; random weights)"})
+        "modelspec.architecture": "wan2.2-t2v-a14b", "_quantization_metadata": QUANT_METADATA,
+        "modelspec.title": f"LoRA Core tiny Wan 2.2 {expert}-noise expert (dim 128, 2 blocks, 768-wide text input "
+                           f"for CLIP-L; random weights)"})
         for i, expert in enumerate(("high", "low"))}
 
 

@@ -656,7 +656,13 @@ def delta_bound(module: ModuleLora) -> Optional[float]:
 def _delta_bound(module: ModuleLora) -> float:
     def peak(role: str) -> float:
         tensor = _opt_role(module, role)
-        return float(tensor.detach().abs().max()) if tensor is not None and tensor.numel() else 0.0
+        if tensor is None or not tensor.numel():
+            return 0.0
+        tensor = tensor.detach()
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            tensor = tensor.float()   # fp8 factors: no min/max kernels
+        low, high = torch.aminmax(tensor)   # one pass, no |tensor| copy (NaN and Inf propagate)
+        return max(-float(low), float(high))
 
     def inner(role: str) -> int:   # the summed dimension of a factor product
         tensor = _opt_role(module, role)

@@ -390,5 +390,7 @@ class LoraPatcher:
         self.engine.apply(plan.patches)
         return plan
 
-    def restore(self) -> None:
-        self.engine.restore()
+    def restore(self, release: bool = False) -> None:
+        """Original weights back, bit-exact. CPU backup memory stays for the next apply unless `release`
+        (PatchEngine.restore)."""
+        self.engine.restore(release=release)

@@ -63,6 +63,12 @@ class LoRACoreTrainDataset:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Train on these images instead of a folder."}),
+                "frames": ("INT", {"default": 0, "min": -1, "max": 257, "step": 1, "tooltip": "Video models (Wan): "
+                           "frames per video sample, 4k+1 (1, 5, 9, ..., 81; the first ones of each clip); -1 = every "
+                           "frame, cut to 4k+1; 0 = an image dataset (videos not read). Videos are the folder's "
+                           "sub-folders of frames (sorted images) and clips (.mp4/.webm/.mov/.mkv/.avi), captions in "
+                           "a same-name .txt beside each; loose images train as one-frame videos. With images "
+                           "connected and frames set, the IMAGE batch is one video's frames."}),
             },
         }
 
@@ -73,17 +79,23 @@ class LoRACoreTrainDataset:
     DESCRIPTION = "Loads training images and captions, with repeats, caption shuffle/dropout and aspect-ratio buckets."
 
     def build(self, folder, caption, missing_caption, repeats, resolution, bucketing, bucket_step, min_bucket,
-              max_bucket, shuffle_caption, keep_tokens, caption_dropout, images=None):
+              max_bucket, shuffle_caption, keep_tokens, caption_dropout, images=None, frames=0):
         options = lt.CaptionOptions(shuffle=shuffle_caption, keep_tokens=keep_tokens, dropout=caption_dropout)
         buckets = dict(resolution=resolution, repeats=repeats, bucketing=bucketing, bucket_step=bucket_step,
                        min_bucket=min_bucket, max_bucket=max_bucket)
-        if images is not None:
+        if images is not None and frames:
+            from lora_core.train.video import from_videos
+
+            lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
+            dataset = from_videos([images.movedim(-1, 0)[:3]], lines[:1], frames=frames, caption_options=options,
+                                  **buckets)
+        elif images is not None:
             lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
             dataset = lt.from_images([img.movedim(-1, 0)[:3] for img in images], lines, caption_options=options,
                                      **buckets)
         else:
             dataset = lt.load_folder(_resolve_folder(folder), missing_caption=missing_caption, default_caption=caption,
-                                     captions=options, **buckets)
+                                     captions=options, frames=frames, **buckets)
         return dataset, _dataset_summary(dataset)
 
 
@@ -107,7 +119,14 @@ def _resolve_folder(folder: str) -> str:
 
 def _dataset_summary(dataset) -> str:
     buckets = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(dataset.bucket_counts().items()))
-    summary = (f"{len(dataset.samples)} images x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
+    videos = [s for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos:
+        counts = sorted({int(s.image.shape[1]) for s in videos})
+        what = (f"{len(videos)} videos ({'/'.join(map(str, counts))} frames)"
+                + (f" + {len(dataset.samples) - len(videos)} images" if len(videos) < len(dataset.samples) else ""))
+    else:
+        what = f"{len(dataset.samples)} images"
+    summary = (f"{what} x {dataset.repeats} repeats = {len(dataset)} samples per epoch; "
                f"buckets {buckets}")
     for note in dataset.size_notes():
         log.info("LoRA Core dataset: %s", note)
@@ -261,6 +280,9 @@ class ComfyBackend:
         return self.block_modules() if self.native_call else []
 
     def encode_images(self, images: torch.Tensor, vae) -> torch.Tensor:
+        if images.ndim == 5:   # videos (B, 3, F, H, W): a video VAE (Wan's) encodes one clip given as (F, H, W, 3)
+            latents = torch.cat([vae.encode(video.movedim(0, -1)[..., :3].float()) for video in images])
+            return self.base.process_latent_in(latents)
         latents = vae.encode(images.movedim(1, -1)[..., :3].float())
         return self.base.process_latent_in(latents)
 
@@ -358,7 +380,7 @@ def model_arch(model) -> str:
     arch = HostModels(model).key_map.arch
     if arch is None:
         raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
-                             "Flux.1, Chroma, SD3/SD3.5 and Qwen-Image.")
+                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image and Wan 2.1 / 2.2.")
     return arch.name
 
 
@@ -417,7 +439,7 @@ class LoRACoreTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
-                                    "Qwen-Image). It is adapted in place during training and restored afterwards: "
+                                    "Qwen-Image, Wan 2.1 / 2.2). It is adapted in place during training and restored afterwards: "
                                     "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),
@@ -479,6 +501,19 @@ class LoRACoreTrain:
                 "text_encoders": (list(TEXT_ENCODER_CHOICES), {"default": "kohya default", "tooltip": "Which text "
                                   "encoders train_text_encoder trains: kohya's default (SD: all; Flux: CLIP-L, "
                                   "not T5; Chroma: its T5) or all (Flux: CLIP-L and T5)."}),
+                "timestep_range": ("STRING", {"default": "", "tooltip": "Flow models: train only noise levels in "
+                                   "'min,max' on the 0-1000 scale (musubi's min/max_timestep; levels outside are "
+                                   "drawn again, keeping the sampling's shape). One Wan 2.2 expert: 'high noise' "
+                                   "(T2V 875,1000; I2V 900,1000) or 'low noise' (0,875 / 0,900); written to the "
+                                   "file as modelspec.timestep_range. Empty = every level."}),
+                "base_quant": (list(lt.BASE_QUANT), {"default": "as loaded", "tooltip": "The base's weights while "
+                               "training (the QLoRA idea). as loaded: as ComfyUI loaded them; an fp8 model "
+                               "(UNETLoader weight_dtype fp8_e4m3fn) stays fp8, each layer cast to the compute "
+                               "dtype per call and never kept for the backward pass. nf4: the denoiser's Linears "
+                               "quantised to 4-bit NF4 for the run (needs CUDA and bitsandbytes); the MODEL is "
+                               "given back unchanged. The saved LoRA loads on any precision of the model."}),
+                "lora_dtype": (list(lt.LORA_DTYPES), {"default": "fp32", "tooltip": "dtype of the trained LoRA "
+                               "weights (fp32 recommended; bf16 halves their memory and optimizer state)."}),
                 **preview_inputs(),
             },
         }
@@ -496,6 +531,7 @@ class LoRACoreTrain:
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
               save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default",
+              timestep_range="", base_quant="as loaded", lora_dtype="fp32",
               **preview_options):
         import comfy.model_management as mm
         import folder_paths
@@ -508,8 +544,13 @@ class LoRACoreTrain:
             raise LoraValueError(f"text_encoders must be one of {list(TEXT_ENCODER_CHOICES)}, got {text_encoders!r}.")
         if not (isinstance(guidance, (int, float)) and 0 <= guidance < float("inf")):
             raise LoraValueError(f"guidance must be a finite number >= 0, got {guidance!r}.")
+        if base_quant not in lt.BASE_QUANT:
+            raise LoraValueError(f"base_quant must be one of {list(lt.BASE_QUANT)}, got {base_quant!r}.")
         valid_blocks = model_block_ids(model)
         arch, spec = model_train_spec(model)
+        ranges = arch.family.timestep_ranges(arch) if hasattr(arch.family, "timestep_ranges") else {}
+        t_range = lt.parse_timestep_range(timestep_range, ranges)
+        _check_latent_rank(dataset, spec, arch)
         kinds = tuple(spec.target_sets.get(unet_targets, ()))
         if not kinds:
             raise LoraValueError(f"unet_targets {unet_targets!r} has no meaning for {arch.title}; choose one of "
@@ -527,7 +568,8 @@ class LoRACoreTrain:
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
-            save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling)
+            save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling,
+            timestep_range=t_range, lora_dtype=lora_dtype)
         config.validate()
         unknown = set(preview_options) - set(PREVIEW_DEFAULTS)
         if unknown:
@@ -540,7 +582,8 @@ class LoRACoreTrain:
         # ComfyUI runs nodes under inference_mode; autograd needs it off.
         with torch.inference_mode(False):
             result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm,
-                                     guidance=guidance, text_encoders=text_encoders, monitor=monitor)
+                                     guidance=guidance, text_encoders=text_encoders, base_quant=base_quant,
+                                     monitor=monitor)
             if result.interrupted:
                 log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
                             result.step, result.final_path)
@@ -556,20 +599,32 @@ class LoRACoreTrain:
                   f"{result.steps_per_second:.2f} steps/s), {len(trainer.train_names)} modules, rank {rank}, "
                   f"alpha {alpha}; last-20 mean loss {sum(result.losses[-20:]) / max(1, len(result.losses[-20:])):.4f}; "
                   f"saved {result.final_path}")
+        base_report = getattr(trainer, "base_report", None)
+        if base_report is not None and (base_report.frozen_cast or base_report.nf4 or base_report.own_forward):
+            report += f"\nbase: {base_report.describe()}"
         if monitor.report():
             report += "; " + monitor.report()
         log.info("LoRA Core: %s", report)
         return new_model, new_clip, lora, curve, lora_name, report, monitor.grid()
 
 
+def _check_latent_rank(dataset, spec, arch) -> None:
+    """Video samples need a video family (TrainSpec.latent_dims 3: Wan); an image model cannot train on them."""
+    videos = [s.source for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos and spec.latent_dims < 3:
+        raise LoraValueError(f"The dataset has {len(videos)} video sample(s) (e.g. {videos[0]}), but {arch.title} is an "
+                             f"image model. Train videos on a video model (Wan), or give this model images only.")
+
+
 def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default",
-           monitor=None):
+           base_quant="as loaded", monitor=None):
     import comfy.utils
 
     from ._host import HostModels
 
     arch, spec = model_train_spec(model)
     backend = ComfyBackend(model, clip, config.train_text_encoder, guidance=guidance, train_spec=spec)
+    nf4 = lt.resolve_base_quant(base_quant, backend.device)   # refuse nf4 without CUDA + bitsandbytes, first
     mm.load_models_gpu([model], force_full_load=True)
     lt.unlock_inference_params(backend.unet)
     key_map = HostModels(model, clip).key_map
@@ -629,7 +684,12 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
                      sum(recent) / len(recent))
 
     # T5 layers add their residuals in place (the DiT's blocks too: the loop handles those, see in_place_modules)
-    with _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
+    # the base stays as stored (fp8 layers cast per call, NF4 with base_quant nf4): entered before run() injects
+    roots = [backend.unet] + ([clip.cond_stage_model] if config.train_text_encoder and clip is not None else [])
+    frozen = lt.FrozenBase(roots, nf4=nf4, nf4_roots=[backend.unet] if nf4 is not None else (),
+                           compute_dtype=backend.compute_dtype())
+    trainer.base_report = frozen.report
+    with frozen, _OutOfPlaceClipLayers(clip, config.train_text_encoder), _OutOfPlaceT5Layers(clip, t5_trained):
         result = trainer.run(should_stop=mm.processing_interrupted, on_step=on_step)
     return result, trainer
 

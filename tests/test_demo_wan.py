@@ -1,10 +1,13 @@
 """The demo's tiny Wan 2.2 assets (demo/tiny_wan.py) are what its docstring says, checked with ComfyUI's own
 detection, its diffusion-model and VAE loaders and core's LoRA loader: both experts load through core's
-UNETLoader path as Wan 2.1-structured (A14B expert) models, the VAE decodes a video latent, and the musubi pair
-applied with LoRACoreWanPairLoader (with a named block vector) equals core applying each file to its expert, the
-block's factor folded into the file's own tensors."""
+UNETLoader path as Wan 2.1-structured (A14B expert) models whose 768-wide text input ComfyUI's mixed-precision
+ops take from the file (plain ops refuse it), the VAE decodes a video latent, the musubi pair applied with
+LoRACoreWanPairLoader (with a named block vector) equals core applying each file to its expert, the block's
+factor folded into the file's own tensors, and the patched experts sample from the tiny CLIP-L's conditioning
+as workflows/09_wan22_lora_pair.json does."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,19 +19,21 @@ from tests.comfy_host import import_comfy
 
 comfy = import_comfy()
 import comfy.model_detection  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.quant_ops  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from demo import DEMO_MODELS  # noqa: E402
-from demo import tiny_wan  # noqa: E402
+from demo import tiny_flux, tiny_wan  # noqa: E402
 from lora_core import pairs  # noqa: E402
 from lora_core.arch.registry import detect_lora  # noqa: E402
 from lora_core.io import read_lora_file  # noqa: E402
 from tests.pack import loras_folder, node_module  # noqa: E402
 from tests.test_flux import assert_same, bake  # noqa: E402
 
-EXPERT_PARAMETERS = 1_105_344   # dim 128, FFN 256, 2 blocks, 4096-wide text embedding
+EXPERT_PARAMETERS = 679_360   # dim 128, FFN 256, 2 blocks, 768-wide text embedding
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,43 @@ def assets() -> dict[str, Path]:
     return tiny_wan.ensure_wan_models(Path(os.environ.get("LORA_CORE_E2E_MODELS", DEMO_MODELS)))
 
 
+@pytest.fixture(scope="module")
+def clip_l_path(assets) -> Path:
+    """The demo's tiny CLIP-L (demo/tiny_flux.py), built when the models folder has none yet."""
+    path = assets["wan_high"].parent.parent / "text_encoders" / tiny_flux.CLIP_L_NAME
+    return path if path.exists() else tiny_flux.make_tiny_clip_l(path)
+
+
 def _expert(path: Path):
     return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+
+
+@pytest.mark.parametrize("expert", ["wan_high", "wan_low"])
+def test_expert_text_input_is_768_wide_through_mixed_precision_ops_that_quantise_nothing(assets, expert):
+    state, metadata = comfy.utils.load_torch_file(str(assets[expert]), return_metadata=True)
+    assert tuple(state["text_embedding.0.weight"].shape) == (128, 768)
+    assert tiny_wan.core_wan_layout()["text_embedding.0.weight"] == (128, 4096)   # what plain ops build
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    assert list(layers) == [tiny_wan.QUANT_MARKER_LAYER]
+    model = _expert(assets[expert]).model
+    assert model.model_config.layer_quant_config == layers
+    modules = dict(model.diffusion_model.named_modules())
+    assert tiny_wan.QUANT_MARKER_LAYER not in modules
+    linear = modules["text_embedding.0"]
+    assert type(linear).__qualname__ == "mixed_precision_ops.<locals>.MixedPrecisionOps.Linear"
+    assert tuple(linear.weight.shape) == (128, 768)
+    weights = list(model.diffusion_model.state_dict().values())
+    assert not any(isinstance(w, comfy.quant_ops.QuantizedTensor) for w in weights)
+    assert {w.dtype for w in weights} == {torch.float32}
+    torch.testing.assert_close(linear.weight, state["text_embedding.0.weight"].float())
+
+
+def test_without_the_quantization_metadata_core_refuses_the_768_wide_text_input(assets):
+    """Why the metadata is there: ComfyUI's plain ops build text_embedding.0 4096 wide and fail on the file."""
+    state, metadata = comfy.utils.load_torch_file(str(assets["wan_high"]), return_metadata=True)
+    metadata.pop("_quantization_metadata")
+    with pytest.raises(RuntimeError, match=r"size mismatch for text_embedding\.0\.weight"):
+        comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32}, metadata=metadata)
 
 
 @pytest.mark.parametrize("expert", ["wan_high", "wan_low"])
@@ -126,32 +166,43 @@ def test_pair_loader_with_block_vector_equals_core_on_each_expert(assets, tmp_pa
     assert torch.allclose(half, 0.5 * full, atol=1e-6, rtol=1e-4) and full.abs().max() > 0
 
 
-def test_experts_patched_by_the_pair_sample_a_video_latent_high_then_low(assets, tmp_path):
-    """What a Wan 2.2 graph does, in-process: the pair on both experts, two KSamplerAdvanced (high-noise steps
-    with the leftover noise, then low-noise steps), the VAE decodes frames. The conditioning is a seeded 4096-wide
-    tensor standing in for UMT5-XXL's (see demo/tiny_wan.py: no tiny encoder gives that width)."""
+def test_experts_patched_by_the_pair_sample_from_clip_l_high_then_low(assets, clip_l_path, tmp_path):
+    """What workflows/09_wan22_lora_pair.json does, in-process: the pair on both experts, the tiny CLIP-L's
+    CLIPTextEncode conditioning (1, 77, 768), ModelSamplingSD3 shift 8, two KSamplerAdvanced (high-noise steps
+    with the leftover noise, then low-noise steps), the VAE decodes frames; the prompt changes the result."""
     import nodes as core_nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     folder = tmp_path / "loras"
     folder.mkdir()
     for expert in ("high", "low"):
         shutil.copy(assets[f"lora_wan_{expert}"], folder / tiny_wan.LORA_NAMES[expert])
+    clip = comfy.sd.load_clip([str(clip_l_path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     with loras_folder(folder):
-        high, low, _, _ = node_module("wan").LoRACoreWanPairLoader().load(
+        high, low, clip, _ = node_module("wan").LoRACoreWanPairLoader().load(
             _expert(assets["wan_high"]), _expert(assets["wan_low"]), tiny_wan.LORA_NAMES["high"],
-            tiny_wan.LORA_NAMES["low"], 1.0, 1.0, 1.0, pairs.ASSIGN_AUTO, block_vector="B01=0.5")
-    generator = torch.Generator().manual_seed(0)
-    positive = [[torch.randn(1, 8, 4096, generator=generator) * 0.1, {}]]
-    negative = [[torch.zeros(1, 8, 4096), {}]]
+            tiny_wan.LORA_NAMES["low"], 1.0, 1.0, 1.0, pairs.ASSIGN_AUTO, clip=clip,
+            block_vector="B01=0.5, B*.cross_attn=0.8")
+    (high,) = ModelSamplingSD3().patch(high, 8.0)
+    (low,) = ModelSamplingSD3().patch(low, 8.0)
+    encode = core_nodes.CLIPTextEncode()
+    negative = encode.encode(clip, "blurry, static")[0]
     latent = {"samples": torch.zeros(1, 16, 2, 8, 8)}   # EmptyHunyuanLatentVideo's shape for 64x64, 5 frames
     sampler = core_nodes.KSamplerAdvanced()
-    (mid,) = sampler.sample(high, "enable", 1, 4, 1.0, "euler", "simple", positive, negative, latent, 0, 2,
-                            "enable")
-    (out,) = sampler.sample(low, "disable", 1, 4, 1.0, "euler", "simple", positive, negative, mid, 2, 4,
-                            "disable")
-    samples = out["samples"]
+
+    def sample(prompt: str):
+        positive = encode.encode(clip, prompt)[0]
+        assert tuple(positive[0][0].shape) == (1, 77, 768)
+        (mid,) = sampler.sample(high, "enable", 42, 4, 3.5, "euler", "simple", positive, negative, latent, 0, 2,
+                                "enable")
+        (out,) = sampler.sample(low, "disable", 42, 4, 3.5, "euler", "simple", positive, negative, mid, 2, 10000,
+                                "disable")
+        assert not torch.equal(out["samples"], mid["samples"])
+        return out["samples"]
+
+    samples = sample("a red circle drifting")
     assert samples.shape == (1, 16, 2, 8, 8) and torch.isfinite(samples).all()
-    assert not torch.equal(samples, mid["samples"])
+    assert not torch.allclose(samples, sample("a green square"), atol=1e-4)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(assets["wan_vae"])))
     frames = vae.decode(samples)
     assert frames.shape == (1, 5, 64, 64, 3) and torch.isfinite(frames).all()

@@ -91,7 +91,10 @@ def test_workflow_validates_and_runs(comfy_server, object_info, path):
     fresh = [image for image in images if image.stat().st_mtime >= started - 1]
     assert fresh or _was_cached(entry), f"{path.name}: reported images are stale: {images}"
     for image in images:
-        assert image.stat().st_size > 100 and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        head = image.read_bytes()[:12]
+        # PNG, or (SaveAnimatedWEBP, workflow 09) a RIFF WebP
+        assert image.stat().st_size > 100 and (head[:8] == b"\x89PNG\r\n\x1a\n" or
+                                                (head[:4], head[8:12]) == (b"RIFF", b"WEBP")), image
 
 
 def test_core_loraloader_uses_every_key_of_the_tiny_loras(comfy_server, object_info):

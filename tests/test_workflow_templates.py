@@ -18,11 +18,13 @@ from demo.workflow_api import VIRTUAL_NODES, load_workflow, widget_layout
 pytest_plugins = ["tests.e2e_helpers"]
 
 EXPECTED = ["01_load_lora", "02_lora_stack", "03_block_weight_mix", "04_block_sweep_grid",
-            "05_train_and_apply", "06_merge_export", "07_flux_block_weights", "08_live_tuning"]
+            "05_train_and_apply", "06_merge_export", "07_flux_block_weights", "08_live_tuning",
+            "09_wan22_lora_pair"]
 WORKFLOWS = example_workflows()
 CORE_MODULES = ("nodes", "comfy_extras.")
 MAX_LATENT_SIDE = 64
 MAX_SAMPLER_STEPS = 4
+MAX_VIDEO_FRAMES = 5
 MAX_TRAIN_STEPS = 16
 FILE_WRITERS = ("LoRACoreMergeSave", "LoRACoreResize", "LoRACoreTrain")
 
@@ -93,9 +95,65 @@ def test_workflow_is_small_and_can_run_again(object_info, path):
         if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             assert max(widgets["width"], widgets["height"]) <= MAX_LATENT_SIDE, where
             assert widgets["batch_size"] == 1, where
-        if kind == "KSampler":
+        if kind == "EmptyHunyuanLatentVideo":
+            assert max(widgets["width"], widgets["height"]) <= MAX_LATENT_SIDE, where
+            assert widgets["length"] <= MAX_VIDEO_FRAMES and widgets["batch_size"] == 1, where
+        if kind in ("KSampler", "KSamplerAdvanced"):
             assert widgets["steps"] <= MAX_SAMPLER_STEPS, where
         if kind == "LoRACoreTrain":
             assert widgets["steps"] <= MAX_TRAIN_STEPS, where
         if kind in FILE_WRITERS:
             assert widgets["overwrite"] is True, f"{where}: a second run would fail on the existing file"
+
+
+WAN_WORKFLOW = REPO / "workflows" / "09_wan22_lora_pair.json"
+
+
+def _links_into(workflow: dict) -> dict[tuple[int, str], int]:
+    """(target node id, input name) -> source node id."""
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    sources = {}
+    for _, src, _, dst, slot, _ in workflow["links"]:
+        sources[(dst, by_id[dst]["inputs"][slot]["name"])] = src
+    return sources
+
+
+def test_wan_workflow_gives_each_expert_its_file_and_splits_one_schedule(object_info):
+    """Workflow 09: the high-noise model file reaches the high-noise sampler through the pair loader's
+    model_high_noise (and low through low), the two KSamplerAdvanced share seed, steps, cfg, sampler and
+    scheduler, the high-noise one adds noise and hands over its leftover noise at the step the low-noise one
+    starts from, and the Note says how the tiny model is driven and how to run the real one."""
+    workflow = load_workflow(WAN_WORKFLOW)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    sources = _links_into(workflow)
+    (pair,) = [n for n in nodes.values() if n["type"] == "LoRACoreWanPairLoader"]
+    pair_widgets = widgets_by_name(pair, object_info)
+    assert pair_widgets["lora_1"].endswith("_high_noise.safetensors")
+    assert pair_widgets["lora_2"].endswith("_low_noise.safetensors")
+    assert pair_widgets["block_vector"].strip(), "the example shows block weights (tests/test_e2e_wan.py: they act)"
+    samplers = {}
+    for node in nodes.values():
+        if node["type"] != "KSamplerAdvanced":
+            continue
+        # sampler <- ModelSamplingSD3 <- pair loader output slot <- UNETLoader file
+        sampling = nodes[sources[(node["id"], "model")]]
+        assert sampling["type"] == "ModelSamplingSD3" and widgets_by_name(sampling, object_info)["shift"] == 8.0
+        slot = next(link[2] for link in workflow["links"] if link[3] == sampling["id"])
+        expert = pair["outputs"][slot]["name"]
+        assert expert in ("model_high_noise", "model_low_noise")
+        unet = nodes[sources[(pair["id"], expert)]]
+        assert widgets_by_name(unet, object_info)["unet_name"].endswith(expert[len("model"):] + ".safetensors")
+        samplers[expert] = widgets_by_name(node, object_info)
+    high, low = samplers["model_high_noise"], samplers["model_low_noise"]
+    shared = ("noise_seed", "steps", "cfg", "sampler_name", "scheduler")
+    assert {k: high[k] for k in shared} == {k: low[k] for k in shared}
+    assert (high["add_noise"], high["return_with_leftover_noise"], high["start_at_step"]) == ("enable", "enable", 0)
+    assert (low["add_noise"], low["return_with_leftover_noise"]) == ("disable", "disable")
+    assert 0 < high["end_at_step"] == low["start_at_step"] < high["steps"] <= low["end_at_step"]
+    low_sampler = next(n for n in nodes.values() if n["type"] == "KSamplerAdvanced"
+                       and widgets_by_name(n, object_info)["add_noise"] == "disable")
+    assert nodes[sources[(low_sampler["id"], "latent_image")]]["type"] == "KSamplerAdvanced"
+    note = " ".join(str(v) for n in nodes.values() if n["type"] == "Note" for v in n["widgets_values"])
+    for needed in ("768-wide text input", "CLIP-L", "wan2.2_t2v_high_noise_14B", "wan2.2_t2v_low_noise_14B",
+                   "umt5_xxl", "type wan", "wan_2.1_vae", "ModelSamplingSD3 shift 8", "cfg 3.5", "20 steps"):
+        assert needed in note, f"the Note does not say {needed!r}"

@@ -84,3 +84,54 @@ def diffusers_wan_twin(variant: str = "t2v", dim: int = DIM, heads: int = HEADS,
                                   qk_norm="rms_norm_across_heads", image_dim=1280 if i2v else None,
                                   added_kv_proj_dim=dim if i2v else None)
     return seed_weights(model.to(CPU, torch.float32), seed).eval()
+
+
+def _t5_as_umt5_tokenizer(min_length: int):
+    """A tokenizer under WanT5Model's `umt5xxl` key from the T5 tokenizer ComfyUI ships (comfy/text_encoders/
+    t5_tokenizer: T5's 32k SentencePiece ids, all inside UMT5's 256k vocabulary). UMT5's own SentencePiece model
+    comes inside the UMT5-XXL checkpoint (tokenizer_data "spiece_model"), which tests do not have; UMT5XXlTokenizer's
+    other settings are kept (no start token, end token 1, pad 0), with a short `min_length` instead of 512."""
+    import os
+
+    import_comfy()
+    from comfy import sd1_clip
+    from comfy.text_encoders import sd3_clip
+    from transformers import T5TokenizerFast
+
+    path = os.path.join(os.path.dirname(os.path.realpath(sd3_clip.__file__)), "t5_tokenizer")
+
+    class Inner(sd1_clip.SDTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(path, embedding_directory=embedding_directory, pad_with_end=False, embedding_size=TEXT,
+                             embedding_key="umt5xxl", tokenizer_class=T5TokenizerFast, has_start_token=False,
+                             pad_to_max_length=False, max_length=99999999, min_length=min_length, pad_token=0,
+                             tokenizer_data=tokenizer_data)
+
+    class Tokenizer(sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
+                             clip_name="umt5xxl", tokenizer=Inner)
+
+    return Tokenizer
+
+
+def comfy_clip_wan_tokenizing(layers: int = 2, hidden: int = TEXT, seed: int = 0, min_length: int = 16):
+    """`comfy_clip_wan` that can tokenize captions (`_t5_as_umt5_tokenizer`): the train node's own text path,
+    CLIP.tokenize + encode_from_tokens through ComfyUI's WanTEModel (UMT5 with attention masks, padding zeroed)."""
+    import_comfy()
+    from comfy.text_encoders import wan
+
+    return _comfy_clip(wan.te(), _t5_as_umt5_tokenizer(min_length), {"umt5xxl": tiny_t5_config(hidden, layers)},
+                       seed)
+
+
+def comfy_wan_vae(seed: int = 22):
+    """A real comfy.sd.VAE over ComfyUI's Wan 2.1 VAE (comfy.ldm.wan.vae.WanVAE: 16 channels, 4x temporal and 8x
+    spatial compression) at demo/tiny_wan.py's base width 8, seeded like demo.tiny_wan's file (fp32)."""
+    import_comfy()
+    import comfy.sd
+    from demo.tiny_wan import _fill, wan_vae_layout
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: _fill(key, shape, generator) for key, shape in sorted(wan_vae_layout().items())}
+    return comfy.sd.VAE(sd=state)

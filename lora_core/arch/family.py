@@ -297,6 +297,9 @@ class TrainSpec:
       in order: what gradient checkpointing wraps and what in-place residual adds are made out-of-place in.
     * `latent_dims`: spatial dims of a latent after (batch, channels): 2 for images; 3 (frames, h, w) for video
       families (Wan), whose datasets carry 5-D latents - the loop is dimension-generic.
+    * `path_kinds`: ((regex on the canonical path, training kind), ...) checked before `kinds`: modules whose
+      element kind is shared but which trainers choose apart (Z-Image's refiner blocks, which musubi leaves out
+      by default, have the same attention / MLP as the main layers).
     """
 
     kinds: Mapping[str, frozenset]
@@ -308,6 +311,15 @@ class TrainSpec:
     resolution_shift: Optional[tuple[int, int, float, int, float]] = None
     block_lists: tuple[str, ...] = ()
     latent_dims: int = 2
+    path_kinds: tuple[tuple[str, str], ...] = ()
+
+    def kind_of_target(self, path: str, element_kind: str) -> Optional[str]:
+        """The training kind of a denoiser module: the first `path_kinds` rule matching its canonical path, else
+        the kind its element kind belongs to."""
+        for pattern, kind in self.path_kinds:
+            if re.search(pattern, path):
+                return kind
+        return self.kind_of(element_kind)
 
     def kind_of(self, element_kind: str) -> Optional[str]:
         """The training kind an element kind belongs to (None: no training kind covers it)."""
@@ -363,7 +375,8 @@ class Family:
         raise NotImplementedError
 
     def aliases(self, module: ModuleDef, config: Any, variant: ArchSpec) -> Iterable[Alias]:
-        """Every writer's name for `module` or a part of it (the canonical ComfyUI/kohya forms included)."""
+        """Every writer's name for `module` or a part of it (the canonical ComfyUI/kohya forms included). Depends
+        on `module` and `config` only: variants with the same layout data share one table (layout_key_map)."""
         raise NotImplementedError
 
     def diffusers_names(self, config: Any) -> Mapping[str, tuple[str, ...]]:
@@ -406,6 +419,14 @@ class Family:
     def export_name(self, target) -> Optional[str]:
         """The module name a merged file uses for a denoiser target, when the family's common format differs from
         kohya's `lora_unet_<path _>` (None: kohya's)."""
+        return None
+
+    def train_names(self, target, variant: ArchSpec, config: Any = None) -> Optional[tuple[tuple[str, int, int], ...]]:
+        """The module name(s) a trained LoRA file uses for a denoiser target when the family's trainers name (or
+        split) it otherwise than its merges: ((file module name, row start, rows), ...), rows 0 = the whole weight.
+        Several entries: the trainers train the fused weight as separate modules (diffusers' to_q / to_k / to_v of
+        a fused qkv), one LoRA per row range. `config`: the host's structural config. None: the merge name
+        (`export_name` / kohya), one LoRA."""
         return None
 
     def denoiser_words(self) -> Sequence[str]:

@@ -17,6 +17,8 @@ of a fused weight).
 """
 from __future__ import annotations
 
+import functools
+import gc
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
@@ -71,6 +73,12 @@ def element_kind(target: Target) -> str:
 
 def te_aliases(component_spec, path: str) -> list[str]:
     """Every writer's name for text-encoder module `path` of one component (see the module docstring)."""
+    return list(_te_aliases(component_spec, path))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _te_aliases(component_spec, path: str) -> tuple[str, ...]:
+    # the same encoders (CLIP-L, T5-XXL, UMT5, ...) recur in many variants and hosts: their names are made once
     forms = dict.fromkeys([path, short_te_path(path)])
     if component_spec.encoder is not None and component_spec.encoder.kind == "llm" and path.startswith("model."):
         forms[path[len("model."):]] = None   # HF base-model names (Gemma2Model: kohya lora_te_layers_0_..., diffusers)
@@ -81,7 +89,7 @@ def te_aliases(component_spec, path: str) -> list[str]:
             names.append(component_spec.diffusers_prefix + form)
     if component_spec.encoder is not None:
         names.append(f"text_encoders.{component_spec.encoder.comfy_name}.transformer.{path}")
-    return names
+    return tuple(names)
 
 
 class KeyMap:
@@ -104,6 +112,11 @@ class KeyMap:
         self.targets = tuple(t for t in module_targets.values() if t.param == "weight")
         # modules whose tensor is a parameter other than a weight (RMSNorm `scale`, Wan's `modulation`)
         self.param_targets = tuple(t for t in module_targets.values() if t.param != "weight")
+
+    def rebound(self, bindings: tuple) -> "KeyMap":
+        """A KeyMap with these bindings over this one's alias table (shared, read-only): for bindings that are
+        the same data as this map's except for the variant (registry.layout_key_map)."""
+        return KeyMap(self._aliases, tuple(bindings), self.conflicts, self._module_targets)
 
     @property
     def unet(self):
@@ -151,13 +164,27 @@ def build_key_map(*bindings) -> KeyMap:
     """One KeyMap over all given host bindings (e.g. ComfyUI model + ComfyUI CLIP).
 
     The first binding to claim an alias keeps it; clashes are recorded in `KeyMap.conflicts`."""
+    # Tens of thousands of small objects, none of them garbage: the cyclic collector's passes over every live
+    # object (a model's state dict included) would cost more than building them.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_key_map(bindings)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build_key_map(bindings) -> KeyMap:
     aliases: dict[str, Target] = {}
     conflicts: list = []
     module_targets: dict = {}
 
+    setdefault = aliases.setdefault
+
     def add(alias: str, target: Target) -> None:
         kept = aliases.setdefault(alias, target)
-        if kept != target:
+        if kept is not target and kept != target:
             conflicts.append((alias, kept, target))
 
     for binding in bindings:
@@ -167,7 +194,7 @@ def build_key_map(*bindings) -> KeyMap:
             whole = _target(component, module, host_pieces, None, 0)
             module_targets[(component, path)] = whole
             if component.startswith("te") and spec is not None:
-                for alias in te_aliases(spec, path):
+                for alias in _te_aliases(spec, path):
                     add(alias, whole)
                 continue
             if module.param != "weight":
@@ -176,15 +203,18 @@ def build_key_map(*bindings) -> KeyMap:
                 add(f"{path}.{module.param}", whole)
             cache: dict = {}
             for alias in binding.aliases_of(component, module):
-                if alias.pieces is None:
+                pieces = alias.pieces
+                if pieces is None:
                     target = whole
                 else:
-                    target = cache.get(alias.pieces)
+                    target = cache.get(pieces)
                     if target is None:
-                        target = cache[alias.pieces] = _target(component, module, host_pieces, alias.pieces,
-                                                               alias.rows)
-                if target is not None:
-                    add(alias.name, target)
+                        target = cache[pieces] = _target(component, module, host_pieces, pieces, alias.rows)
+                if target is None:
+                    continue
+                kept = setdefault(alias.name, target)   # add(), inlined: the loop runs once per alias
+                if kept is not target and kept != target:
+                    conflicts.append((alias.name, kept, target))
         for (component, path, param), host_key in binding.params.items():
             weight_target = module_targets.get((component, path))
             block = weight_target.block if weight_target else ""

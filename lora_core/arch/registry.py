@@ -163,11 +163,49 @@ def named_base_model(metadata: Mapping[str, str]) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def layout_key_map(arch_name: str):
     """KeyMap of a full-size variant from data alone (ComfyUI-style host keys, no weights; built once per
-    process, read-only): which block / kind each module of a LoRA file is when no model is loaded."""
+    process, read-only): which block / kind each module of a LoRA file is when no model is loaded.
+
+    Variants whose layouts are the same data (Flux.1-dev / Kontext / Fill, the Qwen-Image editions: same
+    family, structural config, modules and components) share one alias table; each keeps
+    its own binding (so `KeyMap.arch` is the variant asked for). A family's aliases depend on the module and the
+    structural config only (`Family.aliases`)."""
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()   # thousands of small objects, none of them garbage (see keymap.build_key_map)
+    try:
+        return _layout_key_map(arch_name)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _layout_key_map(arch_name: str):
     from .bindings import bind_layout
     from .keymap import build_key_map
 
-    return build_key_map(bind_layout(get_arch(arch_name)))
+    binding = bind_layout(get_arch(arch_name))
+    signature = _layout_signature(binding)
+    shared = _LAYOUT_TABLES.get(signature)
+    if shared is None:
+        shared = _LAYOUT_TABLES[signature] = build_key_map(binding)
+        return shared
+    return shared.rebound((binding,))
+
+
+_LAYOUT_TABLES: dict = {}   # layout signature -> the KeyMap built for the first variant with that layout
+
+
+def _layout_signature(binding) -> tuple:
+    """Everything a layout KeyMap is built from, except the variant's identity (hashable; ModuleDefs are frozen)."""
+    config = binding.config
+    try:
+        hash(config)
+    except TypeError:
+        config = repr(config)
+    return (binding.family.name, type(binding.config).__name__, config, tuple(binding.modules.items()),
+            tuple(binding.host_pieces.items()), tuple(sorted(binding.params.items())),
+            tuple(sorted(binding.component_specs.items())), tuple(sorted(binding.te_layers.items())))
 
 
 # A layout must resolve at least this share of a file's module names to claim the file by its keys: a few names

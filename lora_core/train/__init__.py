@@ -16,7 +16,8 @@ from .injection import (UNET_KINDS, LoRANetwork, LoRASidePath, OutOfPlaceAdds, T
                         find_key_map_te_targets, find_te_targets, find_unet_targets, unet_kind)
 from .loop import (OPTIMIZERS, PRECISIONS, SCHEDULERS, LoraTrainer, TrainConfig, TrainResult, cat_cond, lr_factor,
                    objective_of, sd_alphas_cumprod, snr_weights)
-from .objective import TIMESTEP_SAMPLING, Objective, ResolutionShift, time_shift
+from .quant import BASE_QUANT, LORA_DTYPES, FrozenBase, nf4_codec, resolve_base_quant
+from .objective import TIMESTEP_SAMPLING, Objective, ResolutionShift, parse_timestep_range, time_shift
 from .save import OutputFiles, kohya_metadata, read_session_id, save_lora
 from .state import load_state, save_state
 from .hooks import PreviewHook, TrainHook, outside_training
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig", "TrainResult", "cat_cond", "lr_factor", "sd_alphas_cumprod", "snr_weights", "OutputFiles",
     "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state", "OutOfPlaceAdds",
     "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
-    "ResolutionShift", "time_shift", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
+    "ResolutionShift", "time_shift", "parse_timestep_range", "BASE_QUANT", "LORA_DTYPES", "FrozenBase", "nf4_codec",
+    "resolve_base_quant", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
     "PreviewHook", "TrainHook", "outside_training", "ValidationLoss", "split_dataset", "validation_set",
 ]

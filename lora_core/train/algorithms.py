@@ -36,6 +36,8 @@ from lora_core import adapters
 from lora_core.errors import LoraFormatError, LoraValueError
 from lora_core.types import ModuleLora
 
+from .quant import plain_weight
+
 ALGORITHMS = ("LoRA", "LoCon", "LoHa", "LoKr", "DoRA")
 LYCORIS_ALGORITHMS = ("LoHa", "LoKr", "DoRA")
 # ss_network_args LyCORIS's kohya network (lycoris.kohya) records for each
@@ -104,7 +106,7 @@ class WeightDeltaPath(nn.Module):
 
     def _init_magnitude(self) -> None:
         """DoRA magnitude m = ‖W‖ per input column, shaped (1, in[, 1, 1]) (LyCORIS wd_on_output=False)."""
-        weight = self.base.weight.detach().float()
+        weight = plain_weight(self.base)   # values: an fp8 / scaled / NF4 base dequantised
         if weight.shape[0] == 1:
             raise LoraValueError("DoRA cannot train a layer with one output channel (its magnitude would read as "
                                  "per output row in ComfyUI's loader); leave it out of the targets.")
@@ -122,10 +124,8 @@ class WeightDeltaPath(nn.Module):
 
     def weight_delta(self, device=None) -> torch.Tensor:
         """D(W) in fp32 (W' - W), differentiable in the path's parameters."""
-        weight = self.base.weight.detach()
-        if device is not None:
-            weight = weight.to(device)
-        return adapters.delta(self.module_lora(), weight.float())
+        weight = plain_weight(self.base, device)   # one layer's values in fp32 (quantised bases dequantised)
+        return adapters.delta(self.module_lora(), weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.weight_delta(x.device)

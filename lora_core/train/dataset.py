@@ -47,6 +47,12 @@ class Sample:
         t = self.latent if self.latent is not None else self.image
         return tuple(t.shape[-2:]) if t is not None else ()
 
+    @property
+    def batch_key(self) -> tuple:
+        """What samples batched together share: the bucket, and for videos (3, F, H, W) the frame count too."""
+        t = self.latent if self.latent is not None else self.image
+        return tuple(t.shape[1:]) if t is not None else ()
+
 
 @dataclass
 class CaptionOptions:
@@ -261,9 +267,19 @@ def read_caption(image_path: str, policy: str, default_caption: str) -> str:
 def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing: bool = True,
                 bucket_step: int = 64, min_bucket: int = 256, max_bucket: int = 1024,
                 missing_caption: str = "error", default_caption: str = "",
-                captions: Optional[CaptionOptions] = None) -> TrainDataset:
-    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets)."""
+                captions: Optional[CaptionOptions] = None, frames: int = 0, videos: bool = True) -> TrainDataset:
+    """Load every image of `folder` with its caption into a TrainDataset (images fitted to buckets). With `frames`
+    (4k + 1, or -1 for every frame), sub-folders of frames and video clips are video samples too
+    (lora_core.train.video)."""
     from PIL import Image, UnidentifiedImageError
+
+    if videos:   # frames != 0: a video dataset (lora_core.train.video); 0: images, as before
+        from .video import ignored_videos, load_video_folder
+
+        if frames:
+            return load_video_folder(folder, frames, resolution, repeats, bucketing, bucket_step, min_bucket,
+                                     max_bucket, missing_caption, default_caption, captions)
+        ignored_videos(folder)
 
     paths = list_images(folder)
     missing, broken, samples = [], [], []
@@ -348,7 +364,7 @@ class BatchPlan:
         self.seed = int(seed)
         by_bucket: dict = {}
         for index, sample in enumerate(dataset.samples):
-            by_bucket.setdefault(sample.bucket, []).extend([index] * dataset.repeats)
+            by_bucket.setdefault(sample.batch_key, []).extend([index] * dataset.repeats)
         self.by_bucket = [by_bucket[k] for k in sorted(by_bucket)]
         self.batches_per_epoch = sum(-(-len(v) // batch_size) for v in self.by_bucket)
         self._epoch_cache: dict = {}

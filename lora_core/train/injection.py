@@ -38,13 +38,35 @@ _TE_RE = re.compile(r"(^|\.)layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out
 
 @dataclass
 class Target:
-    """One module to adapt: its kohya name, the live module, component ("unet"/"te1"/"te2"), block id."""
+    """One module to adapt: its kohya name, the live module, component ("unet"/"te1"/"te2"), block id, and for a
+    LoRA on part of a fused weight (diffusers' to_q of a fused qkv) the output rows (start, length) it covers."""
 
     name: str
     module: nn.Module
     component: str
     block: str
     kind: str
+    rows: Optional[tuple[int, int]] = None
+
+
+class RowSlice(nn.Linear):
+    """Rows `start:start + length` of a Linear, as the base of a side path that trains only those output rows
+    (a part of a fused weight that trainers train as its own module). Holds no parameter: `weight` is a view of
+    the live module's rows (what DoRA's magnitude and the LyCORIS deltas read)."""
+
+    def __init__(self, base: nn.Linear, start: int, length: int):
+        nn.Module.__init__(self)
+        if not isinstance(base, nn.Linear) or start < 0 or length < 1 or start + length > base.out_features:
+            raise LoraValueError(f"rows {start}:{start + length} are not rows of this layer "
+                                 f"({getattr(base, 'out_features', '?')} outputs).")
+        self._parent = (base,)
+        self.start, self.length = int(start), int(length)
+        self.in_features, self.out_features = base.in_features, int(length)
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._parent[0].weight[self.start:self.start + self.length]
 
 
 def find_unet_targets(unet: nn.Module, kinds: Iterable[str] = ("attn", "ff", "proj"),
@@ -105,12 +127,14 @@ def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Itera
     from lora_core.mix import output_name
 
     kinds = set(kinds)
-    unknown = kinds - set(train_spec.kinds)
+    known = set(train_spec.kinds) | {kind for _, kind in train_spec.path_kinds}
+    unknown = kinds - known
     if unknown:
         raise LoraValueError(f"Unknown target kind(s) {sorted(unknown)} for this model; choose from "
-                             f"{list(train_spec.kinds)}.")
+                             f"{sorted(known)}.")
     wanted_blocks = None if blocks is None else set(blocks)
     component = key_map.denoiser
+    family = key_map.arch.family if key_map.arch is not None else None
     targets = []
     for path, module in denoiser.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -118,12 +142,18 @@ def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Itera
         target = key_map.module_target(component, path)
         if target is None:
             continue   # a module the family does not describe (none in SD / Flux; see the family tests)
-        kind = train_spec.kind_of(target.kind)
+        kind = train_spec.kind_of_target(target.path, target.kind)
         if kind is None or kind not in kinds:
             continue
         if wanted_blocks is not None and target.block not in wanted_blocks:
             continue
-        targets.append(Target(output_name(target, key_map), module, "unet", target.block, kind))
+        names = family.train_names(target, key_map.arch, key_map.config) if family is not None else None
+        if not names:
+            targets.append(Target(output_name(target, key_map), module, "unet", target.block, kind))
+            continue
+        for name, start, rows in names:   # the family's trainers' names, one LoRA per part of a fused weight
+            part = (start, rows) if rows else None
+            targets.append(Target(name, module, "unet", target.block, kind, part))
     return targets
 
 
@@ -304,11 +334,12 @@ class LoRANetwork(nn.Module):
             is_spatial_conv = isinstance(t.module, nn.Conv2d) and t.module.kernel_size != (1, 1)
             r = conv_rank if (is_spatial_conv and conv_rank) else rank
             a = conv_alpha if (is_spatial_conv and conv_alpha) else alpha
+            base = RowSlice(t.module, *t.rows) if t.rows is not None else t.module
             # ModuleDict keys cannot contain "." (kohya names have none; ComfyUI's generic text-encoder names do)
             if algorithm in ("LoRA", "LoCon"):
-                self.paths[_key(t.name)] = LoRASidePath(t.module, r, a, generator)
+                self.paths[_key(t.name)] = LoRASidePath(base, r, a, generator)
             else:   # LyCORIS algorithms (lora_core.train.algorithms), in LyCORIS's key format
-                self.paths[_key(t.name)] = make_path(algorithm, t.module, r, a, generator)
+                self.paths[_key(t.name)] = make_path(algorithm, base, r, a, generator)
         self._originals: dict[str, object] = {}
 
     # ------------------------------------------------------------------ hooking
@@ -320,16 +351,21 @@ class LoRANetwork(nn.Module):
             module, path = target.module, self.path(name)
             self._originals[name] = module.__dict__.get("forward")
             original = module.forward
+            rows = target.rows
 
-            def forward(x, *args, _original=original, _path=path, **kwargs):
+            def forward(x, *args, _original=original, _path=path, _rows=rows, **kwargs):
                 out = _original(x, *args, **kwargs)
-                return out + _path(x).to(out.dtype)
+                delta = _path(x).to(out.dtype)
+                if _rows is not None:   # a part of a fused weight: its rows only (out of place)
+                    delta = torch.nn.functional.pad(delta, (_rows[0], out.shape[-1] - _rows[0] - _rows[1]))
+                return out + delta
 
             module.forward = forward
 
     def restore(self) -> None:
         """Give every module back its own forward (the instance attribute we set is removed)."""
-        for name, previous in self._originals.items():
+        # newest first: several parts of one fused weight wrap the same module in turn
+        for name, previous in reversed(list(self._originals.items())):
             module = self.targets[name].module
             if previous is None:
                 module.__dict__.pop("forward", None)

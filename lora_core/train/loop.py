@@ -44,6 +44,7 @@ from .algorithms import ALGORITHMS
 from .dataset import BatchPlan, TrainDataset, process_caption
 from .injection import LoRANetwork, OutOfPlaceAdds
 from .objective import TIMESTEP_SAMPLING, Objective
+from .quant import LORA_DTYPES
 from .save import OutputFiles, kohya_metadata, save_lora
 from .state import load_state, restore_rng, save_state
 
@@ -88,6 +89,7 @@ class TrainConfig:
     total_steps: int = 0              # scheduler horizon; 0 = the step this call ends at
     min_snr_gamma: float = 5.0        # 0 = off; DDPM objectives only (flow matching trains unweighted)
     timestep_sampling: str = "auto"   # objective.TIMESTEP_SAMPLING; "auto" = the objective's default
+    timestep_range: Optional[tuple] = None   # flow models: (min, max) on musubi's 0-1000 scale (one Wan 2.2 expert)
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0        # 0 = off
     mixed_precision: str = "auto"
@@ -98,6 +100,7 @@ class TrainConfig:
     keep_last: int = 3                # step files kept (0 = all)
     save_dtype: str = "fp16"
     overwrite: bool = False
+    lora_dtype: str = "fp32"          # the trained weights' dtype (quant.LORA_DTYPES: fp32 or bf16)
 
     def validate(self) -> None:
         checks = [
@@ -116,6 +119,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
             (self.min_snr_gamma >= 0, f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype {self.save_dtype!r} is not one of {list(SAVE_DTYPES)}"),
+            (self.lora_dtype in LORA_DTYPES, f"LoRA dtype {self.lora_dtype!r} is not one of {list(LORA_DTYPES)}"),
             (self.timestep_sampling in TIMESTEP_SAMPLING,
              f"timestep sampling {self.timestep_sampling!r} is not one of {list(TIMESTEP_SAMPLING)}"),
         ]
@@ -326,6 +330,8 @@ class LoraTrainer:
         self.hooks = list(hooks)
         self.device = torch.device(backend.device)
         self.objective = objective_of(backend)
+        if config.timestep_range is not None:   # objective.py: redrawn inside the range, written to the file
+            self.objective = self.objective.with_timestep_range(config.timestep_range)
         self.objective.resolve_sampling(config.timestep_sampling)   # refuse a choice that does not apply, now
         self.group_by_length = bool(getattr(backend, "group_by_text_length", False))
         self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
@@ -337,7 +343,7 @@ class LoraTrainer:
         self._latents: dict[int, torch.Tensor] = {}
         self._text_cache: dict = {}
         self._check_data_sources()
-        network.to(self.device, torch.float32)
+        network.to(self.device, LORA_DTYPES[config.lora_dtype])
         te_lr = config.text_encoder_lr if config.train_text_encoder else None
         self.train_names = network.trainable_names(config.train_text_encoder)
         groups = network.param_groups(config.unet_lr, te_lr, config.block_lr)
@@ -363,7 +369,8 @@ class LoraTrainer:
         """Continue a run: weights, optimizer, step, losses, session id and RNG from a state file."""
         state = load_state(state_path)
         saved = state["config"]
-        for key in ("algorithm", "rank", "alpha", "unet_kinds", "blocks", "train_text_encoder", "batch_size", "seed"):
+        for key in ("algorithm", "rank", "alpha", "unet_kinds", "blocks", "train_text_encoder", "batch_size", "seed",
+                    "timestep_range"):
             mine = self.config.as_dict()[key]
             if saved.get(key) != mine:
                 raise LoraValueError(f"Cannot continue {state_path}: it was trained with {key}={saved.get(key)!r}, this "

@@ -26,6 +26,13 @@ the shift it samples with. How a flow step draws sigma (`TIMESTEP_SAMPLING`):
 * "auto": DDPM models uniform timesteps; flow models the family's default (Flux.1 / Chroma: "logit-normal, model
   shift": concentrated on the middle noise levels where the velocity is hardest to predict, and shifted towards
   high noise the way the model is sampled).
+
+A flow objective may be limited to a **timestep range** (musubi-tuner's `--min_timestep` / `--max_timestep`, on the
+0-1000 scale of sigma * 1000): one Wan 2.2 expert trains only its share of the noise levels (T2V: high noise
+875-1000, low noise 0-875, the boundary 0.875; I2V 0.9). Levels are drawn as above and those outside the range
+are drawn again (musubi's `--preserve_distribution_shape`, which its Wan guide recommends for one expert): the
+distribution inside the range keeps its shape. The file then carries `modelspec.timestep_range` "min,max", which
+lora_core.pairs reads to tell the high-noise file from the low-noise one.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from lora_core.errors import LoraValueError
 TIMESTEP_SAMPLING = ("auto", "uniform", "uniform, model shift", "logit-normal", "logit-normal, model shift",
                      "logit-normal, resolution shift")
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
+MAX_RANGE_DRAWS = 1000   # rounds of redrawing levels outside a timestep range (musubi's max_loops)
 
 
 def time_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +88,7 @@ class Objective:
     multiplier: float = 1.0
     resolution_shift: Optional[ResolutionShift] = None
     default_sampling: str = "logit-normal, model shift"
+    timestep_range: Optional[tuple[float, float]] = None   # (min, max) on musubi's 0-1000 scale; None = all
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -88,6 +97,14 @@ class Objective:
             raise LoraValueError("a DDPM objective needs the model's alphas_cumprod.")
         if self.prediction == "flow" and not (math.isfinite(self.shift) and self.shift > 0):
             raise LoraValueError(f"flow shift must be a positive number, got {self.shift}.")
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            if not self.is_flow:
+                raise LoraValueError(f"a timestep range ({lo:g},{hi:g}) is for flow-matching models (Wan 2.2's "
+                                     f"experts); this {self.prediction} model trains on every DDPM timestep.")
+            if not (0 <= lo < hi <= 1000):
+                raise LoraValueError(f"timestep range ({lo:g},{hi:g}) must be 0 <= min < max <= 1000 (musubi's "
+                                     f"min_timestep / max_timestep, sigma * 1000).")
 
     @classmethod
     def ddpm(cls, alphas_cumprod: torch.Tensor, prediction: str = "epsilon") -> "Objective":
@@ -101,6 +118,13 @@ class Objective:
     @property
     def is_flow(self) -> bool:
         return self.prediction == "flow"
+
+    def with_timestep_range(self, timestep_range: Optional[tuple[float, float]]) -> "Objective":
+        """This objective limited to (min, max) on the 0-1000 scale (None: the full range)."""
+        import dataclasses
+
+        value = None if timestep_range is None else (float(timestep_range[0]), float(timestep_range[1]))
+        return dataclasses.replace(self, timestep_range=value)
 
     # ------------------------------------------------------------------ noise levels
     def resolve_sampling(self, name: str) -> str:
@@ -126,6 +150,26 @@ class Objective:
         name = self.resolve_sampling(sampling)
         if not self.is_flow:
             return torch.randint(0, self.alphas_cumprod.shape[0], (batch,), generator=generator)
+        if self.timestep_range is None:
+            return self._sample_flow(batch, generator, name, latent_shape)
+        # musubi's preserve_distribution_shape: draw, keep the levels inside the range, draw again for the rest
+        lo, hi = self.timestep_range[0] / 1000.0, self.timestep_range[1] / 1000.0
+        kept: list[torch.Tensor] = []
+        count = 0
+        for _ in range(MAX_RANGE_DRAWS):
+            levels = self._sample_flow(batch, generator, name, latent_shape)
+            inside = levels[(levels >= lo) & (levels <= hi)]
+            kept.append(inside)
+            count += inside.numel()
+            if count >= batch:
+                return torch.cat(kept)[:batch]
+        raise LoraValueError(f"timestep range ({self.timestep_range[0]:g},{self.timestep_range[1]:g}): the "
+                             f"'{name}' sampling (shift {self.shift:.4g}) almost never draws a noise level inside it "
+                             f"({count} of {batch * MAX_RANGE_DRAWS} draws); widen the range or choose another "
+                             f"timestep sampling.")
+
+    def _sample_flow(self, batch: int, generator: torch.Generator, name: str,
+                     latent_shape: Optional[Sequence[int]]) -> torch.Tensor:
         if name.startswith("uniform"):
             u = torch.rand((batch,), generator=generator)
         else:
@@ -171,6 +215,37 @@ class Objective:
         if not self.is_flow:
             return {}
         name = self.resolve_sampling(sampling)
-        return {"ss_timestep_sampling": name, "ss_discrete_flow_shift": f"{self.shift:.6g}",
+        out = {}
+        if self.timestep_range is not None:   # musubi's sai_model_spec key, which lora_core.pairs reads
+            out["modelspec.timestep_range"] = f"{self.timestep_range[0]:g},{self.timestep_range[1]:g}"
+        return {**out, "ss_timestep_sampling": name, "ss_discrete_flow_shift": f"{self.shift:.6g}",
                 "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none",
                 "ss_sigmoid_scale": "1.0", "ss_logit_mean": "0.0", "ss_logit_std": "1.0"}
+
+
+def parse_timestep_range(text, named: Optional[dict] = None) -> Optional[tuple[float, float]]:
+    """A timestep range option: "" (all), "min,max" on musubi's 0-1000 scale ("875,1000"), or a name the model
+    family gives (Wan 2.2: "high noise" / "low noise" -> its experts' ranges). Returns (min, max) or None."""
+    if text is None:
+        return None
+    if isinstance(text, (tuple, list)):
+        values = list(text)
+    else:
+        value = " ".join(str(text).strip().lower().replace("_", " ").replace("-", " ").split())
+        if not value:
+            return None
+        named = {" ".join(k.lower().split()): v for k, v in (named or {}).items()}
+        if value in named:
+            return tuple(float(v) for v in named[value])
+        values = [v for v in str(text).replace(" ", "").split(",")]
+    try:
+        lo, hi = (float(v) for v in values)
+    except (TypeError, ValueError):
+        names = f" or one of {sorted(named)}" if named else ""
+        raise LoraValueError(f"timestep range {text!r}: give 'min,max' on the 0-1000 scale (e.g. '875,1000' for a "
+                             f"Wan 2.2 T2V high-noise expert, '0,875' for the low-noise one){names}, or leave it "
+                             f"empty for every noise level.") from None
+    if not (0 <= lo < hi <= 1000):
+        raise LoraValueError(f"timestep range {text!r}: needs 0 <= min < max <= 1000 (musubi's min_timestep / "
+                             f"max_timestep, sigma * 1000).")
+    return (lo, hi)

@@ -67,8 +67,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, deeper_block_reason,
-                      text_encoder_descriptions)
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec,
+                      deeper_block_reason, text_encoder_descriptions)
 from ..text_encoders import CLIP_L, TextEncoderSpec, register_encoder
 from .qwen_image import QWEN25_VL_7B
 
@@ -566,6 +566,43 @@ class HunyuanVideoFamily(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> Optional[TrainSpec]:
+        """musubi-tuner's HunyuanVideo training (`networks/lora.py`: HUNYUAN_TARGET_REPLACE_MODULES =
+        MMDoubleStreamBlock + MMSingleStreamBlock, default exclude of the modulation): every Linear of the double
+        blocks (fused img/txt `attn.qkv` whole, `attn.proj`, both MLPs) and single blocks (`linear1`, `linear2`),
+        no `img_mod` / `txt_mod` / `modulation`. Text-to-video only (I2V's image conditioning and 1.5's glyph /
+        vision inputs are not fed yet); image datasets train as 1-frame videos (latents (B, 16, 1, h, w)).
+        Saved in the family's merge naming `lora_unet_<ComfyUI path _>`, which core reads for every module; musubi's
+        own files name the MLPs in Tencent's naming (`img_mlp_fc1`), which core 0.3.75 does not read. The distilled
+        guidance input gets the node's `guidance` (musubi trains with --guidance_scale 1.0); flow matching at the
+        model's shift (ComfyUI: 7.0), logit-normal (musubi `shift` sampling)."""
+        if variant is not self.T2V:
+            return None
+        guidance = bool(getattr(config, "guidance", True)) if config is not None else True
+        return TrainSpec(kinds=HV_TRAIN_KINDS, target_sets=HV_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
+                         guidance_input=guidance, timestep_sampling="logit-normal, model shift",
+                         resolution_shift=None, block_lists=("double_blocks", "single_blocks"), latent_dims=3)
+
+
+# Training kinds -> element kinds.
+HV_TRAIN_KINDS = {
+    "attn": frozenset({"img_attn", "txt_attn", "linear1_attn", "linear2_attn"}),
+    "mlp": frozenset({"img_mlp", "txt_mlp", "linear1_mlp", "linear2_mlp"}),
+    "mod": frozenset({"img_mod", "txt_mod", "mod"}),
+    "refiner": frozenset({"refiner_attn", "refiner_mlp", "refiner_mod"}),
+    "embed": frozenset({"time_in", "vector_in", "guidance_in", "txt_in"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# musubi's default first (the node's default): attention and MLPs of both block kinds, no modulation.
+HV_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(HV_TRAIN_KINDS),
+}
 
 
 FAMILY = HunyuanVideoFamily()

@@ -499,7 +499,71 @@ class LuminaFamily(Family):
 
     # ----------------------------------------------------------------------------- training
     def train_spec(self, variant: ArchSpec, config=None) -> Optional[TrainSpec]:
-        return None
+        """How each variant's common trainer trains it. Flow matching at the model's own shift (ComfyUI samples
+        Z-Image with ModelSamplingAuraFlow shift 3.0, Lumina 2 with shift 6.0; NextDiT's own t = 1 - sigma and its
+        negated output are inside ComfyUI's model, so the velocity target is the generic one), no guidance input.
+
+        * **Z-Image**, musubi-tuner (`networks/lora_zimage.py`: every Linear of `ZImageTransformerBlock` with the
+          default exclude `.*(_modulation|_refiner).*`): the main layers' attention (diffusers' separate to_q / to_k /
+          to_v, i.e. the three row ranges of ComfyUI's fused qkv, each its own LoRA, and to_out.0) and feed-forward
+          (w1 / w2 / w3); no modulation, no refiner. Saved in the names ai-toolkit writes and core reads
+          (`diffusion_model.<diffusers path>`, see `train_names`). "all layers" adds the modulation, the refiners,
+          the embedders and the final layer.
+        * **Lumina 2**, kohya sd-scripts (`networks/lora_lumina.py`: LUMINA_TARGET_REPLACE_MODULE =
+          JointTransformerBlock + FinalLayer, split_qkv off): every Linear of the main layers and both refiners
+          (fused qkv whole, with its GQA rows [q | k | v]; out; w1 / w2 / w3; adaLN modulation) and the final layer,
+          named `lora_unet_<path _>`. Its resolution shift is kohya's `nextdit_shift` (mu 0.5 at 256 image tokens,
+          1.15 at 4096, as Flux's)."""
+        if variant is self.ZIMAGE or (config is not None and getattr(config, "z_image", False)):
+            return TrainSpec(kinds=LUMINA_TRAIN_KINDS, target_sets=ZIMAGE_TARGET_SETS, conv_kinds=(),
+                             text_encoders=("te1",), guidance_input=False,
+                             timestep_sampling="logit-normal, model shift", resolution_shift=None,
+                             block_lists=STACKS, path_kinds=((r"^(noise_refiner|context_refiner)\.", "refiner"),))
+        return TrainSpec(kinds=LUMINA_TRAIN_KINDS, target_sets=LUMINA2_TARGET_SETS, conv_kinds=(),
+                         text_encoders=("te1",), guidance_input=False,
+                         timestep_sampling="logit-normal, model shift", resolution_shift=(2, 256, 0.5, 4096, 1.15),
+                         block_lists=STACKS)
+
+    def train_names(self, target, variant, config=None) -> Optional[tuple[tuple[str, int, int], ...]]:
+        """Z-Image: ai-toolkit's names (`diffusion_model.` + ZImageTransformer2DModel's module path, what core reads
+        since its Z-Image support): the fused qkv as to_q / to_k / to_v (rows of the host's own q / k / v widths),
+        attention.out as to_out.0, the embedders and final layer as all_x_embedder.2-1 / all_final_layer.2-1.*.
+        Lumina 2: None (kohya's lora_unet_ names, the merge naming)."""
+        if variant is not self.ZIMAGE:
+            return None
+        spec = config if isinstance(config, LuminaSpec) else variant.config
+        entries = [e for e in self._diffusers_names(spec).get(target.path, ()) if e[3] == "z"]
+        if not entries:
+            return ((f"diffusion_model.{target.path}", 0, 0),)
+        return tuple((f"diffusion_model.{name}", pieces[0][0] if pieces else 0, rows if pieces else 0)
+                     for name, pieces, rows, _ in entries)
+
+
+# Training kinds -> element kinds (the train node's target choices name training kinds; Z-Image's `refiner` kind
+# comes from TrainSpec.path_kinds: every module of noise_refiner / context_refiner).
+LUMINA_TRAIN_KINDS = {
+    "attn": frozenset({"attn"}),
+    "mlp": frozenset({"mlp"}),
+    "mod": frozenset({"mod"}),
+    "embed": frozenset({"x_embed", "t_embed", "cap_embed"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# Z-Image: the first (the node's default) is musubi's default, the main layers' attention and feed-forward.
+ZIMAGE_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(LUMINA_TRAIN_KINDS) + ("refiner",),
+}
+# Lumina 2: kohya's default, every Linear of the blocks (modulation included) and of the final layer.
+LUMINA2_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp", "mod", "final"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(LUMINA_TRAIN_KINDS),
+}
 
 
 FAMILY = LuminaFamily()

@@ -420,7 +420,50 @@ class WanFamily(Family):
 
     # ----------------------------------------------------------------------------- training
     def train_spec(self, variant: ArchSpec, config=None) -> Optional[TrainSpec]:
-        return None   # training Wan (5-D video latents) is not wired yet
+        """musubi-tuner's Wan training (networks/lora_wan.py, docs/wan.md): LoRA on the Linears of every
+        WanAttentionBlock (WAN_TARGET_REPLACE_MODULES) - self_attn / cross_attn q, k, v, o (and Wan 2.1 I2V's
+        k_img / v_img) and ffn.0 / ffn.2 - with its default exclusion of `patch_embedding|text_embedding|
+        time_embedding|time_projection|norm|head`, named `lora_unet_<native path _>` (ss_network_module
+        networks.lora_wan). "all layers" adds the text / time embeddings, the time projection, the I2V image
+        projection and head.head (every Linear of the denoiser; the Conv3d patch embedding and the modulation
+        parameters are not LoRA targets). musubi trains no text encoder (UMT5-XXL); ours can, through ComfyUI's
+        generic names. Flow matching at the model's shift (ComfyUI's WAN21: ModelSamplingDiscreteFlow, shift 8,
+        multiplier 1000), logit-normal shifted by it (musubi `--timestep_sampling shift --discrete_flow_shift`);
+        latents are 5-D (B, 16, frames, h, w) - images train as one-frame videos. One Wan 2.2 expert trains with
+        its timestep range (`timestep_ranges`)."""
+        if not isinstance(config, WanSpec):
+            config = variant.config
+        if config.out_dim == 48:
+            return None   # TI2V-5B: per-token timesteps and a 48-channel VAE, not wired yet
+        return TrainSpec(kinds=WAN_TRAIN_KINDS, target_sets=WAN_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
+                         guidance_input=False, timestep_sampling="logit-normal, model shift", resolution_shift=None,
+                         block_lists=("blocks",), latent_dims=3)
+
+    def timestep_ranges(self, variant: ArchSpec) -> dict[str, tuple[int, int]]:
+        """The Wan 2.2 experts' timestep ranges on musubi's 0-1000 scale (docs/wan.md: T2V low noise 0-875, high
+        noise 875-1000, the T2V boundary 0.875; I2V's boundary 0.9, wan/configs/wan_i2v_A14B.py)."""
+        boundary = WAN22_BOUNDARY["i2v"] if variant.config.in_dim == 36 else WAN22_BOUNDARY["t2v"]
+        return {"high noise": (boundary, 1000), "low noise": (0, boundary)}
+
+
+# Training kinds -> element kinds (the train node's target choices name training kinds).
+WAN_TRAIN_KINDS = {
+    "attn": frozenset({"self_attn", "cross_attn", "img_attn"}),
+    "mlp": frozenset({"ffn"}),
+    "embed": frozenset({"text_embed", "time_embed", "time_proj", "img_emb"}),
+    "final": frozenset({"head"}),
+}
+# The first (the node's default) is musubi's default: every Linear of the WanAttentionBlocks (attention and FFN;
+# "attn+ff" is the same set); "all layers" adds the embeddings' Linears and head.head.
+WAN_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(WAN_TRAIN_KINDS),
+}
+# Wan 2.2's expert boundary on the 0-1000 scale (musubi docs/wan.md, --timestep_boundary defaults)
+WAN22_BOUNDARY = {"t2v": 875, "i2v": 900}
 
 
 FAMILY = WanFamily()
