@@ -17,6 +17,8 @@ from lora_core.train.blocks import parse_block_list, parse_block_lr
 from lora_core.train.plot import loss_curve_rgb
 from lora_core.types import LoraFile
 
+from .train_preview import PREVIEW_DEFAULTS, TrainMonitor, preview_inputs
+
 log = logging.getLogger("lora_core")
 
 CATEGORY = "LoRA Core/Training"
@@ -512,11 +514,12 @@ class LoRACoreTrain:
                                "given back unchanged. The saved LoRA loads on any precision of the model."}),
                 "lora_dtype": (list(lt.LORA_DTYPES), {"default": "fp32", "tooltip": "dtype of the trained LoRA "
                                "weights (fp32 recommended; bf16 halves their memory and optimizer state)."}),
+                **preview_inputs(),
             },
         }
 
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report")
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("MODEL", "CLIP", "lora", "loss_curve", "lora_name", "report", "previews")
     FUNCTION = "train"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Trains a kohya-format LoRA/LoCon (or LyCORIS LoHa/LoKr/DoRA) on the connected model, saves it "
@@ -528,7 +531,8 @@ class LoRACoreTrain:
               batch_size, grad_accumulation, seed, min_snr_gamma, noise_offset, mixed_precision,
               gradient_checkpointing, cache_latents, cache_text_encoder_outputs, save_every, keep_last,
               save_precision, overwrite, timestep_sampling="auto", guidance=1.0, text_encoders="kohya default",
-              timestep_range="", base_quant="as loaded", lora_dtype="fp32"):
+              timestep_range="", base_quant="as loaded", lora_dtype="fp32",
+              **preview_options):
         import comfy.model_management as mm
         import folder_paths
 
@@ -567,12 +571,19 @@ class LoRACoreTrain:
             save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling,
             timestep_range=t_range, lora_dtype=lora_dtype)
         config.validate()
+        unknown = set(preview_options) - set(PREVIEW_DEFAULTS)
+        if unknown:
+            raise LoraValueError(f"LoRACoreTrain has no input(s) {sorted(unknown)}.")
+        monitor = TrainMonitor(dataset, seed, steps, **{**PREVIEW_DEFAULTS, **preview_options})
+        dataset = monitor.dataset   # without the held-out validation images
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
+        monitor.title = output.name
 
         # ComfyUI runs nodes under inference_mode; autograd needs it off.
         with torch.inference_mode(False):
             result, trainer = _train(model, clip, vae, dataset, config, output, run == "continue", mm,
-                                     guidance=guidance, text_encoders=text_encoders, base_quant=base_quant)
+                                     guidance=guidance, text_encoders=text_encoders, base_quant=base_quant,
+                                     monitor=monitor)
             if result.interrupted:
                 log.warning("LoRA Core: training interrupted at step %d; saved %s (continue with run='continue').",
                             result.step, result.final_path)
@@ -582,7 +593,7 @@ class LoRACoreTrain:
 
         lora = read_lora_file(result.final_path)
         new_model, new_clip = apply_lora(model, clip, lora, output.name)
-        curve = _curve_image(result.losses, output.name)
+        curve = _curve_image(result.losses, output.name, monitor.curve)
         lora_name = os.path.relpath(result.final_path, output.folder)
         report = (f"Trained {output.name}: steps {result.step} (this run {result.steps_done}, "
                   f"{result.steps_per_second:.2f} steps/s), {len(trainer.train_names)} modules, rank {rank}, "
@@ -591,8 +602,10 @@ class LoRACoreTrain:
         base_report = getattr(trainer, "base_report", None)
         if base_report is not None and (base_report.frozen_cast or base_report.nf4 or base_report.own_forward):
             report += f"\nbase: {base_report.describe()}"
+        if monitor.report():
+            report += "; " + monitor.report()
         log.info("LoRA Core: %s", report)
-        return new_model, new_clip, lora, curve, lora_name, report
+        return new_model, new_clip, lora, curve, lora_name, report, monitor.grid()
 
 
 def _check_latent_rank(dataset, spec, arch) -> None:
@@ -604,7 +617,7 @@ def _check_latent_rank(dataset, spec, arch) -> None:
 
 
 def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, text_encoders="kohya default",
-           base_quant="as loaded"):
+           base_quant="as loaded", monitor=None):
     import comfy.utils
 
     from ._host import HostModels
@@ -640,13 +653,16 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
                              encode_images=lambda images: backend.encode_images(images, vae),
                              encode_text=backend.encode_text if clip is not None else None,
                              output=output, arch=arch.name,
-                             checkpoint_modules=backend.checkpoint_modules())
+                             checkpoint_modules=backend.checkpoint_modules(),
+                             hooks=monitor.hooks(model, clip, vae, config.train_text_encoder) if monitor else ())
     if resume:
         trainer.resume(output.state)
     elif os.path.exists(output.state) and not config.overwrite:
         raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run to "
                              f"'continue' to resume it, pick another output name, or allow overwriting.")
     pbar = comfy.utils.ProgressBar(config.steps)
+    if monitor is not None:
+        monitor.pbar, monitor.losses, monitor.first = pbar, lambda: trainer.losses, trainer.step
     first = trainer.step
     every = max(1, config.steps // 20)
 
@@ -657,7 +673,8 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
             try:
                 from PIL import Image
 
-                preview = ("PNG", Image.fromarray(loss_curve_rgb(trainer.losses, output.name)), 512)
+                preview = monitor.ui_preview(trainer.losses) if monitor is not None else \
+                    ("PNG", Image.fromarray(loss_curve_rgb(trainer.losses, output.name)), 512)
             except Exception:  # a preview is a nicety; never fail training for it
                 preview = None
         pbar.update_absolute(done, config.steps, preview)
@@ -691,8 +708,8 @@ def apply_lora(model, clip, lora: LoraFile, name: str):
     return new_model, new_clip
 
 
-def _curve_image(losses, title) -> torch.Tensor:
-    rgb = loss_curve_rgb(losses, title)
+def _curve_image(losses, title, validation=()) -> torch.Tensor:
+    rgb = loss_curve_rgb(losses, title, validation=validation)
     return torch.from_numpy(rgb).float().div(255.0)[None]
 
 

@@ -132,7 +132,7 @@ def hosts():
 
 
 def _run(host, folder, **overrides):
-    model, clip, lora, curve, name, report = host.train(folder, **overrides)
+    model, clip, lora, curve, name, report = host.train(folder, **overrides)[:6]
     state = lt.load_state(os.path.join(folder, "sq.state.pt"))
     return dict(model=model, clip=clip, lora=lora, report=report, losses=state["losses"], path=lora.path)
 

@@ -347,7 +347,7 @@ def test_backend_calls_the_model_the_way_the_sampler_does(kind, flux, chroma):
 # ------------------------------------------------------------------------------------------ training runs
 
 def _run(host, folder, **overrides):
-    model, clip, lora, curve, name, report = host.train(folder, **overrides)
+    model, clip, lora, curve, name, report = host.train(folder, **overrides)[:6]
     state = lt.load_state(os.path.join(folder, "sq.state.pt"))
     return dict(model=model, clip=clip, lora=lora, report=report, losses=state["losses"], path=lora.path)
 

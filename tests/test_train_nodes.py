@@ -123,13 +123,13 @@ def test_node_contract():
     order = list(nt.LoRACoreTrain.INPUT_TYPES()["required"])
     assert order == ["model", "clip", "vae", "dataset"] + list(train_kwargs())
     assert list(nt.LoRACoreTrainDataset.INPUT_TYPES()["required"]) == list(DATASET_DEFAULTS)
-    assert nt.LoRACoreTrain.RETURN_TYPES == ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING")
+    assert nt.LoRACoreTrain.RETURN_TYPES == ("MODEL", "CLIP", "LORA_CORE_LORA", "IMAGE", "STRING", "STRING", "IMAGE")
 
 
 def test_train_outputs_file_and_loss_curve(trained):
     from safetensors import safe_open
 
-    model, clip, lora, curve, lora_name, report = trained["outputs"]
+    model, clip, lora, curve, lora_name, report = trained["outputs"][:6]
     assert lora_name == "sq.safetensors" and os.path.isfile(trained["folder"] / lora_name)
     assert lora.path == str(trained["folder"] / lora_name)
     assert curve.ndim == 4 and curve.shape[-1] == 3 and curve.dtype == torch.float32 and 0 <= curve.min()

@@ -171,7 +171,7 @@ def host(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(host, tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan_loras")
-    model, clip, lora, curve, name, report = host.train(folder)
+    model, clip, lora, curve, name, report, *_ = host.train(folder)
     state = lt.load_state(os.path.join(folder, "sq.state.pt"))
     return dict(model=model, lora=lora, report=report, losses=state["losses"], path=lora.path)
 
@@ -347,7 +347,7 @@ def test_one_expert_trains_inside_its_range_and_the_pair_loader_tells_which(expe
         return denoise(self, noisy, timesteps, cond)
 
     monkeypatch.setattr(nt.ComfyBackend, "denoise", recording)
-    model, clip, lora, curve, name, report = host.train(tmp_path, steps=6, timestep_range=expert,
+    model, clip, lora, curve, name, report, *_ = host.train(tmp_path, steps=6, timestep_range=expert,
                                                         output_name=f"wan_{expert.split()[0]}_noise")
     lo, hi = {"high noise": (0.875, 1.0), "low noise": (0.0, 0.875)}[expert]
     assert len(seen) == 12 and all(lo <= t <= hi for t in seen)
@@ -416,7 +416,7 @@ def test_text_encoder_training_writes_names_core_reads(host, tmp_path, caplog):
     """With train_text_encoder, Wan's UMT5 (te1) trains too (musubi trains none; its attention / FFN Linears here),
     named as core maps UMT5 (`text_encoders.umt5xxl.transformer.<path>`, comfy.lora.model_lora_keys_clip): the file
     still loads in core with no key left."""
-    model, clip, lora, curve, name, report = host.train(tmp_path, steps=3, train_text_encoder=True,
+    model, clip, lora, curve, name, report, *_ = host.train(tmp_path, steps=3, train_text_encoder=True,
                                                         output_name="wan_te")
     modules = file_modules(lora.path)
     te = {m for m in modules if m.startswith("text_encoders.umt5xxl.transformer.encoder.block.")}
@@ -477,7 +477,7 @@ def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_p
     kwargs = train_kwargs(steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
                           output_name=f"wan_{variant}")
     with loras_folder(folder):
-        _, _, lora, _, _, _ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
+        _, _, lora, *_ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
                                                        timestep_range="low noise")
     modules = file_modules(lora.path)
     assert modules == musubi_targets(model.model.diffusion_model)

@@ -20,6 +20,8 @@ from .quant import BASE_QUANT, LORA_DTYPES, FrozenBase, nf4_codec, resolve_base_
 from .objective import TIMESTEP_SAMPLING, Objective, ResolutionShift, parse_timestep_range, time_shift
 from .save import OutputFiles, kohya_metadata, read_session_id, save_lora
 from .state import load_state, save_state
+from .hooks import PreviewHook, TrainHook, outside_training
+from .validation import ValidationLoss, split_dataset, validation_set
 
 __all__ = [
     "DiffusersBackend", "diffusers_ldm_namer", "transformers_text_encoder", "unlock_inference_params",
@@ -31,4 +33,5 @@ __all__ = [
     "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
     "ResolutionShift", "time_shift", "parse_timestep_range", "BASE_QUANT", "LORA_DTYPES", "FrozenBase", "nf4_codec",
     "resolve_base_quant", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
+    "PreviewHook", "TrainHook", "outside_training", "ValidationLoss", "split_dataset", "validation_set",
 ]

@@ -73,6 +73,8 @@ class TrainDataset:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     resolution: int = 512
     buckets: list = field(default_factory=list)
+    # how images were fitted to buckets (load_folder's keyword arguments), so a validation folder is fitted alike
+    fit: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.samples:
@@ -312,7 +314,12 @@ def load_folder(folder: str, resolution: int = 512, repeats: int = 1, bucketing:
                             f"files or set the missing-caption policy to use the caption widget, the file name or "
                             f"an empty caption.")
     return TrainDataset(samples, repeats=repeats, captions=captions or CaptionOptions(), resolution=resolution,
-                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket))
+                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket),
+                        fit=_fit(resolution, bucketing, bucket_step, min_bucket, max_bucket))
+
+
+def _fit(resolution: int, bucketing: bool, step: int, min_size: int, max_size: int) -> dict:
+    return dict(resolution=resolution, bucketing=bucketing, bucket_step=step, min_bucket=min_size, max_bucket=max_size)
 
 
 def _bucket_list(resolution: int, bucketing: bool, step: int, min_size: int, max_size: int) -> list:
@@ -335,7 +342,8 @@ def from_images(images: Sequence[torch.Tensor], captions: Sequence[str], resolut
         samples.append(Sample(caption, image=tensor_to_bucket(image.float(), bucket), source=f"image {i}",
                               original_size=(w, h)))
     return TrainDataset(samples, repeats=repeats, captions=caption_options or CaptionOptions(), resolution=resolution,
-                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket))
+                        buckets=_bucket_list(resolution, bucketing, bucket_step, min_bucket, max_bucket),
+                        fit=_fit(resolution, bucketing, bucket_step, min_bucket, max_bucket))
 
 
 # ------------------------------------------------------------------------------------------ batching

@@ -17,6 +17,9 @@ A backend gives:
 
 Latents are (batch, channels, *spatial) of any rank: images (B, C, H, W), video (B, C, frames, H, W).
 
+Hooks (lora_core.train.hooks: sample previews, validation loss) run beside the loop, outside autograd and with the
+global RNG restored, so they never change what is trained; their state goes into the resume state.
+
 Everything random in a step (batch, caption augmentation, noise, timesteps, noise offset) is drawn from
 generators seeded by (seed, micro-batch index); together with the saved optimizer state this makes
 "N steps, stop, resume N more" equal to "2N steps".
@@ -317,12 +320,14 @@ class LoraTrainer:
     def __init__(self, backend: Backend, network: LoRANetwork, dataset: TrainDataset, config: TrainConfig,
                  encode_images: Optional[Callable] = None, encode_text: Optional[Callable] = None,
                  output: Optional[OutputFiles] = None, arch: str = "SD1", base_model_name: str = "",
-                 checkpoint_modules: Sequence[torch.nn.Module] = ()):
+                 checkpoint_modules: Sequence[torch.nn.Module] = (), hooks: Sequence = ()):
         config.validate()
         self.backend, self.network, self.dataset, self.config = backend, network, dataset, config
         self.encode_images, self.encode_text = encode_images, encode_text
         self.output, self.arch, self.base_model_name = output, arch, base_model_name
         self.checkpoint_modules = list(checkpoint_modules)
+        # beside the loop (hooks.TrainHook): previews, validation loss; their state is saved and resumed with ours
+        self.hooks = list(hooks)
         self.device = torch.device(backend.device)
         self.objective = objective_of(backend)
         if config.timestep_range is not None:   # objective.py: redrawn inside the range, written to the file
@@ -378,6 +383,8 @@ class LoraTrainer:
         self.session_id = state["session_id"]
         self.started_at = state["started_at"]
         restore_rng(state["rng"])
+        for hook in self.hooks:
+            hook.load_state_dict((state.get("extra") or {}).get(hook.name) or {}, state_path)
         log.info("LoRA Core: continuing %s from step %d", state_path, self.step)
 
     def _cache_latents(self) -> None:
@@ -532,12 +539,15 @@ class LoraTrainer:
     # -------------------------------------------------------------- saving
     def metadata(self) -> dict:
         cfg = dataclasses.replace(self.config, total_steps=self.config.total_steps or self._end_step)
+        extra = {}
+        for hook in self.hooks:
+            extra.update(hook.metadata())
         return kohya_metadata(config=cfg, network=self.network, dataset=self.dataset, arch=self.arch,
                               prediction_type=self.objective.prediction, step=self.step,
                               session_id=self.session_id, started_at=self.started_at,
                               output_name=self.output.name if self.output else "lora",
                               base_model_name=self.base_model_name, objective=self.objective,
-                              guidance=getattr(self.backend, "guidance", None))
+                              guidance=getattr(self.backend, "guidance", None), extra=extra or None)
 
     def lora_tensors(self) -> dict:
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_dtype], self.train_names)
@@ -551,7 +561,8 @@ class LoraTrainer:
         save_state(self.output.state, lora=self.network.kohya_state_dict(torch.float32),
                    optimizer=self.optimizer.state_dict(), scheduler={"name": self.config.scheduler, "step": self.step},
                    step=self.step, config=self.config.as_dict(), session_id=self.session_id,
-                   started_at=self.started_at, losses=self.losses)
+                   started_at=self.started_at, losses=self.losses,
+                   extra={hook.name: hook.state_dict() for hook in self.hooks})
         if not final:
             self.output.prune(self.config.keep_last, self.session_id)
         return written
@@ -584,6 +595,8 @@ class LoraTrainer:
             in_place = getattr(self.backend, "in_place_modules", None)
             with _Checkpointing(self.checkpoint_modules if cfg.gradient_checkpointing else ()), torch.enable_grad(), \
                     OutOfPlaceAdds(in_place() if in_place is not None else ()):
+                for hook in self.hooks:
+                    hook.begin(self)
                 while self.step < self._end_step:
                     if should_stop is not None and should_stop():
                         interrupted = True
@@ -592,6 +605,8 @@ class LoraTrainer:
                     self.step += 1
                     steps_done += 1
                     self.losses.append(loss)
+                    for hook in self.hooks:
+                        hook.after_step(self)
                     if on_step is not None:
                         on_step(self.step, self._end_step, loss)
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self._end_step:

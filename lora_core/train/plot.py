@@ -17,8 +17,11 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def loss_curve_rgb(losses: Sequence[float], title: str = "training loss", width: int = 768,
-                   height: int = 432, chunk_starts: Sequence[int] = ()) -> np.ndarray:
-    """(H, W, 3) uint8 image of the per-step loss (light) and its moving average (dark)."""
+                   height: int = 432, chunk_starts: Sequence[int] = (),
+                   validation: Sequence[tuple] = ()) -> np.ndarray:
+    """(H, W, 3) uint8 image of the per-step loss (light) and its moving average (dark), and the validation loss
+    (`validation`: (step, loss) pairs; orange, with markers) on the same axes: a LoRA that starts to overfit shows
+    as the validation curve turning up while the training loss still falls."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -31,12 +34,16 @@ def loss_curve_rgb(losses: Sequence[float], title: str = "training loss", width:
     ax = fig.add_subplot(111)
     steps = np.arange(1, len(losses) + 1)
     if len(losses):
-        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss")
+        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="training loss")
         window = max(1, len(losses) // 20)
         ax.plot(steps, moving_average(losses, window), color="#08519c", linewidth=1.8,
                 label=f"moving average ({window})")
         for start in chunk_starts:
             ax.axvline(start, color="#bbbbbb", linestyle="--", linewidth=0.8)
+    if len(validation):
+        vsteps, vloss = zip(*validation)
+        ax.plot(vsteps, vloss, color="#e6550d", linewidth=1.6, marker="o", markersize=3.5, label="validation loss")
+    if len(losses) or len(validation):
         ax.legend(loc="upper right")
     else:
         ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes)
