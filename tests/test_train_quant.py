@@ -437,3 +437,38 @@ def test_lora_dtype_bf16_trains_bf16_weights(host, dataset, tmp_path, monkeypatc
     assert len(model.patches) == len({k.split(".")[0] for k in state})
     with pytest.raises(LoraValueError, match=r"LoRA dtype 'fp16' is not one of \['fp32', 'bf16'\]"):
         lt.TrainConfig(lora_dtype="fp16").validate()
+
+
+# ------------------------------------------------------------------------------------------ a DiT on fp8
+
+
+def test_flux_on_an_fp8_base_learns_and_loads_on_the_fp32_model(tmp_path, caplog):
+    """Tiny Flux.1-dev (tests/test_train_flux.py's host) loaded with fp8 weights the way ComfyUI loads an fp8
+    Flux (manual-cast ops, fp32 compute on CPU): flow-matching training through the node keeps it fp8, its
+    training loss falls like the fp32 base's does (test_train_flux: last 10 steps ~0.5x the first 10), and the
+    file loads on the fp32 model in core with every module."""
+    import tests.test_train_flux as tf
+
+    host = tf.Host("flux")
+    config = comfy.supported_models.Flux(tm.flux_config())
+    config.set_inference_dtype(FP8, mm.unet_manual_cast(FP8, torch.device("cpu"), config.supported_inference_dtypes))
+    model = config.get_model({}, device=torch.device("cpu"))
+    state = {k: v.detach().to(FP8) for k, v in host.model.model.diffusion_model.state_dict().items()}
+    missing, unexpected = model.diffusion_model.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    fp32_model, host.model = host.model, comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                                         offload_device=torch.device("cpu"))
+    unet = host.model.model.diffusion_model
+    assert model.manual_cast_dtype == torch.float32 and {p.dtype for p in unet.parameters()} == {FP8}
+    result = host.train(tmp_path / "loras")
+    losses = lt.load_state(str(tmp_path / "loras" / "sq.state.pt"))["losses"]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    print(f"fp8 Flux: training loss first10 {first:.4f} last10 {last:.4f}")
+    assert len(losses) == tf.STEPS and last < 0.85 * first
+    assert {p.dtype for p in unet.parameters()} == {FP8} and "layers cast per call" in result[5]
+    file_state = comfy.utils.load_torch_file(result[2].path, safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        patched, _ = comfy.sd.load_lora_for_models(fp32_model, None, file_state, 1.0, 0.0)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    assert len(patched.patches) == len({k.split(".")[0] for k in file_state}) > 0
