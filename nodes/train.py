@@ -380,7 +380,8 @@ def model_arch(model) -> str:
     arch = HostModels(model).key_map.arch
     if arch is None:
         raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
-                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image and Wan 2.1 / 2.2.")
+                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2, HunyuanVideo and "
+                             "Flux.2.")
     return arch.name
 
 

@@ -404,10 +404,13 @@ def test_reasons_for_names_this_model_lacks(flux2):
         assert flux1_km.resolve(name) is None and "Flux.2" in flux1_km.explain_unmatched(name), name
 
 
-def test_training_is_refused_with_the_reason(flux2):
-    """No TrainSpec for Flux.2 yet: the train node says so instead of training with another family's rules."""
-    with pytest.raises(LoraValueError, match=r"Training does not support Flux\.2 \[dev\] yet"):
-        node_module("train").model_train_spec(flux2[0])
+def test_training_uses_flux2s_own_train_spec(flux2):
+    """Flux.2 trains with its own TrainSpec (musubi's lora_flux_2 set: attention and MLPs of the blocks, no shared
+    modulation by default; guidance input), not another family's rules (tests/test_train_dit2.py trains it)."""
+    arch, spec = node_module("train").model_train_spec(flux2[0])
+    assert arch is FLUX2_DEV and spec.guidance_input is True
+    assert spec.target_sets["attn+ff+proj"] == ("attn", "mlp") and "mod" in spec.target_sets["all layers"]
+    assert spec.block_lists == ("double_blocks", "single_blocks")
 
 
 # ------------------------------------------------------------------------------------- blocks

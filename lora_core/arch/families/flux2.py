@@ -53,8 +53,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, deeper_block_reason,
-                      text_encoder_descriptions)
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, Part, TrainSpec,
+                      deeper_block_reason, text_encoder_descriptions)
 from ..text_encoders import TextEncoderSpec, register_encoder
 
 MISTRAL3_24B = register_encoder(TextEncoderSpec("Mistral-Small-3.1-24B", "mistral3_24b", 5120, 40, 40, 32768, 32,
@@ -404,6 +404,37 @@ class Flux2Family(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> Optional[TrainSpec]:
+        """musubi-tuner's Flux.2 training (`networks/lora_flux_2.py`: FLUX_2_TARGET_REPLACE_MODULES = DoubleStreamBlock
+        + SingleStreamBlock, default exclude `img_mod.lin|txt_mod.lin|modulation.lin` and `norm`): every Linear of
+        the blocks (fused `img_attn.qkv` / `txt_attn.qkv` whole, `proj`, the fused gated `img_mlp.0` and `img_mlp.2`,
+        single-block `linear1` / `linear2`); Flux.2's modulation is shared, outside the blocks, so the default never
+        has it. Named `lora_unet_<path _>` (BFL / ComfyUI names, read by core). The distilled guidance input gets
+        the node's `guidance`; flow matching at the model's own schedule (ComfyUI's ModelSamplingFlux for Flux.2)."""
+        guidance = bool(getattr(config, "guidance", True)) if config is not None else True
+        return TrainSpec(kinds=FLUX2_TRAIN_KINDS, target_sets=FLUX2_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
+                         guidance_input=guidance, timestep_sampling="logit-normal, model shift",
+                         resolution_shift=None, block_lists=("double_blocks", "single_blocks"))
+
+
+# Training kinds -> element kinds.
+FLUX2_TRAIN_KINDS = {
+    "attn": frozenset({"img_attn", "txt_attn", "linear1_attn", "linear2_attn"}),
+    "mlp": frozenset({"img_mlp", "txt_mlp", "linear1_mlp", "linear2_mlp"}),
+    "mod": frozenset({"img_mod", "txt_mod", "mod"}),
+    "embed": frozenset({"img_in", "txt_in", "time_in", "guidance_in"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# musubi's default first (the node's default): every Linear of the double and single blocks.
+FLUX2_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(FLUX2_TRAIN_KINDS),
+}
 
 
 FAMILY = Flux2Family()
