@@ -128,6 +128,12 @@ HUMO_AUDIO = (("audio_cross_attn_wrapper.audio_cross_attn.q", "audio_attn"),
               ("audio_cross_attn_wrapper.audio_cross_attn.norm_q", "norm"),
               ("audio_cross_attn_wrapper.audio_cross_attn.norm_k", "norm"),
               ("audio_cross_attn_wrapper.norm1_audio", "norm"))
+# adapters described from the structure (so a full-size layout has them without a host), the rest read off a host
+AUX_MODULES = {"s2v": (("cond_encoder", "cond"), ("trainable_cond_mask", "cond"),
+                       ("casual_audio_encoder.encoder.final_linear", "audio")),
+               "humo": (("audio_proj.audio_proj_glob_1.layer", "audio"), ("audio_proj.audio_proj_glob_2.layer", "audio"),
+                        ("audio_proj.audio_proj_glob_3.layer", "audio")),
+               "animate": (("pose_patch_embedding", "pose"), ("face_encoder.out_proj", "face"))}
 CAMERA_MODULES = ("control_adapter.conv", "control_adapter.residual_blocks.0.conv1",
                   "control_adapter.residual_blocks.0.conv2")
 
@@ -267,7 +273,9 @@ def spec_from_diffusers(keys: Sequence[str], shapes: Optional[Mapping[str, tuple
 
     width = dim("scale_shift_table", -1, 5120)
     vace = "vace_patch_embedding.weight" in keyset
-    return WanSpec(dim=width, depth=_count(keyset, r"blocks\.(\d+)\."), model_type="vace" if vace else "t2v",
+    i2v = "blocks.0.attn2.add_k_proj.weight" in keyset
+    return WanSpec(dim=width, depth=_count(keyset, r"blocks\.(\d+)\."),
+                   model_type="vace" if vace else "i2v" if i2v else "t2v",
                    vace_layers=_count(keyset, r"vace_blocks\.(\d+)\."),
                    vace_in_dim=dim("vace_patch_embedding.weight", 1, 96),
                    ffn=dim("blocks.0.ffn.net.0.proj.weight", 0, 13824), in_dim=dim("patch_embedding.weight", 1, 16),
@@ -435,6 +443,7 @@ class WanFamily(Family):
             out.append(ModuleDef(p, block, "mod", param=MODULATION))
         if spec.model_type in ("camera", "camera_2.2"):
             out += [ModuleDef(path, AUX, "control", d) for path in CAMERA_MODULES]
+        out += [ModuleDef(path, AUX, kind) for path, kind in AUX_MODULES.get(spec.model_type, ())]
         for key, rows in spec.extras:
             block, kind = _extra_place(key, spec)
             if key.endswith(".weight"):
@@ -537,7 +546,7 @@ class WanFamily(Family):
         # the T2V 14B and the 2.2 I2V-A14B share every module but the patch embedding: without it (musubi's
         # default) nothing tells them apart, and T2V is the far more common target
         # (VACE: the 14B, the commoner; a file of the variants' own modules names its variant by them)
-        for variant in (self.T2V_14B, self.T2V_1_3B, self.TI2V_5B, self.VACE_14B, self.VACE_1_3B):
+        for variant in (self.T2V_14B, self.T2V_1_3B, self.TI2V_5B, self.I2V_14B, self.VACE_14B, self.VACE_1_3B):
             if variant.name in names:
                 return variant.name
         return None
