@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .errors import LoraMatchError, LoraValueError
+from .arch.family import param_key
 from .formats import parse_modules, split_key
 from .types import LoraFile
 
@@ -126,7 +127,7 @@ def _outputs(target, key_map, arch, to: str, table) -> list[tuple[str, Optional[
 
     component, path = target.component, target.path
     if target.param != "weight":
-        return [(f"diffusion_model.{path}.{target.param}", None)]
+        return [(f"diffusion_model.{param_key(path, target.param)}", None)]
     if component.startswith("te"):
         spec = key_map.component_specs.get(component) or arch.components.get(component)
         encoder = spec.encoder if spec is not None else None

@@ -17,6 +17,7 @@ from lora_core.arch import bind_comfy_clip, bind_comfy_model, bind_layout, build
 from lora_core.errors import LoraFileError
 from lora_core.io import default_cache, read_lora_header
 
+from ._params import ensure_params_patched
 from ._patches import to_comfy_patches
 
 log = logging.getLogger("lora_core")
@@ -157,6 +158,7 @@ class HostModels:
             model = model.clone()
             added = model.add_patches(to_comfy_patches(model_plan, loaded_keys), 1.0)
             _check_added(added, model_plan, "MODEL")
+            ensure_params_patched(model)   # Wan's modulation, pad tokens: ModelPatcher.load skips them
         if clip is not None and clip_plan:
             clip = clip.clone()
             added = clip.add_patches(to_comfy_patches(clip_plan, loaded_keys), 1.0)

@@ -41,9 +41,21 @@ def twin():
 
 
 def bake(patcher) -> dict:
+    """The patched tensors after ComfyUI loads `patcher`. ModelPatcher.load never writes a patch on a parameter of a
+    non-leaf module (Wan's `modulation`, Z-Image's pad tokens, SD3's `pos_embed`: nodes/_params.py); our loader
+    adds a callback that does. On a patcher without it (core's loader), such a tensor is what core's own patch math
+    (`comfy.lora.calculate_weight` on the patches core registered) makes of it: the truth we compare with."""
+    import comfy.lora
+    import comfy.patcher_extension
+
+    params = node_module("_params")
     mm.load_models_gpu([patcher], force_full_load=True)
     state = {k: v.detach().clone() for k, v in patcher.model.state_dict().items() if k in patcher.patches}
     mm.unload_all_models()
+    ours = patcher.callbacks.get(comfy.patcher_extension.CallbacksMP.ON_LOAD, {}).get(params.CALLBACK_KEY)
+    if not ours:
+        for key in params.non_leaf_params(patcher.model, list(state)):
+            state[key] = comfy.lora.calculate_weight(patcher.patches[key], state[key].float(), key).to(state[key].dtype)
     return state
 
 

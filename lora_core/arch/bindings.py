@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..errors import LoraMatchError, LoraValueError
 from . import registry
-from .family import ArchSpec, ComponentSpec, ModuleDef
+from .family import ArchSpec, ComponentSpec, ModuleDef, param_key
 from .text_encoders import ENCODERS, TEXT_ENCODER_FAMILIES, TextEncoderSpec, canonical_te_path, te_kind, te_layer, \
     te_modules
 
@@ -167,7 +167,7 @@ def bind_comfy_model(host_params: HostParams, unet_config: Optional[dict] = None
     component = family.denoiser
 
     def host_of(module: ModuleDef):
-        host = mapping.get(f"{module.path}.{module.param}")
+        host = mapping.get(param_key(module.path, module.param))
         return ((host, 0, 0, _WHOLE),) if host is not None else None
 
     _bind_denoiser(binding, component, host_of)
@@ -345,7 +345,7 @@ def bind_layout(arch: ArchSpec, components: Optional[Iterable[str]] = None) -> H
     denoiser = arch.family.denoiser
     if wanted is None or denoiser in wanted:
         _bind_denoiser(binding, denoiser,
-                       lambda m: ((f"diffusion_model.{m.path}.{m.param}", 0, 0, _WHOLE),))
+                       lambda m: ((f"diffusion_model.{param_key(m.path, m.param)}", 0, 0, _WHOLE),))
     for component, spec in arch.components.items():
         if not spec.is_text_encoder or (wanted is not None and component not in wanted):
             continue

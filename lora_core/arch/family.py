@@ -51,6 +51,12 @@ class Part:
         return self.start + self.length
 
 
+def param_key(path: str, param: str) -> str:
+    """A module's parameter key: `<path>.<param>`; a parameter of the model itself (Z-Image's `x_pad_token`, SD3's
+    `pos_embed`) is a ModuleDef with the key as its path and param "" (the key is then the path)."""
+    return f"{path}.{param}" if param else path
+
+
 @dataclass(frozen=True)
 class ModuleDef:
     """One weight-carrying module of a component, in canonical naming.
@@ -58,7 +64,7 @@ class ModuleDef:
     `rows` is the weight's output size when the family knows it (needed for parts and aliases of parts);
     `parts` split the rows of a fused weight (each with its own element kind), `col_parts` its input columns
     (Flux's single-block `linear2` reads [attention | MLP]). `param` is the parameter name ("weight"; RMSNorm
-    scales are "scale")."""
+    scales are "scale"; "" for a parameter of the model itself, named by `path`: see `param_key`)."""
 
     path: str
     block: str
@@ -67,6 +73,11 @@ class ModuleDef:
     parts: tuple[Part, ...] = ()
     col_parts: tuple[Part, ...] = ()
     param: str = "weight"
+
+    @property
+    def key(self) -> str:
+        """The parameter's key in the denoiser's state dict (without ComfyUI's `diffusion_model.`)."""
+        return param_key(self.path, self.param)
 
     def kind_at(self, row: int) -> str:
         for part in self.parts:
@@ -418,7 +429,10 @@ class Family:
 
     def export_name(self, target) -> Optional[str]:
         """The module name a merged file uses for a denoiser target, when the family's common format differs from
-        kohya's `lora_unet_<path _>` (None: kohya's)."""
+        kohya's `lora_unet_<path _>` (None: kohya's). A parameter of the model itself (param "", see `param_key`)
+        has no kohya name: ComfyUI's full key, the one name core reads for it."""
+        if target.param == "":
+            return f"diffusion_model.{target.path}"
         return None
 
     def train_names(self, target, variant: ArchSpec, config: Any = None) -> Optional[tuple[tuple[str, int, int], ...]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-from .family import Piece, row_pieces
+from .family import Piece, param_key, row_pieces
 from .text_encoders import short_te_path, te_kind
 
 
@@ -199,8 +199,8 @@ def _build_key_map(bindings) -> KeyMap:
                 continue
             if module.param != "weight":
                 # ComfyUI names non-weight parameters by their full key (`diffusion_model.<path>.scale`)
-                add(f"diffusion_model.{path}.{module.param}", whole)
-                add(f"{path}.{module.param}", whole)
+                add(f"diffusion_model.{param_key(path, module.param)}", whole)
+                add(param_key(path, module.param), whole)
             cache: dict = {}
             for alias in binding.aliases_of(component, module):
                 pieces = alias.pieces

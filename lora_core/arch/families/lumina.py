@@ -78,6 +78,7 @@ ELEMENT_KINDS = (
     "norm",                        # RMS norms (q/k norms, attention/ffn norms, cap_embedder.0, norm_final)
     "x_embed", "t_embed", "cap_embed",   # IN
     "final", "final_mod",          # OUT: final_layer.linear, final_layer.adaLN_modulation.1
+    "pad_token",                   # IN: Z-Image's x_pad_token / cap_pad_token (parameters of the model itself)
     "te_attn", "te_mlp", "te_embed", "proj",   # text encoder
 )
 ELEMENT_GROUPS: dict[str, frozenset] = {kind: frozenset([kind]) for kind in ELEMENT_KINDS}
@@ -308,6 +309,9 @@ class LuminaFamily(Family):
                ModuleDef("t_embedder.mlp.2", IN, "t_embed"),
                ModuleDef("cap_embedder.0", IN, "norm"),
                ModuleDef("cap_embedder.1", IN, "cap_embed", h)]
+        if spec.z_image:   # parameters of the model itself, named by their key (a full diff's `.diff` reaches them)
+            out += [ModuleDef("x_pad_token", IN, "pad_token", param=""),
+                    ModuleDef("cap_pad_token", IN, "pad_token", param="")]
         for stack in STACKS:
             count = spec.layers if stack == "layers" else spec.refiners
             for i in range(count):
@@ -394,7 +398,7 @@ class LuminaFamily(Family):
             entries = renamed.get(m.path) or []
             if not entries:
                 if spec.z_image or m.path != "norm_final":   # Lumina2Transformer2DModel drops the unused norm_final
-                    out[f"{m.path}.{m.param}"] = (m.path, None, m.param)
+                    out[m.key] = (m.path, None, m.param)
                 continue
             for diffusers, pieces, _rows, _ in entries:
                 out[f"{diffusers}.weight"] = (m.path, tuple(pieces) if pieces is not None else None, "weight")
@@ -463,8 +467,8 @@ class LuminaFamily(Family):
             return (f"{name!r}: diffusers' Lumina2Transformer2DModel name (`attn.to_q`, `feed_forward.linear_1`, "
                     f"`norm1.linear`, ...): this LoRA was made for Lumina Image 2.0, not {title}")
         if re.search(r"(^|[._])x_pad_token|cap_pad_token", rest):
-            return (f"{name!r}: Z-Image's pad tokens are plain parameters, not module weights: LoRA Core patches "
-                    "module weights only")
+            return (f"{name!r}: Z-Image's pad tokens (`x_pad_token`, `cap_pad_token`), which this {title} model "
+                    "does not have: this file was made for Z-Image")
         return (f"{name!r}: Z-Image / Lumina-style key that names no module of this {title} model; check the LoRA's "
                 "base model (or the module is not a weight)")
 

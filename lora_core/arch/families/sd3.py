@@ -63,6 +63,7 @@ ELEMENT_KINDS = (
     "norm",                        # RMS q/k norms (ln_q / ln_k, SD3.5)
     "x_embed", "t_embed", "y_embed", "context_embed",   # IN
     "final", "final_mod",          # OUT: final_layer.linear, final_layer.adaLN_modulation.1
+    "pos_embed",                   # IN: the position table `pos_embed` (a parameter of the model itself)
     "te_attn", "te_mlp", "te_embed", "proj",   # text encoders
 )
 ELEMENT_GROUPS: dict[str, frozenset] = {kind: frozenset([kind]) for kind in ELEMENT_KINDS}
@@ -262,7 +263,8 @@ class SD3Family(Family):
     # ----------------------------------------------------------------------------- modules
     def modules(self, spec: SD3Spec, variant=None) -> list[ModuleDef]:
         h, m = spec.hidden, spec.mlp_hidden
-        out: list[ModuleDef] = [ModuleDef("x_embedder.proj", IN, "x_embed", h),
+        out: list[ModuleDef] = [ModuleDef("pos_embed", IN, "pos_embed", param=""),   # by its key: see param_key
+                                ModuleDef("x_embedder.proj", IN, "x_embed", h),
                                 ModuleDef("t_embedder.mlp.0", IN, "t_embed", h),
                                 ModuleDef("t_embedder.mlp.2", IN, "t_embed", h)]
         if spec.y_embedder:
