@@ -494,7 +494,7 @@ def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_p
 def test_continuing_an_expert_keeps_its_range(host, tmp_path):
     """run=continue resumes the same expert (its range stays in the file); another range is refused by name."""
     host.train(tmp_path, steps=2, timestep_range="high noise", output_name="expert")
-    _, _, lora, _, _, _ = host.train(tmp_path, steps=2, timestep_range="875,1000", output_name="expert",
+    _, _, lora, *_ = host.train(tmp_path, steps=2, timestep_range="875,1000", output_name="expert",
                                      run="continue")
     meta = file_metadata(lora.path)
     assert meta["ss_steps"] == "4" and meta["modelspec.timestep_range"] == "875,1000"
