@@ -155,9 +155,12 @@ def test_sdxl_file_has_kohya_sdxl_names_and_lowers_the_error_with_every_module_m
     prefixes = {m.split("_")[0] + "_" + m.split("_")[1] for m in modules}
     assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}, prefixes
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in modules        # LDM layout names
-    assert "lora_te1_text_model_encoder_layers_1_self_attn_q_proj" in modules
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc2" in modules
     assert not any(m.startswith("lora_te_") for m in modules)
+    # te1's last layer is not in the context (penultimate hidden states): no module for it; te2's is (pooled).
+    assert not any(m.startswith("lora_te1_text_model_encoder_layers_1_") for m in modules)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in modules
     # Cross-attention k/v read the 64-wide concatenated context (te1 32 + te2 32).
     assert tensors["lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape[1] == 2 * HIDDEN
     for component in ("lora_te1_", "lora_te2_"):

@@ -199,7 +199,11 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
     config.validate()
     targets = find_unet_targets(model.unet, kinds, blocks, namer)
     if config.train_text_encoder and model.sdxl:   # kohya's SDXL names: lora_te1_ (CLIP-L), lora_te2_ (OpenCLIP-G)
-        targets += find_te_targets(model.text_encoder, "lora_te1", "te1")
+        # The context is te1's penultimate hidden states: its last layer takes no part in the loss, so it gets no
+        # LoRA (it would stay zero, and DistributedDataParallel refuses parameters without gradients).
+        last = f"_layers_{model.text_encoder.config.num_hidden_layers - 1}_"
+        targets += [target for target in find_te_targets(model.text_encoder, "lora_te1", "te1")
+                    if last not in target.name]
         targets += find_te_targets(model.text_encoder_2, "lora_te2", "te2")
     elif config.train_text_encoder:
         targets += find_te_targets(model.text_encoder)
