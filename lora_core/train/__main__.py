@@ -1,5 +1,5 @@
 """`python -m lora_core.train CONFIG`: the in-graph trainer's loop outside ComfyUI, on a diffusers SD1.x / SD2.x
-model, in one process or under `torchrun` / `accelerate launch` (DistributedDataParallel over the processes).
+/ SDXL model, in one process or under `torchrun` / `accelerate launch` (DistributedDataParallel over the processes).
 
     python -m lora_core.train config.toml
     torchrun --nproc_per_node=8 -m lora_core.train config.toml
@@ -7,7 +7,8 @@ model, in one process or under `torchrun` / `accelerate launch` (DistributedData
 
 The config (lora_core.train.config) names the model (a diffusers folder, or a single-file checkpoint read with
 diffusers' from_single_file), the dataset folder and the train node's options. The file written is the kohya
-LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, `ss_*` / `modelspec.*` metadata).
+LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, SDXL `lora_te1_*` / `lora_te2_*`, `ss_*` /
+`modelspec.*` metadata naming the variant, e.g. ss_base_model_version = sdxl_base_v1-0).
 """
 from __future__ import annotations
 
@@ -44,15 +45,29 @@ class DiffusersSD:
     tokenizer: object
     alphas_cumprod: torch.Tensor
     prediction_type: str
-    arch: object                      # lora_core ArchSpec (SD1 / SD2)
+    arch: object                      # lora_core ArchSpec (SD1 / SD2 / SDXL)
+    text_encoder_2: Optional[torch.nn.Module] = None   # SDXL: CLIPTextModelWithProjection (te2)
+    tokenizer_2: object = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
-def load_model(path: str, model_config: str, device: torch.device) -> DiffusersSD:
-    """UNet, VAE, CLIP text encoder, tokenizer and noise schedule of a diffusers SD1.x/SD2.x model: a folder
-    (`from_pretrained`, local files only) or a single-file checkpoint (`from_single_file`, with `model_config` a
-    local diffusers folder holding the configs, since there is no model hub to fetch them from)."""
+SUPPORTED, resolve_architecture = cfgmod.SUPPORTED_ARCHS, cfgmod.resolve_architecture
+
+
+def load_model(path: str, model_config: str, device: torch.device, architecture: str = "auto") -> DiffusersSD:
+    """UNet, VAE, CLIP text encoder(s), tokenizer(s) and noise schedule of a diffusers SD1.x/SD2.x/SDXL model: a
+    folder (`from_pretrained`, local files only; SDXL = a folder with text_encoder_2 / tokenizer_2) or an SD1.x /
+    SD2.x single-file checkpoint (`from_single_file`, with `model_config` a local diffusers folder holding the
+    configs, since there is no model hub to fetch them from). `architecture` (SD1 / SD2 / SDXL or an alias; "auto"
+    = as detected) must match what the UNet is."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    wanted = resolve_architecture(architecture, f"Model {path}")
+    text_encoder_2 = tokenizer_2 = None
 
     if os.path.isdir(path):
         missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -61,10 +76,17 @@ def load_model(path: str, model_config: str, device: torch.device) -> DiffusersS
             raise LoraFileError(f"Model folder {path} is not a diffusers Stable Diffusion folder: it has no "
                                 f"{', '.join(missing)} subfolder(s). Give a folder saved by diffusers' "
                                 f"save_pretrained, or a single-file checkpoint.")
-        if os.path.isdir(os.path.join(path, "text_encoder_2")):
-            raise LoraValueError(f"Model folder {path} has two text encoders (SDXL): the command-line trainer "
-                                 f"covers SD1.x / SD2.x; train SDXL with the LoRA Core Train node in ComfyUI.")
+        two = [sub for sub in ("text_encoder_2", "tokenizer_2") if os.path.isdir(os.path.join(path, sub))]
+        if len(two) == 1:
+            raise LoraFileError(f"Model folder {path} has {two[0]} but not "
+                                f"{({'text_encoder_2', 'tokenizer_2'} - set(two)).pop()}: an SDXL diffusers folder "
+                                f"has both (StableDiffusionXLPipeline.save_pretrained writes them).")
         load = dict(local_files_only=True)
+        if two:
+            from transformers import CLIPTextModelWithProjection
+
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **load)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **load)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
@@ -73,6 +95,11 @@ def load_model(path: str, model_config: str, device: torch.device) -> DiffusersS
     elif os.path.isfile(path):
         from diffusers import StableDiffusionPipeline
 
+        if model_config and os.path.isdir(os.path.join(model_config, "text_encoder_2")):
+            raise LoraValueError(f"Model {path}: model_config {model_config} is an SDXL folder; the command-line "
+                                 f"trainer reads SDXL from a diffusers folder only. Convert the checkpoint with "
+                                 f"StableDiffusionXLPipeline.from_single_file(...).save_pretrained(folder) and set "
+                                 f"model = that folder.")
         if not model_config:
             raise LoraValueError(f"Model {path} is a single-file checkpoint: set model_config to a local diffusers "
                                  f"folder with the matching configs (model_index.json, unet/, vae/, text_encoder/, "
@@ -88,24 +115,35 @@ def load_model(path: str, model_config: str, device: torch.device) -> DiffusersS
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:
         raise LoraFileError(f"Model {path} does not exist: give a diffusers folder or a checkpoint file.")
-    if getattr(unet.config, "addition_embed_type", None):
-        raise LoraValueError(f"Model {path} is an SDXL-type UNet (addition_embed_type="
-                             f"{unet.config.addition_embed_type!r}); the command-line trainer covers SD1.x / SD2.x.")
+    addition = getattr(unet.config, "addition_embed_type", None)
+    if addition not in (None, "text_time"):
+        raise LoraValueError(f"Model {path}: the UNet has addition_embed_type={addition!r}; the command-line trainer "
+                             f"trains SD1.x / SD2.x (none) and SDXL (\"text_time\") UNets.")
+    if (addition == "text_time") != (text_encoder_2 is not None):
+        has = "an SDXL UNet (addition_embed_type=\"text_time\")" if addition else "an SD1.x/SD2.x UNet"
+        raise LoraFileError(f"Model {path}: {has} with {'two text encoders' if text_encoder_2 is not None else 'one text encoder'}; "
+                            f"SDXL has text_encoder + text_encoder_2, SD1.x/SD2.x text_encoder only.")
     from lora_core.arch import bind_diffusers
 
     state = unet.state_dict()
     arch = bind_diffusers({k: v.shape for k, v in state.items()}, key_prefix="unet.").arch
-    if arch is None or arch.name not in ("SD1", "SD2"):
-        raise LoraValueError(f"Model {path}: the UNet's layout is not recognised as SD1.x / SD2.x "
+    if arch is None or arch.name not in SUPPORTED:
+        raise LoraValueError(f"Model {path}: the UNet's layout is not recognised as {' / '.join(SUPPORTED)} "
                              f"({getattr(arch, 'name', 'unknown')}).")
+    if wanted is not None and arch.name != wanted:
+        raise LoraValueError(f"Model {path} is {arch.name} but the config says architecture = {architecture!r} "
+                             f"({wanted}): fix the model path, or set architecture = \"{arch.name}\" or \"auto\".")
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise LoraValueError(f"Model {path}: scheduler prediction_type {prediction!r} is not trainable here "
                              f"(epsilon or v_prediction).")
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is None:
+            continue
         module.to(device, torch.float32).eval()
         module.requires_grad_(False)
-    return DiffusersSD(unet, vae, text_encoder, tokenizer, scheduler.alphas_cumprod.float(), prediction, arch)
+    return DiffusersSD(unet, vae, text_encoder, tokenizer, scheduler.alphas_cumprod.float(), prediction, arch,
+                       text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def vae_encoder(vae) -> Callable:
@@ -126,7 +164,7 @@ def vae_encoder(vae) -> Callable:
 def build(run: cfgmod.RunConfig, dist: DistContext):
     """(trainer, dataset) for a parsed config on this process."""
     t = run.train
-    model = load_model(run.model, run.model_config, dist.device)
+    model = load_model(run.model, run.model_config, dist.device, run.architecture)
     d = run.dataset
     dataset = load_folder(d["folder"], resolution=d["resolution"], repeats=d["repeats"], bucketing=d["bucketing"],
                           bucket_step=d["bucket_step"], min_bucket=d["min_bucket"], max_bucket=d["max_bucket"],
@@ -160,16 +198,33 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"])
     config.validate()
     targets = find_unet_targets(model.unet, kinds, blocks, namer)
-    if config.train_text_encoder:
+    if config.train_text_encoder and model.sdxl:   # kohya's SDXL names: lora_te1_ (CLIP-L), lora_te2_ (OpenCLIP-G)
+        # The context is te1's penultimate hidden states: its last layer takes no part in the loss, so it gets no
+        # LoRA (it would stay zero, and DistributedDataParallel refuses parameters without gradients).
+        last = f"_layers_{model.text_encoder.config.num_hidden_layers - 1}_"
+        targets += [target for target in find_te_targets(model.text_encoder, "lora_te1", "te1")
+                    if last not in target.name]
+        targets += find_te_targets(model.text_encoder_2, "lora_te2", "te2")
+    elif config.train_text_encoder:
         targets += find_te_targets(model.text_encoder)
     extra = {} if config.algorithm in ("LoRA", "LoCon") else {"algorithm": config.algorithm}
     network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, **extra)
     os.makedirs(run.output_dir, exist_ok=True)
     output = OutputFiles(run.output_dir, run.output_name)
-    backend = DiffusersBackend(model.unet, model.alphas_cumprod, model.prediction_type,
-                               text_encoders=[model.text_encoder] if config.train_text_encoder else [])
-    encode_text = transformers_text_encoder(model.tokenizer, model.text_encoder,
-                                            min(77, int(getattr(model.tokenizer, "model_max_length", 77))))
+    length = min(77, int(getattr(model.tokenizer, "model_max_length", 77)))
+    if model.sdxl:
+        from .diffusers_sdxl import SDXLDiffusersBackend, sdxl_text_encoder
+
+        encoders = [model.text_encoder, model.text_encoder_2]
+        vae_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        backend = SDXLDiffusersBackend(model.unet, model.alphas_cumprod, model.prediction_type,
+                                       text_encoders=encoders if config.train_text_encoder else [],
+                                       vae_scale=vae_scale)
+        encode_text = sdxl_text_encoder([model.tokenizer, model.tokenizer_2], encoders, length)
+    else:
+        backend = DiffusersBackend(model.unet, model.alphas_cumprod, model.prediction_type,
+                                   text_encoders=[model.text_encoder] if config.train_text_encoder else [])
+        encode_text = transformers_text_encoder(model.tokenizer, model.text_encoder, length)
     trainer = DistributedTrainer(backend, network, dataset, config, encode_images=vae_encoder(model.vae),
                                  encode_text=encode_text, output=output, arch=model.arch.name,
                                  base_model_name=os.path.basename(os.path.normpath(run.model)),

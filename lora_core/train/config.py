@@ -65,6 +65,9 @@ TOP = {
     "output_dir": Option(str, "loras", path=True),
     "output_name": Option(str, "my_lora"),
     "run": Option(str, "new run", RUN_MODES),
+    # "auto" = read from the model; or SD1 / SD2 / SDXL (any alias the architecture layer knows: sd15, pony, ...),
+    # then the model must be that variant.
+    "architecture": Option(str, "auto"),
 }
 # "LoRA Training Dataset" (nodes/train.py LoRACoreTrainDataset), same names, defaults and ranges.
 DATASET = {
@@ -129,6 +132,7 @@ class RunConfig:
     output_dir: str
     output_name: str
     run: str
+    architecture: str = "auto"
     dataset: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     distributed: dict = field(default_factory=dict)
@@ -233,11 +237,40 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
         for key, option in options.items():
             if key not in target:
                 target[key] = option.default
+    resolve_architecture(top["architecture"], source)
     if not top["output_name"].strip():
         raise LoraValueError(f"{source}: output_name is empty: give the LoRA's file name.")
     return RunConfig(source=source, model=top["model"], model_config=top["model_config"],
                      output_dir=top["output_dir"], output_name=top["output_name"], run=top["run"],
+                     architecture=top["architecture"],
                      dataset=sections["dataset"], train=sections["train"], distributed=sections["distributed"])
+
+
+SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL")   # what the command-line trainer trains (diffusers folders)
+
+
+def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
+    """The config's `architecture` ("auto" = from the model) as a variant name, or a clear error."""
+    if not name or name.strip().lower() == "auto":
+        return None
+    from lora_core.arch import get_arch
+
+    try:
+        arch = get_arch(name)
+    except LoraValueError:
+        arch = None
+    if arch is None or arch.name not in SUPPORTED_ARCHS:
+        trains = (f"The command-line trainer trains diffusers {' / '.join(SUPPORTED_ARCHS)} models (set architecture "
+                  f"to one of them, or \"auto\" to read it from the model); train other families with the LoRA "
+                  f"Core Train node in ComfyUI.")
+        if arch is None:
+            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21"], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise LoraValueError(f"{source}: architecture = {name!r} is not an architecture LoRA Core knows.{hint} "
+                                 f"{trains}")
+        raise LoraValueError(f"{source}: architecture = {name!r} is {arch.name}, which this trainer does not train. "
+                             f"{trains}")
+    return arch.name
 
 
 def load(path: str) -> RunConfig:
