@@ -69,8 +69,8 @@ module of its own, read from the host's keys (`WanSpec.extras`), named natively 
 `diffusion_model.` / `lora_unet_` forms of all of them (its generic map); no trainer in the sources trains them
 but DiffSynth's VACE blocks.
 
-Blocks: `TE1`, `IN` (patch / text / time embeddings, time_projection, img_emb; VACE's patch embedding), `B00`-`B39` (1.3B / 5B:
-`B00`-`B29`; `B` is the group of all), `OUT` (head.head, head.modulation). Inspire Pack routes `blocks.` to its
+Blocks: `TE1`, `IN` (patch / text / time embeddings, time_projection, img_emb; VACE's patch embedding),
+`B00`-`B39` (1.3B / 5B: `B00`-`B29`; `B` is the group of all), `OUT` (head.head, head.modulation). Inspire Pack routes `blocks.` to its
 BASE (no slots) and sends `text_embedding` keys to the CLIP, where they are lost; hako-mikan's A1111 extension has
 no Wan layout: use named syntax (`B00-B19=0.5`, `B*.cross_attn=0`). VACE variants add `V00`-`V07` (1.3B:
 `V00`-`V14`; group `V`), the camera / S2V / HuMo / Animate variants `AUX` (their adapters; HuMo's audio
@@ -131,7 +131,8 @@ HUMO_AUDIO = (("audio_cross_attn_wrapper.audio_cross_attn.q", "audio_attn"),
 # adapters described from the structure (so a full-size layout has them without a host), the rest read off a host
 AUX_MODULES = {"s2v": (("cond_encoder", "cond"), ("trainable_cond_mask", "cond"),
                        ("casual_audio_encoder.encoder.final_linear", "audio")),
-               "humo": (("audio_proj.audio_proj_glob_1.layer", "audio"), ("audio_proj.audio_proj_glob_2.layer", "audio"),
+               "humo": (("audio_proj.audio_proj_glob_1.layer", "audio"),
+                        ("audio_proj.audio_proj_glob_2.layer", "audio"),
                         ("audio_proj.audio_proj_glob_3.layer", "audio")),
                "animate": (("pose_patch_embedding", "pose"), ("face_encoder.out_proj", "face"))}
 CAMERA_MODULES = ("control_adapter.conv", "control_adapter.residual_blocks.0.conv1",
@@ -363,7 +364,8 @@ class WanFamily(Family):
                                 WanSpec(model_type="vace", vace_layers=8), "wan_vace_40")
         self.VACE_1_3B = variant("Wan2.1-VACE-1.3B", "Wan VACE 1.3B", "Wan VACE 1.3B",
                                  ("wan2.1-vace-1.3b", "wan-vace-1.3b"),
-                                 WanSpec(dim=1536, depth=30, ffn=8960, model_type="vace", vace_layers=15), "wan_vace_30")
+                                 WanSpec(dim=1536, depth=30, ffn=8960, model_type="vace", vace_layers=15),
+                                 "wan_vace_30")
         self.CAMERA = variant("Wan2.1-Fun-Camera-14B", "Wan 2.1 Fun Camera (Control Camera)", "Wan 2.1 Fun Camera",
                               ("wan2.1-fun-camera", "wan-fun-camera"),
                               WanSpec(in_dim=32, i2v=True, model_type="camera"), "wan_aux_40")
@@ -375,7 +377,8 @@ class WanFamily(Family):
         self.HUMO = variant("Wan-HuMo", "Wan HuMo (17B / 1.7B)", "Wan HuMo", ("humo", "wan-humo"),
                             WanSpec(model_type="humo"), "wan_aux_40")
         self.ANIMATE = variant("Wan2.2-Animate-14B", "Wan 2.2 Animate 14B", "Wan 2.2 Animate",
-                               ("wan2.2-animate-14b", "wan-animate"), WanSpec(in_dim=36, i2v=True, model_type="animate"),
+                               ("wan2.2-animate-14b", "wan-animate"),
+                               WanSpec(in_dim=36, i2v=True, model_type="animate"),
                                "wan_aux_40")
         self.variants = (self.T2V_14B, self.I2V_14B, self.I2V_A14B, self.T2V_1_3B, self.TI2V_5B, self.VACE_14B,
                          self.VACE_1_3B, self.CAMERA, self.CAMERA_22, self.S2V, self.HUMO, self.ANIMATE)
@@ -439,7 +442,8 @@ class WanFamily(Family):
                 if not i2v:
                     out.append(ModuleDef(f"{p}.{sub}", block, kind, spec.ffn if sub == "ffn.0" else 0 if kind == "norm"
                                          else d))
-            out += [ModuleDef(f"{p}.{sub}", block, "vace_proj", d) for sub, _ in VACE_PROJ if sub != "before_proj" or i == 0]
+            out += [ModuleDef(f"{p}.{sub}", block, "vace_proj", d) for sub, _ in VACE_PROJ
+                    if sub != "before_proj" or i == 0]
             out.append(ModuleDef(p, block, "mod", param=MODULATION))
         if spec.model_type in ("camera", "camera_2.2"):
             out += [ModuleDef(path, AUX, "control", d) for path in CAMERA_MODULES]
