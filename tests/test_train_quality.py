@@ -90,7 +90,7 @@ def test_dataset_keeps_small_images_at_their_size():
 def test_model_output_equals_saved_file_in_core_loader(host, tmp_path):
     """Every weight of the returned MODEL and CLIP equals core's LoraLoader applying the saved file to the input
     model, and the file changes exactly the modules it names (all layers: every UNet Linear/Conv weight)."""
-    model, clip, lora, _, _, report = train_ours(host, tmp_path, steps=3, rank=RANK, unet_lr=LR,
+    model, clip, lora, _, _, report, *_ = train_ours(host, tmp_path, steps=3, rank=RANK, unet_lr=LR,
                                                  unet_targets="all layers", train_text_encoder=True,
                                                  text_encoder_lr=1e-3, save_precision="fp32")
     tensors = comfy.utils.load_torch_file(lora.path, safe_load=True)
