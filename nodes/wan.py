@@ -41,6 +41,11 @@ class LoRACoreWanPairLoader:
                 "block_vector": ("STRING", {"default": "", "multiline": False,
                                             "tooltip": "Named block weights for both experts, e.g. "
                                                        "'B00-B19=0.5, B*.cross_attn=0' (empty: none)."}),
+                "block_vector_low": ("STRING", {"default": "", "multiline": False,
+                                                "tooltip": "Named block weights for the low-noise expert only, "
+                                                           "e.g. 'B*.self_attn=0.5'; block_vector then holds for "
+                                                           "the high-noise expert alone. Empty: block_vector for "
+                                                           "both."}),
             },
         }
 
@@ -56,7 +61,7 @@ class LoRACoreWanPairLoader:
                    "names both files and the assign input decides.")
 
     def load(self, model_high_noise, model_low_noise, lora_1, lora_2, strength_high, strength_low, strength_clip,
-             assign, clip=None, block_vector=""):
+             assign, clip=None, block_vector="", block_vector_low=""):
         second = None if lora_2 in NONE_NAMES else lora_2
         if second is None and assign != pairs.ASSIGN_SAME:
             second = pairs.partner_name(lora_1, lora_names())
@@ -65,12 +70,13 @@ class LoRACoreWanPairLoader:
         decision = pairs.decide_pair((lora_1, first_file.metadata),
                                      (second, second_meta) if second is not None else None, assign)
         settings = BlockSettings("named", block_vector or "")
+        low_settings = BlockSettings("named", block_vector_low) if (block_vector_low or "").strip() else settings
         high, clip_out, high_report = apply_rows(
             model_high_noise, clip, [make_row(decision.high, strength_high, strength_clip, settings)])
         # the same file on both experts: its text-encoder part applies once
         clip_strength = 0.0 if decision.low == decision.high else strength_clip
         low, clip_out, low_report = apply_rows(
-            model_low_noise, clip_out, [make_row(decision.low, strength_low, clip_strength, settings)])
+            model_low_noise, clip_out, [make_row(decision.low, strength_low, clip_strength, low_settings)])
         report = (f"Wan 2.2 pair: high noise <- {decision.high}, low noise <- {decision.low} ({decision.how})\n\n"
                   f"[high noise]\n{high_report}\n\n[low noise]\n{low_report}")
         return high, low, clip_out, report

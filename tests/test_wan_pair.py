@@ -44,11 +44,12 @@ def _reference(model, name, strength, tmp_path):
 
 
 def _run(experts, tmp_path, lora_1, lora_2="None", assign=pairs.ASSIGN_AUTO, vector="", clip=None,
-         strengths=(0.8, -0.6, 1.0)):
+         strengths=(0.8, -0.6, 1.0), vector_low=""):
     high_model, low_model, _ = experts
     with loras_folder(tmp_path):
         return node_module("wan").LoRACoreWanPairLoader().load(high_model, low_model, lora_1, lora_2, *strengths,
-                                                               assign, clip=clip, block_vector=vector)
+                                                               assign, clip=clip, block_vector=vector,
+                                                               block_vector_low=vector_low)
 
 
 def _check(experts, tmp_path, out, high_name, low_name, strengths=(0.8, -0.6)):
@@ -141,6 +142,30 @@ def test_block_vector_and_clip(experts, tmp_path):
     assert_same(bake(low), bake(ref_low), base(low_model.model), "low")
     assert_same(bake(clip_out.patcher), bake(ref_clip.patcher), base(clip.cond_stage_model), "clip")
     assert not any(".blocks.1.cross_attn." in k for k in high.patches)
+
+
+def test_separate_block_vector_for_the_low_noise_expert(experts, tmp_path):
+    """block_vector_low scales the low-noise expert on its own (block_vector then holds for the high-noise one
+    only), each equal to the block-weight loader with that expert's vector."""
+    high_model, low_model, _ = experts
+    for i, name in enumerate(("s_high_noise.safetensors", "s_low_noise.safetensors")):
+        lw.save_safetensors(ww.musubi(high_model, seed=20 + i), tmp_path / name, ww.MUSUBI_METADATA)
+    vector, vector_low = "B00=0, B01=0.5", "B01.self_attn=0, B00=0.25"
+    high, low, _, _ = _run(experts, tmp_path, "s_high_noise.safetensors", vector=vector, vector_low=vector_low,
+                           strengths=(1.0, 0.7, 1.0))
+    block = node_module("block_weight").LoRACoreBlockWeight()
+    with loras_folder(tmp_path):
+        ref_high, _, _ = block.load(high_model, "s_high_noise.safetensors", 1.0, 0.0, "named", "custom", vector,
+                                    0, 1.0, 1.0, False)
+        ref_low, _, _ = block.load(low_model, "s_low_noise.safetensors", 0.7, 0.0, "named", "custom", vector_low,
+                                   0, 1.0, 1.0, False)
+    base = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+    assert_same(bake(high), bake(ref_high), base(high_model.model), "high")
+    assert_same(bake(low), bake(ref_low), base(low_model.model), "low")
+    assert not any(".blocks.0." in k for k in high.patches)          # B00=0 on the high expert only
+    assert any(".blocks.0." in k for k in low.patches)
+    assert not any(".blocks.1.self_attn." in k for k in low.patches)  # and B01.self_attn=0 on the low one only
+    assert any(".blocks.1.self_attn." in k for k in high.patches)
 
 
 def test_decisions_as_data():
