@@ -94,3 +94,29 @@ def input_folder(path: Path):
         yield Path(path)
     finally:
         folder_paths.set_input_directory(saved)
+
+
+def diffusers_fuse_reference(mixin, path, transformer, scale: float, **attributes) -> dict:
+    """diffusers' own answer for a LoRA file on a diffusers transformer: `mixin`'s (e.g. `FluxLoraLoaderMixin`)
+    `load_lora_weights` + `fuse_lora(lora_scale=scale)` on a copy of `transformer`, the fused state dict.
+    `attributes`: further pipeline attributes the mixin reads (SD3's `text_encoder=None`)."""
+    import copy
+
+    class TinyPipeline(mixin):
+        """Just enough of a pipeline for diffusers' LoRA loader: the transformer as an attribute."""
+
+        def __init__(self, transformer):
+            self.transformer = transformer
+            self.hf_device_map = None
+            for name, value in attributes.items():
+                setattr(self, name, value)
+
+        @property
+        def components(self):
+            return {"transformer": self.transformer}
+
+    pipe = TinyPipeline(copy.deepcopy(transformer))
+    pipe.load_lora_weights(path, adapter_name="lora")
+    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
+    pipe.unload_lora_weights()
+    return pipe.transformer.state_dict()

@@ -25,7 +25,7 @@ import torch
 from diffusers.loaders import Flux2LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, host, loras_folder, node_module
+from tests.pack import block_stack_rows, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import lora_writers as lw
@@ -549,24 +549,8 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(flux2, twin, tm
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
 
-class TinyFlux2Pipeline(Flux2LoraLoaderMixin):
-    """Just enough of a pipeline for diffusers' Flux.2 LoRA loader: the transformer as an attribute."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
 def diffusers_reference(path, transformer, scale):
-    pipe = TinyFlux2Pipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    return diffusers_fuse_reference(Flux2LoraLoaderMixin, path, transformer, scale)
 
 
 @pytest.mark.parametrize("scale", [1.0, -0.6])

@@ -18,27 +18,12 @@ from lora_core.api import LoraPatcher, LoraRequest
 from lora_core.io import read_lora_file
 from tests import dit_writers as dw
 from tests import lora_writers as lw
-
-
-class TinyFluxPipeline(FluxLoraLoaderMixin):
-    """Just enough of a pipeline for diffusers' Flux LoRA loader: the transformer as an attribute."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.text_encoder = None   # no text-encoder part in these files
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
+from tests.pack import diffusers_fuse_reference
 
 
 def diffusers_reference(path, transformer, scale):
-    pipe = TinyFluxPipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    # no text-encoder part in these files
+    return diffusers_fuse_reference(FluxLoraLoaderMixin, path, transformer, scale, text_encoder=None)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from diffusers.loaders import HiDreamImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import flux2_writers as f2
 from tests import hidream_writers as hw
@@ -265,25 +265,11 @@ def test_merged_block_weighted_lora_loads_to_its_weights(hidream, tmp_path):
     assert_same(bake(core_clip.patcher), bake(stacked_clip.patcher), base_clip, "merged CLIP in core's loader")
 
 
-class TinyHiDreamPipeline(HiDreamImageLoraLoaderMixin):
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
 @pytest.mark.parametrize("scale", [1.0, -0.6])
 def test_lora_patcher_on_hidream_transformer_equals_diffusers(twin, tmp_path, scale):
     state = hw.diffusers_peft(twin, seed=40)
     path = str(lw.save_safetensors(state, tmp_path / "peft.safetensors"))
-    pipe = TinyHiDreamPipeline(copy.deepcopy(twin))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    reference = pipe.transformer.state_dict()
+    reference = diffusers_fuse_reference(HiDreamImageLoraLoaderMixin, path, twin, scale)
     ours = copy.deepcopy(twin)
     base = {k: v.clone() for k, v in ours.state_dict().items()}
     patcher = LoraPatcher(transformer=ours)

@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import hunyuan_video_writers as hw
 from tests import lora_writers as lw
@@ -524,24 +524,8 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(hv, twin, tmp_p
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
 
-class _TinyHVPipeline(HunyuanVideoLoraLoaderMixin):
-    """Just enough of a pipeline for diffusers' HunyuanVideo LoRA loader: the transformer as an attribute."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
 def _diffusers_reference(path, transformer, scale):
-    pipe = _TinyHVPipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    return diffusers_fuse_reference(HunyuanVideoLoraLoaderMixin, path, transformer, scale)
 
 
 def _double_and_linear2(model) -> dict:

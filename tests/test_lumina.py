@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders import Lumina2LoraLoaderMixin, ZImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, host, loras_folder, node_module
+from tests.pack import block_stack_rows, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import lumina_writers as zw
@@ -627,27 +627,8 @@ def test_merge_and_resize_keep_the_variant(lumina, ltwin, tmp_path):
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
 
-def _pipeline(mixin):
-    class TinyPipeline(mixin):
-        """Just enough of a pipeline for diffusers' LoRA loader: the transformer as an attribute."""
-
-        def __init__(self, transformer):
-            self.transformer = transformer
-            self.hf_device_map = None
-
-        @property
-        def components(self):
-            return {"transformer": self.transformer}
-
-    return TinyPipeline
-
-
 def _diffusers_reference(mixin, path, transformer, scale):
-    pipe = _pipeline(mixin)(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    return diffusers_fuse_reference(mixin, path, transformer, scale)
 
 
 STANDALONE_WRITERS = {   # what diffusers reads: PEFT files; for Z-Image also its converter's non-diffusers forms

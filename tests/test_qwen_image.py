@@ -15,7 +15,7 @@ import torch
 from diffusers.loaders import QwenImageLoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, core_drops, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, diffusers_fuse_reference, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import qwen_image_writers as qw
@@ -432,24 +432,8 @@ def test_merge_without_a_model_keeps_the_variant(tmp_path):
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
 
-class _TinyQwenPipeline(QwenImageLoraLoaderMixin):
-    """Just enough of a pipeline for diffusers' Qwen-Image LoRA loader: the transformer as an attribute."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
 def _diffusers_reference(path, transformer, scale):
-    pipe = _TinyQwenPipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    return diffusers_fuse_reference(QwenImageLoraLoaderMixin, path, transformer, scale)
 
 
 STANDALONE_WRITERS = {

@@ -21,7 +21,7 @@ import torch
 from diffusers.loaders import SD3LoraLoaderMixin
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import sd3_writers as sw
@@ -580,26 +580,10 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(medium35, twin3
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
 
-class TinySD3Pipeline(SD3LoraLoaderMixin):
-    """Just enough of a pipeline for diffusers' SD3 LoRA loader: the transformer as an attribute."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.text_encoder = None   # no text-encoder part in these files
-        self.text_encoder_2 = None
-        self.hf_device_map = None
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
 def diffusers_reference(path, transformer, scale):
-    pipe = TinySD3Pipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    # no text-encoder part in these files
+    return diffusers_fuse_reference(SD3LoraLoaderMixin, path, transformer, scale, text_encoder=None,
+                                    text_encoder_2=None)
 
 
 def core_reference(variant, path, scale):

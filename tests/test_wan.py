@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import block_stack_rows, core_drops, host, loras_folder, node_module
+from tests.pack import block_stack_rows, core_drops, diffusers_fuse_reference, host, loras_folder, node_module
 from tests import dit_writers as dw
 from tests import lora_writers as lw
 from tests import tiny_models as tm
@@ -546,20 +546,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(t2v, twin, tmp_
 def _diffusers_reference(path, transformer, scale):
     from diffusers.loaders import WanLoraLoaderMixin
 
-    class TinyWanPipeline(WanLoraLoaderMixin):
-        def __init__(self, transformer):
-            self.transformer = transformer
-            self.hf_device_map = None
-
-        @property
-        def components(self):
-            return {"transformer": self.transformer}
-
-    pipe = TinyWanPipeline(copy.deepcopy(transformer))
-    pipe.load_lora_weights(path, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale, components=["transformer"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.state_dict()
+    return diffusers_fuse_reference(WanLoraLoaderMixin, path, transformer, scale)
 
 
 STANDALONE_WRITERS = {
