@@ -76,6 +76,20 @@ def assert_same(ours: dict, core: dict, base: dict, what: str) -> None:
     assert changed, f"{what}: the LoRA changed no weight, so the comparison proves nothing"
 
 
+
+def assert_merged_file_equals_stack(model, clip, merged: dict, ours, ours_clip, stacked, stacked_clip) -> None:
+    """A merged file (`merged`, already loaded by our loader as `ours` / `ours_clip`) gives, in our loader and in
+    core's (`load_lora_for_models` at 1.0), the weights of the stack it was merged from (`stacked` /
+    `stacked_clip`), on the MODEL and the CLIP."""
+    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
+    assert_same(bake(ours), want, base, "merged file in our loader")
+    assert_same(bake(core_model), want, base, "merged file in core's loader")
+    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged CLIP in our loader")
+    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged CLIP in core's loader")
+
 def core_load(model, clip, state, strength, caplog):
     with caplog.at_level(logging.WARNING):
         caplog.clear()

@@ -31,7 +31,7 @@ from tests import flux2_writers as f2
 from tests import lora_writers as lw
 from tests import tiny_flux2 as tf
 from tests import tiny_models as tm
-from tests.test_flux import EPS, assert_same, bake, compare
+from tests.test_flux import EPS, assert_merged_file_equals_stack, assert_same, bake, compare
 from tests.test_flux_blocks import inspire_reference
 
 comfy = import_comfy()
@@ -537,14 +537,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(flux2, twin, tm
         assert any(k.startswith("text_encoders.mistral3_24b.") for k in merged)
         ours, ours_clip, _ = node_module("loader").LoRACoreLoader().load(model, "flux2_merge.safetensors", 1.0, 1.0,
                                                                          clip=clip)
-    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
-    base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
-    assert_same(bake(ours), want, base, "merged file in our loader")
-    assert_same(bake(core_model), want, base, "merged file in core's loader")
-    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged CLIP in our loader")
-    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged CLIP in core's loader")
+    assert_merged_file_equals_stack(model, clip, merged, ours, ours_clip, stacked, stacked_clip)
 
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)

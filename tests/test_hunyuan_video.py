@@ -29,7 +29,7 @@ from tests import hunyuan_video_writers as hw
 from tests import lora_writers as lw
 from tests import tiny_hunyuan_video as th
 from tests import tiny_models as tm
-from tests.test_flux import EPS, assert_same, bake, compare
+from tests.test_flux import EPS, assert_merged_file_equals_stack, assert_same, bake, compare
 from tests.test_flux_blocks import inspire_reference
 
 comfy = import_comfy()
@@ -512,14 +512,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(hv, twin, tmp_p
     assert all(m.startswith(("lora_unet_", "lora_te1_", "text_encoders.llama.transformer.")) for m in modules)
     assert "lora_unet_double_blocks_0_img_mlp_0" in modules and "lora_unet_single_blocks_0_linear1" in modules
     assert any(m.startswith("lora_unet_txt_in_individual_token_refiner_blocks_") for m in modules)
-    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
-    base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
-    assert_same(bake(ours), want, base, "merged file in our loader")
-    assert_same(bake(core_model), want, base, "merged file in core's loader")
-    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged CLIP in our loader")
-    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged CLIP in core's loader")
+    assert_merged_file_equals_stack(model, clip, merged, ours, ours_clip, stacked, stacked_clip)
 
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)

@@ -31,7 +31,7 @@ from tests import qwen_image_writers as qw
 from tests import tiny_lumina as tl
 from tests import tiny_models as tm
 from tests import tiny_qwen_image as tq
-from tests.test_flux import EPS, assert_same, bake, compare
+from tests.test_flux import EPS, assert_merged_file_equals_stack, assert_same, bake, compare
 from tests.test_sd3 import check_superset, core_drops
 
 comfy = import_comfy()
@@ -577,14 +577,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(zimage, lumina,
     assert all(k.startswith(("lora_unet_", f"text_encoders.{attribute}.transformer.")) for k in merged)
     assert any(k.startswith("lora_unet_layers_1_attention_qkv.") for k in merged)
     assert not any("_to_q" in k or "_attn_" in k for k in merged)
-    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
-    base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
-    assert_same(bake(ours), want, base, "merged file in our loader")
-    assert_same(bake(core_model), want, base, "merged file in core's loader")
-    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged text encoder in our loader")
-    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged text encoder in core's loader")
+    assert_merged_file_equals_stack(model, clip, merged, ours, ours_clip, stacked, stacked_clip)
 
 
 def test_merge_and_resize_keep_the_variant(lumina, ltwin, tmp_path):

@@ -21,11 +21,10 @@ from tests import lora_writers as lw
 from tests import qwen_image_writers as qw
 from tests import tiny_models as tm
 from tests import tiny_qwen_image as tq
-from tests.test_flux import assert_same, bake, compare
+from tests.test_flux import assert_merged_file_equals_stack, assert_same, bake, compare
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
-import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from lora_core.arch import registry  # noqa: E402
@@ -397,14 +396,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(qwen, twin, tmp
     assert all(m.startswith(("lora_unet_transformer_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
                              "lora_unet_time_text_embed_", "text_encoders.qwen25_7b.transformer.")) for m in modules)
     assert any(m.startswith("text_encoders.qwen25_7b.transformer.visual.") for m in modules)
-    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
-    base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
-    assert_same(bake(ours), want, base, "merged file in our loader")
-    assert_same(bake(core_model), want, base, "merged file in core's loader")
-    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged text encoder in our loader")
-    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged text encoder in core's loader")
+    assert_merged_file_equals_stack(model, clip, merged, ours, ours_clip, stacked, stacked_clip)
 
 
 def test_merge_without_a_model_keeps_the_variant(tmp_path):

@@ -26,7 +26,7 @@ from tests import lora_writers as lw
 from tests import tiny_models as tm
 from tests import tiny_wan as tw
 from tests import wan_writers as ww
-from tests.test_flux import EPS, assert_same, bake, compare
+from tests.test_flux import EPS, assert_merged_file_equals_stack, assert_same, bake, compare
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
@@ -531,14 +531,7 @@ def test_merged_block_weighted_stack_loads_to_the_stacks_weights(t2v, twin, tmp_
     assert "diffusion_model.blocks.1.modulation.diff" in merged
     assert all(k.startswith(("lora_unet_", "text_encoders.umt5xxl.transformer.", "diffusion_model.blocks."))
                for k in merged)
-    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, merged, 1.0, 1.0)
-    base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    want, want_clip = bake(stacked), bake(stacked_clip.patcher)
-    assert_same(bake(ours), want, base, "merged file in our loader")
-    assert_same(bake(core_model), want, base, "merged file in core's loader")
-    assert_same(bake(ours_clip.patcher), want_clip, base_clip, "merged text encoder in our loader")
-    assert_same(bake(core_clip.patcher), want_clip, base_clip, "merged text encoder in core's loader")
+    assert_merged_file_equals_stack(model, clip, merged, ours, ours_clip, stacked, stacked_clip)
 
 
 # ------------------------------------------------------------------------------------- standalone (diffusers)
