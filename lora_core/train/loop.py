@@ -465,6 +465,23 @@ class LoraTrainer:
         distributed trainer (lora_core.train.distributed) splits the batch over its processes."""
         return None, None
 
+    def sample_losses(self, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, cond) -> torch.Tensor:
+        """The training loss of each sample (B,): `latents` noised with `noise` at `levels` (the objective's noise
+        levels), denoised with `cond`, MSE against the objective's target in the model's prediction space, min-SNR
+        weighted on DDPM models. The training step and the validation loss both compute it here."""
+        objective = self.objective
+        noisy = objective.noisy(latents, noise, levels)
+        target = objective.target(latents, noise, levels)
+        t_dev = objective.model_timesteps(levels).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            pred = self._denoise(noisy, t_dev, cond)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+        if self.config.min_snr_gamma > 0 and not objective.is_flow:
+            loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.min_snr_gamma,
+                                      objective.prediction)
+        return loss
+
     def _micro_loss(self, micro: int) -> torch.Tensor:
         indices = self.plan.batch(micro)
         rows, weights = self._shard(len(indices))
@@ -484,17 +501,7 @@ class LoraTrainer:
         levels = objective.sample(shape[0], gen, self.config.timestep_sampling, shape)
         if rows is not None:
             noise, levels = noise[list(rows)], levels[list(rows)]
-        noise = noise.to(self.device)
-        noisy = objective.noisy(latents, noise, levels)
-        target = objective.target(latents, noise, levels)
-        t_dev = objective.model_timesteps(levels).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            pred = self._denoise(noisy, t_dev, cond)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
-        if self.config.min_snr_gamma > 0 and not objective.is_flow:
-            loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.min_snr_gamma,
-                                      objective.prediction)
+        loss = self.sample_losses(latents, noise.to(self.device), levels, cond)
         if weights is not None:   # this process's share of the global batch mean
             return (loss * weights.to(loss.device)).sum() / len(indices)
         return loss.mean()

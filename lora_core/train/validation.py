@@ -23,7 +23,6 @@ import random
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lora_core.errors import LoraFileError, LoraValueError
 
@@ -135,10 +134,7 @@ class ValidationLoss(TrainHook):
     # -------------------------------------------------------------- evaluation
     def evaluate(self, trainer) -> float:
         """The validation loss of the model as it is now; appended to the curve."""
-        from .loop import snr_weights
-
-        objective, config = trainer.objective, trainer.config
-        levels = fixed_levels(objective)
+        levels = fixed_levels(trainer.objective)
         total, count = 0.0, 0
         with outside_training(trainer):
             for i in range(len(self.samples)):
@@ -148,18 +144,9 @@ class ValidationLoss(TrainHook):
                     level = levels[j:j + 1]
                     gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i * 1_009 + j + 17)
                     noise = torch.randn((1,) + tuple(latent.shape), generator=gen).to(trainer.device)
-                    x0 = latent[None].to(trainer.device)
-                    noisy = objective.noisy(x0, noise, level)
-                    target = objective.target(x0, noise, level)
-                    t_dev = objective.model_timesteps(level).to(trainer.device)
-                    with torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype or torch.float32,
-                                        enabled=trainer.autocast_dtype is not None):
-                        pred = trainer._denoise(noisy, t_dev, [cond] if trainer.group_by_length else cond)
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean()
-                    if config.min_snr_gamma > 0 and not objective.is_flow:
-                        loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(),
-                                                  config.min_snr_gamma, objective.prediction)[0]
-                    total += float(loss)
+                    loss = trainer.sample_losses(latent[None].to(trainer.device), noise, level,
+                                                 [cond] if trainer.group_by_length else cond)
+                    total += float(loss[0])
                     count += 1
         value = total / count
         self.curve = [(s, v) for s, v in self.curve if s != trainer.step] + [(trainer.step, value)]
