@@ -14,7 +14,7 @@ import folder_paths
 
 from lora_core import api, paths
 from lora_core.arch import bind_comfy_clip, bind_comfy_model, bind_layout, build_key_map
-from lora_core.errors import LoraFileError
+from lora_core.errors import LoraFileError, LoraValueError
 from lora_core.io import default_cache, read_lora_header
 
 from ._params import ensure_params_patched
@@ -32,6 +32,19 @@ def lora_names() -> list[str]:
 
 def lora_folders() -> list[str]:
     return list(folder_paths.get_folder_paths("loras"))
+
+
+def input_folder_path(folder: str, what: str, example: str) -> str:
+    """`folder` (stripped, not empty) inside ComfyUI's input folder: a name below it (subfolders allowed) or an
+    absolute path that lies inside it. Nothing outside it is read: link or copy the folder into ComfyUI/input.
+    `what` names the input in errors ("dataset folder"), `example` is a name to suggest."""
+    root = os.path.abspath(folder_paths.get_input_directory())
+    if os.path.isabs(folder):
+        if not paths.inside_any(folder, [root]):
+            raise LoraValueError(f"{what} {folder!r} is outside ComfyUI's input folder {root}; put (or link) it "
+                                 f"there and type its name, e.g. {example!r}.")
+        return os.path.normpath(folder)
+    return paths.output_path(root, folder, "", what=what)
 
 
 def resolve_lora_path(name: str) -> str:

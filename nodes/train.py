@@ -102,19 +102,12 @@ class LoRACoreTrainDataset:
 def _resolve_folder(folder: str) -> str:
     """The dataset folder inside ComfyUI's input folder (subfolders allowed; an absolute path must lie inside it
     too). Nothing outside it is read: link or copy a dataset into ComfyUI/input to train on it."""
-    import folder_paths
-    from lora_core import paths
+    from ._host import input_folder_path
 
     folder = (folder or "").strip().strip('"')
     if not folder:
         raise LoraValueError("No dataset folder given: type the path of a folder of images (or connect images).")
-    root = os.path.abspath(folder_paths.get_input_directory())
-    if os.path.isabs(folder):
-        if not paths.inside_any(folder, [root]):
-            raise LoraValueError(f"dataset folder {folder!r} is outside ComfyUI's input folder {root}; put (or "
-                                 f"link) the dataset there and type its name, e.g. 'my_dataset'.")
-        return os.path.normpath(folder)
-    return paths.output_path(root, folder, "", what="dataset folder")
+    return input_folder_path(folder, "dataset folder", "my_dataset")
 
 
 def _dataset_summary(dataset) -> str:

@@ -78,22 +78,17 @@ def parse_prompts(text: str) -> list[tuple[str, str]]:
 def resolve_validation_folder(folder: str) -> Optional[str]:
     """The validation folder inside ComfyUI's input folder (like the dataset folder), or None when empty."""
     import folder_paths
-    from lora_core import paths
+
+    from ._host import input_folder_path
 
     folder = (folder or "").strip().strip('"')
     if not folder:
         return None
-    root = os.path.abspath(folder_paths.get_input_directory())
-    if os.path.isabs(folder):
-        if not paths.inside_any(folder, [root]):
-            raise LoraValueError(f"validation_folder {folder!r} is outside ComfyUI's input folder {root}; put (or "
-                                 f"link) the validation images there and type the folder's name.")
-        path = os.path.normpath(folder)
-    else:
-        path = paths.output_path(root, folder, "", what="validation_folder")
+    path = input_folder_path(folder, "validation_folder", "my_dataset_val")
     if not os.path.isdir(path):
-        raise LoraValueError(f"validation_folder {folder!r} does not exist in ComfyUI's input folder {root}: create "
-                             f"it with validation images and same-name .txt captions, or leave it empty.")
+        raise LoraValueError(f"validation_folder {folder!r} does not exist in ComfyUI's input folder "
+                             f"{os.path.abspath(folder_paths.get_input_directory())}: create it with validation "
+                             f"images and same-name .txt captions, or leave it empty.")
     return path
 
 
