@@ -7,6 +7,7 @@ lora_core.train.hooks / .validation do the ComfyUI-free part (when, isolation fr
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Optional
@@ -208,8 +209,9 @@ class TrainMonitor:
         if self.preview_every > 0:
             renderer = PreviewRenderer(model, clip, vae, self.prompts, text_encoder_trains=text_encoder_trains,
                                        **self.preview_options)
+            signature = json.dumps({"prompts": self.prompts, **self.preview_options}, sort_keys=True, default=str)
             self.previews = PreviewHook(renderer, self.preview_every, on_preview=self._on_preview,
-                                        propagate=(mm.InterruptProcessingException,))
+                                        propagate=(mm.InterruptProcessingException,), signature=signature)
             hooks.append(self.previews)
         if self.validation is not None:
             hooks.append(self.validation)
@@ -253,6 +255,8 @@ class TrainMonitor:
         parts = []
         if self.previews is not None:
             parts.append(f"previews at steps {self.previews.steps} ({len(self.prompts)} prompt(s) per row)")
+            if self.previews.resumed:
+                parts.append(f"previews continued: {self.previews.resumed}")
             if self.previews.failure:
                 parts.append(f"previews stopped ({self.previews.failure})")
         if self.validation is not None and self.validation.curve:

@@ -261,3 +261,24 @@ def test_previews_and_validation_on_flow_models(kind, tmp_path):
     first_error = (grid[0, :SIZE] - render(host.model, host.clip)).abs().max().item()
     change = (grid[0, -SIZE:] - grid[0, :SIZE]).abs().max().item()
     assert last_error < 1e-4 and first_error < 1e-4 and change > 100 * max(last_error, first_error, 1e-5)
+
+
+def test_previews_are_kept_across_continue(host, dataset, tmp_path):
+    """A run trained in chunks (run = continue) shows every chunk's rows in one grid; rows made with other preview
+    settings are not mixed in."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    straight = run(host, dataset, tmp_path / "a", output_name="pc", steps=6, **PREVIEWS)
+    run(host, dataset, tmp_path / "b", output_name="pc", steps=4, **PREVIEWS)
+    resumed = run(host, dataset, tmp_path / "b", output_name="pc", steps=2, run="continue", **PREVIEWS)
+    report, grid = resumed[5], resumed[6]
+    assert "previews at steps [0, 2, 4, 6]" in report and "previews continued: 3 row(s)" in report
+    assert grid.shape == straight[6].shape == (1, 4 * SIZE, 2 * SIZE, 3)
+    # the earlier chunk's rows come back as 8-bit images; the resumed run's own row equals the straight run's
+    error = (grid - straight[6]).abs().max().item()
+    assert error <= 0.5 / 255 + 1e-6, error
+    # other settings (another preview seed): the grid starts again from this run, and the report says why
+    other = run(host, dataset, tmp_path / "b", output_name="pc", steps=2, run="continue",
+                **{**PREVIEWS, "preview_seed": 6})
+    assert "previews at steps [6, 8]" in other[5] and "not taken over" in other[5]
+    assert other[6].shape == (1, 2 * SIZE, 2 * SIZE, 3)

@@ -74,10 +74,18 @@ def image_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)[None]
 
 
+STATE_ROWS_BYTES = 64 * 1024 * 1024   # preview rows kept in a resume state (uint8), at most
+
+
 class PreviewHook(TrainHook):
     """Renders sample images every `every` steps (and at the start and the end of each run) with
     `render(step) -> (P, H, W, 3)` float images in [0, 1]; `on_preview(step, images)` is told each new row (the
-    host shows it while training runs). Rows of one run form `grid()`.
+    host shows it while training runs). Rows form `grid()`.
+
+    The rows are kept in the resume state (as 8-bit images, at most STATE_ROWS_BYTES: the first row and the latest
+    ones that fit), so a run continued in chunks (`run = continue`) shows every chunk's rows in one grid. Rows of
+    a run with other preview settings (`signature`: prompts, seed, sampler, size...) are not comparable and are
+    not taken over.
 
     An exception from `render` stops training (its finished steps are saved, as for any failure) when it is one
     of `propagate` (the host's interrupt); any other is logged, previews are turned off for the rest of the run
@@ -87,13 +95,14 @@ class PreviewHook(TrainHook):
 
     def __init__(self, render: Callable[[int], torch.Tensor], every: int,
                  on_preview: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 propagate: tuple = (), at_start: bool = True):
+                 propagate: tuple = (), at_start: bool = True, signature: str = ""):
         if every < 1:
             raise ValueError("every must be >= 1")
         self.render, self.every, self.on_preview = render, int(every), on_preview
-        self.propagate, self.at_start = tuple(propagate), at_start
+        self.propagate, self.at_start, self.signature = tuple(propagate), at_start, str(signature)
         self.rows: list[tuple[int, torch.Tensor]] = []
         self.failure: Optional[str] = None
+        self.resumed: Optional[str] = None   # what happened to a resumed run's rows (None: nothing to resume)
 
     def begin(self, trainer) -> None:
         if self.at_start:
@@ -120,6 +129,37 @@ class PreviewHook(TrainHook):
         self.rows.append((trainer.step, images))
         if self.on_preview is not None:
             self.on_preview(trainer.step, images)
+
+    def state_dict(self) -> dict:
+        rows = [(step, (images * 255).round().to(torch.uint8)) for step, images in self.rows]
+        kept, size = [], 0
+        for index in [0] + list(range(len(rows) - 1, 0, -1)) if rows else []:
+            nbytes = rows[index][1].numel()
+            if kept and size + nbytes > STATE_ROWS_BYTES:
+                break
+            kept.append(index)
+            size += nbytes
+        kept.sort()
+        return {"signature": self.signature, "steps": [int(rows[i][0]) for i in kept],
+                "images": [rows[i][1] for i in kept], "dropped": len(rows) - len(kept)}
+
+    def load_state_dict(self, state: dict, source: str = "") -> None:
+        if not state or not state.get("steps"):
+            return
+        where = source or "the resumed run"
+        if state.get("signature") != self.signature:
+            self.resumed = "not taken over: the earlier chunks previewed with other settings"
+            log.warning("LoRA Core: the previews of %s were made with other preview settings; the grid starts "
+                        "again from this run.", where)
+            return
+        rows = [(int(step), images.float() / 255) for step, images in zip(state["steps"], state["images"])]
+        if any(images.shape[1:] != rows[0][1].shape[1:] for _, images in rows):
+            self.resumed = "not taken over: rows of different sizes"
+            return
+        self.rows = rows
+        dropped = int(state.get("dropped", 0))
+        self.resumed = (f"{len(rows)} row(s) of the earlier chunks"
+                        + (f" ({dropped} middle row(s) not kept: over {STATE_ROWS_BYTES >> 20} MiB)" if dropped else ""))
 
     @property
     def steps(self) -> list[int]:
