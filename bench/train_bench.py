@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_bench.py [--only speed|quality] [--threads 1]
         speed:   [--steps 60] [--size 16] [--rank 8] [--batch 1] [--device cpu|cuda]
-        quality: [--q-steps 120] [--q-rank 4] [--q-lr 1e-3] [--seeds 0,1,2] [--pretrain 300]
+        quality: [--q-steps 120] [--q-rank 4] [--q-lr 1e-3] [--seeds 0,...,7] [--pretrain 300]
 
 Speed: the same tiny SD1.5 UNet, latents, conditioning, rank, steps and batch size; steps/s and peak memory.
 Memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak process RSS above the pre-run baseline (sampled
@@ -12,7 +12,8 @@ Quality (CPU): how much each trainer teaches the model its training images per s
 (tests/train_quality.py; the UNet first made a working denoiser on generic images), six 64 px images, the same
 steps, learning rate, rank and batch size 1 for: core's TrainLoraNode (every weight, norms and biases, x0-space
 loss, its defaults otherwise), our LoRACoreTrain node with its defaults (kohya's attention/feed-forward/proj
-targets, alpha 8, min-SNR 5, eps loss, fp16 file) and with unet_targets "all layers". Each run's MODEL output
+targets, alpha 8, min-SNR 5, eps loss, fp16 file), with unet_targets "all layers", and with the defaults but
+core's x0-space loss (TrainConfig.loss_weighting "x0": how much of an x0-space gap is the weighting). Each run's MODEL output
 is measured: the denoising error on the training latents through ComfyUI's apply_model, fixed noise, eight fixed
 sigmas (10.2 ... 0.26), in x0 space and in the model's own prediction space (eps), before and after, averaged
 over the seeds. x0 error weights each sigma by sigma^2 (the first sigma is most of it), eps error the low sigmas;
@@ -155,7 +156,10 @@ def _node_kwargs(**overrides):
 
 QUALITY_RUNS = (("ComfyUI TrainLoraNode", "core", "every weight + norms/biases"),
                 ("LoRA Core (defaults)", "attn+ff+proj", "attn+ff+proj (kohya)"),
-                ("LoRA Core (all layers)", "all layers", "all layers"))
+                ("LoRA Core (all layers)", "all layers", "all layers"),
+                # core's own objective (x0 MSE) on kohya's targets: how much of the x0-space gap is the loss
+                # weighting and how much the target set (TrainConfig.loss_weighting; not a node input)
+                ("LoRA Core (kohya, x0 loss)", "attn+ff+proj@x0", "attn+ff+proj, core's x0 loss"))
 
 
 def _quality_dataset(nt, host):
@@ -187,11 +191,18 @@ def quality_worker(args):
     else:
         nt = node_module("train")
         dataset, _ = _quality_dataset(nt, host)
+        targets, _, weighting = args.q_worker.partition("@")
         kwargs = _node_kwargs(output_name="quality", steps=args.q_steps, rank=args.q_rank, unet_lr=args.q_lr,
-                              unet_targets=args.q_worker, seed=args.seed, batch_size=1)
+                              unet_targets=targets, seed=args.seed, batch_size=1)
+        make_config = nt.lt.TrainConfig
+        if weighting:   # the node at its defaults, its TrainConfig with another loss weighting
+            nt.lt.TrainConfig = lambda **k: dataclasses.replace(make_config(**k), loss_weighting=weighting)
         with tempfile.TemporaryDirectory() as folder, loras_folder(folder):
-            seconds, mib = measure(lambda: out.setdefault("r", nt.LoRACoreTrain().train(
-                host.model, host.clip, host.vae, dataset, **kwargs)), "cpu")
+            try:
+                seconds, mib = measure(lambda: out.setdefault("r", nt.LoRACoreTrain().train(
+                    host.model, host.clip, host.vae, dataset, **kwargs)), "cpu")
+            finally:
+                nt.lt.TrainConfig = make_config
             model_out, lora = out["r"][0], out["r"][2]
             tensors = len({k.split(".")[0] for k in lora.tensors})
     after = host.error(model_out)
@@ -247,6 +258,13 @@ def quality(args):
     def mean(values):
         return sum(values) / len(values)
 
+    def sem(values):
+        """Standard error of the mean over the seeds (how far the mean itself may be off)."""
+        if len(values) < 2:
+            return float("nan")
+        m = mean(values)
+        return (sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
     print(f"{'trainer':24s} {'targets':28s} {'tensors':>7s} {'steps/s':>7s} {'peak MiB':>8s} "
           f"{'x0 before':>9s} {'after':>7s} {'red.':>6s} {'/step':>7s} {'eps before':>10s} {'after':>7s} "
           f"{'red.':>6s} {'/step':>7s} {'per-sigma':>9s}")
@@ -267,6 +285,9 @@ def quality(args):
     for name, row in rows.items():
         seeds = ", ".join(f"{100 * r['x0']:.1f}/{100 * r['pred']:.1f}" for r in row["red"])
         print(f"  {name:24s} x0/eps reduction per seed: {seeds}")
+        x0s, preds = [r["x0"] for r in row["red"]], [r["pred"] for r in row["red"]]
+        print(f"  {name:24s} mean +- standard error over {len(x0s)} seeds: x0 {100 * mean(x0s):.2f} +- "
+              f"{100 * sem(x0s):.2f}%, eps {100 * mean(preds):.2f} +- {100 * sem(preds):.2f}%")
     core = rows["ComfyUI TrainLoraNode"]
     for name, _, _ in QUALITY_RUNS[1:]:
         row = rows[name]
@@ -305,7 +326,7 @@ def main():
     parser.add_argument("--q-steps", type=int, default=120)
     parser.add_argument("--q-rank", type=int, default=4)
     parser.add_argument("--q-lr", type=float, default=1e-3)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     parser.add_argument("--pretrain", type=int, default=300)
     parser.add_argument("--q-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

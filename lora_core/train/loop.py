@@ -88,6 +88,7 @@ class TrainConfig:
     warmup_steps: int = 0
     total_steps: int = 0              # scheduler horizon; 0 = the step this call ends at
     min_snr_gamma: float = 5.0        # 0 = off; DDPM objectives only (flow matching trains unweighted)
+    loss_weighting: str = "min-snr"   # DDPM objectives: LOSS_WEIGHTINGS (see loss_weights); flow: "min-snr" only
     timestep_sampling: str = "auto"   # objective.TIMESTEP_SAMPLING; "auto" = the objective's default
     timestep_range: Optional[tuple] = None   # flow models: (min, max) on musubi's 0-1000 scale (one Wan 2.2 expert)
     noise_offset: float = 0.0
@@ -118,6 +119,8 @@ class TrainConfig:
             (self.algorithm in ALGORITHMS, f"algorithm {self.algorithm!r} is not one of {list(ALGORITHMS)}"),
             (self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
             (self.min_snr_gamma >= 0, f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}"),
+            (self.loss_weighting in LOSS_WEIGHTINGS,
+             f"loss weighting {self.loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)}"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype {self.save_dtype!r} is not one of {list(SAVE_DTYPES)}"),
             (self.lora_dtype in LORA_DTYPES, f"LoRA dtype {self.lora_dtype!r} is not one of {list(LORA_DTYPES)}"),
             (self.timestep_sampling in TIMESTEP_SAMPLING,
@@ -171,6 +174,31 @@ def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: fl
     snr = ac / (1 - ac)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction_type.startswith("v") else clipped / snr
+
+
+LOSS_WEIGHTINGS = ("min-snr", "debiased", "x0")
+
+
+def loss_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str, gamma: float,
+                 prediction_type: str) -> Optional[torch.Tensor]:
+    """Per-sample weights of the DDPM loss in the model's prediction space (None: unweighted).
+
+    * "min-snr": min-SNR-gamma (Hang et al. 2023; kohya --min_snr_gamma), off at gamma 0;
+    * "debiased": kohya's --debiased_estimation_loss, 1/sqrt(SNR) (SNR capped at 1000 as kohya does), times the
+      min-SNR weight when gamma > 0 (kohya applies both);
+    * "x0": the MSE of the denoised estimate x0, what ComfyUI core's Train LoRA node minimises: 1/SNR on eps models,
+      1/(SNR + 1) on v models (x0 = sqrt(a) x_t - sqrt(1 - a) v); gamma is not used. Nearly all of its weight is on
+      the noisiest timesteps."""
+    if weighting == "x0":
+        ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = ac / (1 - ac)
+        return 1 / (snr + 1) if prediction_type.startswith("v") else 1 / snr
+    weights = snr_weights(timesteps, alphas_cumprod, gamma, prediction_type) if gamma > 0 else None
+    if weighting == "debiased":
+        ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
+        debiased = 1 / torch.sqrt(torch.clamp(ac / (1 - ac), max=1000.0))
+        weights = debiased if weights is None else weights * debiased
+    return weights
 
 
 def sd_alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
@@ -333,6 +361,10 @@ class LoraTrainer:
         if config.timestep_range is not None:   # objective.py: redrawn inside the range, written to the file
             self.objective = self.objective.with_timestep_range(config.timestep_range)
         self.objective.resolve_sampling(config.timestep_sampling)   # refuse a choice that does not apply, now
+        if self.objective.is_flow and config.loss_weighting != "min-snr":
+            raise LoraValueError(f"loss weighting {config.loss_weighting!r} is for DDPM models (SD1/SD2/SDXL); this "
+                                 f"flow-matching model trains on the plain velocity MSE: use 'min-snr' (not applied "
+                                 f"to flow models).")
         self.group_by_length = bool(getattr(backend, "group_by_text_length", False))
         self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
         self.plan = BatchPlan(dataset, config.batch_size, config.seed)
@@ -477,9 +509,11 @@ class LoraTrainer:
                             enabled=self.autocast_dtype is not None):
             pred = self._denoise(noisy, t_dev, cond)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
-        if self.config.min_snr_gamma > 0 and not objective.is_flow:
-            loss = loss * snr_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.min_snr_gamma,
-                                      objective.prediction)
+        if not objective.is_flow:
+            weights = loss_weights(t_dev, objective.alphas_cumprod.float().cpu(), self.config.loss_weighting,
+                                   self.config.min_snr_gamma, objective.prediction)
+            if weights is not None:
+                loss = loss * weights
         return loss
 
     def _micro_loss(self, micro: int) -> torch.Tensor:

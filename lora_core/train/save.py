@@ -188,6 +188,7 @@ def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type
         "ss_mixed_precision": config.mixed_precision,
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_min_snr_gamma": str((config.min_snr_gamma if not flow else 0) or None),
+        "ss_debiased_estimation": str(not flow and config.loss_weighting == "debiased"),
         "ss_noise_offset": str(config.noise_offset or None),
         "ss_loss_type": "l2",
         "ss_cache_latents": str(config.cache_latents),
@@ -227,6 +228,9 @@ def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type
             meta["modelspec.trigger_phrase"] = trigger
     if config.block_lr:
         meta["lora_core.block_lr"] = json.dumps(config.block_lr)
+    weighting = getattr(config, "loss_weighting", "min-snr")
+    if not flow and weighting != "min-snr":
+        meta["lora_core.loss_weighting"] = weighting
     if extra:
         meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return meta
