@@ -373,8 +373,8 @@ def model_arch(model) -> str:
     arch = HostModels(model).key_map.arch
     if arch is None:
         raise LoraValueError("Cannot tell which model family this MODEL is; training supports SD1.x/SD2.x/SDXL, "
-                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2, HunyuanVideo and "
-                             "Flux.2.")
+                             "Flux.1, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2, HunyuanVideo, "
+                             "Flux.2 and HiDream-I1.")
     return arch.name
 
 
@@ -433,7 +433,8 @@ class LoRACoreTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
-                                    "Qwen-Image, Wan 2.1 / 2.2). It is adapted in place during training and restored afterwards: "
+                                    "Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2 incl. TI2V-5B, HunyuanVideo, Flux.2 "
+                                    "[dev], HiDream-I1). It is adapted in place during training and restored afterwards: "
                                     "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the training images to latents."}),

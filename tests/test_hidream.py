@@ -287,6 +287,9 @@ def test_lora_patcher_on_hidream_transformer_equals_diffusers(twin, tmp_path, sc
     assert all(torch.equal(v, base[k]) for k, v in ours.state_dict().items())
 
 
-def test_training_is_refused_with_the_reason(hidream):
-    with pytest.raises(LoraValueError, match="Training does not support HiDream-I1 yet"):
-        node_module("train").model_train_spec(hidream[0])
+def test_training_takes_the_familys_spec(hidream):
+    """HiDream trains (tests/test_train_hidream.py): the train node takes the family's TrainSpec, its default the
+    stream blocks' attention and MoE feed-forward."""
+    arch, spec = node_module("train").model_train_spec(hidream[0])
+    assert arch.name == "HiDream-I1" and spec.target_sets["attn+ff+proj"] == ("attn", "mlp")
+    assert spec.kind_of("expert") == spec.kind_of("shared_expert") == "mlp" and spec.kind_of("router") is None

@@ -40,7 +40,6 @@ from tests.pack import loras_folder, node_module
 comfy = import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
-import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
@@ -52,13 +51,6 @@ loader = node_module("loader")
 bw = node_module("block_weight")
 
 TOLERANCE = 1e-5   # of the output's largest value (fp32 rounding of W x + U(D x) against (W + U D) x)
-
-
-def _hidream():
-    # tiny_hidream's llama_layers has 2 entries per block (enough to patch weights); a forward reads one
-    # encoder layer per block (caption_projection[i] for i, layer in enumerate(llama_layers)).
-    config = {**thd.hidream_config(), "llama_layers": [0, 1] * ((thd.DEPTH + thd.DEPTH_SINGLE) // 2)}
-    return tm._model_patcher(comfy.supported_models.HiDream, config, None, 0)
 
 
 def _r(gen, *shape):
@@ -83,7 +75,7 @@ FAMILIES = {
     "lumina2": (tl.comfy_lumina2, tl.comfy_clip_lumina2, lambda g: dict(cross_attn=_r(g, 1, 6, 32)), None),
     "hunyuan_video": (thv.comfy_hunyuan_video, thv.comfy_clip_hunyuan_video,
                       lambda g: dict(cross_attn=_r(g, 1, 6, 32), pooled_output=_r(g, 1, 32), guidance=6.0), 2),
-    "hidream": (_hidream, thd.comfy_clip_hidream,
+    "hidream": (thd.comfy_hidream, thd.comfy_clip_hidream,
                 lambda g: dict(cross_attn=_r(g, 1, 6, 32), pooled_output=_r(g, 1, 64),
                                conditioning_llama3=_r(g, 1, 2, 6, 32)), None),
 }

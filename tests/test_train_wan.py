@@ -121,10 +121,11 @@ def training_videos() -> dict:
 class StandardVAE:
     """ComfyUI's Wan VAE (tests/tiny_wan.comfy_wan_vae) whose latents are standardised per channel on the training
     videos through the model's latent format: process_latent_in of what encode returns has mean 0, std 1 (what the
-    real Wan VAE gives real videos; a random tiny VAE's raw latents are far from Wan 2.1's statistics)."""
+    real Wan VAE gives real videos; a random tiny VAE's raw latents are far from Wan 2.1's statistics). `vae`: another
+    video VAE (the TI2V-5B's Wan 2.2 VAE, tests/tiny_wan.comfy_wan22_vae)."""
 
-    def __init__(self, model, videos):
-        self.vae, self.model = tw.comfy_wan_vae(), model
+    def __init__(self, model, videos, vae=None):
+        self.vae, self.model = vae if vae is not None else tw.comfy_wan_vae(), model
         raw = torch.cat([self.vae.encode(v) for v in videos])
         self.mean = raw.mean(dim=(0, 2, 3, 4), keepdim=True)
         self.std = raw.std(dim=(0, 2, 3, 4), keepdim=True)
@@ -429,17 +430,17 @@ def test_text_encoder_training_writes_names_core_reads(host, tmp_path, caplog):
     assert len(core_model.patches) == 20 and len(core_clip.patcher.patches) == 14
 
 
-def test_expert_ranges_per_variant_and_what_is_not_wired():
+def test_expert_ranges_per_variant_and_none_for_the_5b():
     """The I2V-A14B experts split at 900 (musubi docs/wan.md: --timestep_boundary 0.9 for I2V), T2V at 875; the
-    TI2V-5B (48-channel VAE, per-token timesteps) is refused with the family's name."""
+    TI2V-5B is one model, not an expert pair: no named ranges (tests/test_train_wan5b.py trains it)."""
     from lora_core.arch.families import wan
 
     assert wan.FAMILY.timestep_ranges(wan.WAN22_I2V_A14B) == {"high noise": (900, 1000), "low noise": (0, 900)}
     assert wan.FAMILY.timestep_ranges(wan.WAN_T2V_14B)["high noise"] == (875, 1000)
     assert wan.FAMILY.train_spec(wan.WAN21_T2V_1_3B).latent_dims == 3
-    assert wan.FAMILY.train_spec(wan.WAN22_TI2V_5B) is None
-    with pytest.raises(LoraValueError, match="Training does not support Wan 2.2 TI2V-5B yet"):
-        nt.model_train_spec(tw.comfy_wan("5b"))
+    assert wan.FAMILY.timestep_ranges(wan.WAN22_TI2V_5B) == {}
+    with pytest.raises(LoraValueError, match="one of \\['high noise', 'low noise'\\]"):
+        lt.parse_timestep_range("highest", wan.FAMILY.timestep_ranges(wan.WAN22_I2V_A14B))
 
 
 def test_images_beside_videos_train_as_one_frame_videos(host, tmp_path):

@@ -6,11 +6,15 @@
   here 2 heads x 32 = 64 wide (rotary axes 16+8+8 = the head width, like the real 64+32+32 of 128), 2 double and
   2 single stream blocks, 4 routed experts (2 active) and a shared expert in every `ff_i` (SwiGLU `w1`/`w2`/`w3`),
   caption channels 32 / 32 (the tiny encoders' widths; one `caption_projection` per block plus one), pooled text
-  64. Keys `diffusion_model.double_stream_blocks.N.block.attn1.to_q.weight`, `...ff_i.experts.0.w1.weight`.
+  64; `llama_layers` (which Llama layer's output each block reads; the real model lists 48) has one entry per
+  block, cycling over the tiny Llama's 2 layers, so the forward runs. Keys
+  `diffusion_model.double_stream_blocks.N.block.attn1.to_q.weight`, `...ff_i.experts.0.w1.weight`.
 * `comfy_clip_hidream(clip_l=True, clip_g=True, t5=True, llama=True)` -> `comfy.sd.CLIP` over ComfyUI's own
   `HiDreamTEModel` (text_encoders/hidream.py `hidream_clip`): `clip_l`, `clip_g`, `t5xxl` and `llama`
   (Llama-3.1-8B, hunyuan_video.LLAMAModel) with shrunken configs (Llama: hidden 32, 2 layers, 2 heads / 1 KV
-  head, small vocabulary; head width 128 is a class constant). The tests never tokenize: a stand-in tokenizer.
+  head, small vocabulary; head width 128 is a class constant). It never tokenizes: a stand-in tokenizer.
+* `comfy_clip_hidream_tokenizing()` -> the same CLIP with ComfyUI's own `HiDreamTokenizer` (CLIP-L / CLIP-G, T5 and
+  Llama-3 tokenizer files ComfyUI ships) and the Llama's full vocabulary, for the train node's caption path.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from tests.tiny_flux2 import _NoTokenizer
 from tests.tiny_models import _comfy_clip, _model_patcher, tiny_clip_config, tiny_t5_config
 
 HIDDEN, HEADS, DEPTH, DEPTH_SINGLE, CAPTION, POOLED, EXPERTS = 64, 2, 2, 2, 32, 64, 4
+LLAMA_LAYERS = 2   # the tiny Llama's layers: ComfyUI's HiDream TE stacks every layer's output (layer="all")
 
 
 def hidream_config(hidden: int = HIDDEN, heads: int = HEADS, depth: int = DEPTH, depth_single: int = DEPTH_SINGLE,
@@ -27,7 +32,7 @@ def hidream_config(hidden: int = HIDDEN, heads: int = HEADS, depth: int = DEPTH,
     head = hidden // heads
     return {"image_model": "hidream", "attention_head_dim": head, "axes_dims_rope": [head // 2, head // 4, head // 4],
             "caption_channels": [CAPTION, CAPTION], "max_resolution": [16, 16], "in_channels": 16,
-            "llama_layers": list(range(2)) * (depth + depth_single), "num_attention_heads": heads,
+            "llama_layers": [i % LLAMA_LAYERS for i in range(depth + depth_single)], "num_attention_heads": heads,
             "num_routed_experts": experts, "num_activated_experts": 2, "num_layers": depth,
             "num_single_layers": depth_single, "out_channels": 16, "patch_size": 2, "text_emb_dim": POOLED}
 
@@ -38,7 +43,7 @@ def comfy_hidream(seed: int = 0, **sizes):
     return _model_patcher(comfy.supported_models.HiDream, hidream_config(**sizes), None, seed)
 
 
-def tiny_llama_config(hidden: int = 32, layers: int = 2, heads: int = 2, kv_heads: int = 1, vocab: int = 256) -> dict:
+def tiny_llama_config(hidden: int = 32, layers: int = LLAMA_LAYERS, heads: int = 2, kv_heads: int = 1, vocab: int = 256) -> dict:
     return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab}
 
@@ -52,6 +57,18 @@ def comfy_clip_hidream(clip_l: bool = True, clip_g: bool = True, t5: bool = True
     overrides = {"clip_l": tiny_clip_config(hidden, layers), "clip_g": tiny_clip_config(hidden, layers, act="gelu"),
                  "t5xxl": tiny_t5_config(hidden, 2), "llama": tiny_llama_config(hidden)}
     return _comfy_clip(hidream.hidream_clip(clip_l, clip_g, t5, llama), _NoTokenizer, overrides, seed)
+
+
+def comfy_clip_hidream_tokenizing(layers: int = 3, hidden: int = 32, seed: int = 0):
+    """`comfy_clip_hidream()` that tokenizes captions (ComfyUI's HiDreamTokenizer; the Llama keeps Llama-3's
+    vocabulary, 128320 ids, for the real tokenizer's ids)."""
+    import_comfy()
+    from comfy.text_encoders import hidream
+
+    llama = {k: v for k, v in tiny_llama_config(hidden).items() if k != "vocab_size"}
+    overrides = {"clip_l": tiny_clip_config(hidden, layers), "clip_g": tiny_clip_config(hidden, layers, act="gelu"),
+                 "t5xxl": tiny_t5_config(hidden, 2), "llama": llama}
+    return _comfy_clip(hidream.hidream_clip(True, True, True, True), hidream.HiDreamTokenizer, overrides, seed)
 
 
 def diffusers_hidream_twin(seed: int = 0, **sizes):

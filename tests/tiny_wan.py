@@ -10,7 +10,7 @@
   - "t2v": Wan 2.1 T2V / 2.2 T2V-A14B expert structure (`supported_models.WAN21_T2V`, 16 channels in and out);
   - "i2v": Wan 2.1 I2V (`WAN21_I2V`: model_type i2v, in_dim 36, `img_emb` and `cross_attn.k_img` / `v_img`);
   - "i2v-a14b": a Wan 2.2 I2V-A14B expert (`WAN21_T2V` with in_dim 36: no CLIP-image branch);
-  - "5b": Wan 2.2 TI2V-5B (`WAN22_T2V`, model_base.WAN22: 48 channels in and out).
+  - "5b": Wan 2.2 TI2V-5B (`WAN22_T2V`, model_base.WAN22: 48 channels in and out; `comfy_wan22_vae` is its VAE).
 * `comfy_clip_wan()` -> `comfy.sd.CLIP` over ComfyUI's Wan text encoder (`comfy.text_encoders.wan.te()`:
   `umt5xxl` = UMT5-XXL), shrunk through ComfyUI's own `umt5xxl_model_config` option.
 * `diffusers_wan_twin(variant)` -> diffusers' `WanTransformer3DModel` with the same shapes (weights differ).
@@ -135,3 +135,27 @@ def comfy_wan_vae(seed: int = 22):
     generator = torch.Generator().manual_seed(seed)
     state = {key: _fill(key, shape, generator) for key, shape in sorted(wan_vae_layout().items())}
     return comfy.sd.VAE(sd=state)
+
+
+def comfy_wan22_vae(seed: int = 22, dim: int = 8):
+    """A real comfy.sd.VAE over ComfyUI's Wan 2.2 VAE (comfy.ldm.wan.vae2_2.WanVAE: 48 channels, 4x temporal and 16x
+    spatial compression, the TI2V-5B's), seeded, at base width `dim`. comfy/sd.py recognises the Wan 2.2 VAE by its
+    keys (`decoder.upsamples.0.upsamples.0.residual.2.weight`) and builds it at the real widths (dim 160, decoder
+    256) whatever the file holds, so the class is given the tiny widths while the VAE is built; everything else
+    (latent channels, scale ratios, encode path) is sd.py's own."""
+    from unittest import mock
+
+    import_comfy()
+    import comfy.ldm.wan.vae2_2 as vae22
+    import comfy.sd
+    from demo.tiny_wan import _fill
+
+    real = vae22.WanVAE
+    config = {"dim": dim, "dec_dim": dim, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+              "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
+    with torch.device("meta"):
+        layout = {key: tuple(value.shape) for key, value in real(**config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: _fill(key, shape, generator) for key, shape in sorted(layout.items())}
+    with mock.patch.object(vae22, "WanVAE", lambda **c: real(**{**c, "dim": dim, "dec_dim": dim})):
+        return comfy.sd.VAE(sd=state)

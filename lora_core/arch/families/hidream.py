@@ -39,8 +39,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, deeper_block_reason,
-                      text_encoder_descriptions)
+from ..family import (Alias, ArchSpec, BlockLayout, ComponentSpec, Family, ModuleDef, TrainSpec,
+                      deeper_block_reason, text_encoder_descriptions)
 from ..text_encoders import CLIP_L, OPENCLIP_G, T5_XXL, TextEncoderSpec, register_encoder
 
 LLAMA31_8B = register_encoder(TextEncoderSpec("Llama-3.1-8B", "llama", 4096, 32, 32, 14336, 32, kind="llm"))
@@ -272,6 +272,47 @@ class HiDreamFamily(Family):
         )
         self._layouts[variant.layout_key] = layout
         return layout
+
+    # ----------------------------------------------------------------------------- training
+    def train_spec(self, variant: ArchSpec, config=None) -> Optional[TrainSpec]:
+        """HiDream-I1 as ai-toolkit and diffusion-pipe train it (LoRA on the transformer's stream blocks; no kohya /
+        musubi HiDream-I1 trainer exists): the default trains the attention (image `attn1.to_q` / `to_k` / `to_v` /
+        `to_out` and the double blocks' text `_t` projections) and feed-forward Linears - the MoE's shared expert
+        and every routed expert (`ff_i.shared_experts` / `ff_i.experts.E` w1 / w2 / w3) and the text `ff_t` - of
+        the double and single stream blocks; the router `ff_i.gate` is a bare weight, not a Linear. "all layers"
+        adds the blocks' adaLN modulation, the embedders (x / t / p, the caption projections) and the final layer.
+        Saved in ai-toolkit's / diffusion-pipe's names (`diffusion_model.<path>`, the ComfyUI names core reads; see
+        `train_names`) with ai-toolkit's `hidream_i1` header. Flow matching at the model's own schedule (ComfyUI's
+        HiDream model_sampling, a ModelSamplingDiscreteFlow; its shift is whatever the MODEL carries, e.g. a
+        ModelSamplingSD3 node's); no guidance input. Text-encoder training (off by default, as in those trainers)
+        trains the two CLIPs."""
+        return TrainSpec(kinds=HIDREAM_TRAIN_KINDS, target_sets=HIDREAM_TARGET_SETS, conv_kinds=(),
+                         text_encoders=("te1", "te2"), guidance_input=False,
+                         timestep_sampling="logit-normal, model shift", resolution_shift=None,
+                         block_lists=("double_stream_blocks", "single_stream_blocks"))
+
+    def train_names(self, target, variant, config=None) -> Optional[tuple[tuple[str, int, int], ...]]:
+        """ai-toolkit's / diffusion-pipe's names for a trained HiDream LoRA: `diffusion_model.<path>` (nothing is
+        fused: one LoRA per module)."""
+        return ((f"diffusion_model.{target.path}", 0, 0),)
+
+
+# Training kinds -> element kinds (the router is not a Linear: no training kind has it).
+HIDREAM_TRAIN_KINDS = {
+    "attn": frozenset({"img_attn", "txt_attn"}),
+    "mlp": frozenset({"shared_expert", "expert", "txt_mlp"}),
+    "mod": frozenset({"mod"}),
+    "embed": frozenset({"x_embed", "t_embed", "p_embed", "caption"}),
+    "final": frozenset({"final", "final_mod"}),
+}
+# The trainers' default first (the node's default): the stream blocks' attention and feed-forward (MoE) Linears.
+HIDREAM_TARGET_SETS = {
+    "attn+ff+proj": ("attn", "mlp"),
+    "attn+proj": ("attn",),
+    "attn+ff": ("attn", "mlp"),
+    "attn": ("attn",),
+    "all layers": tuple(HIDREAM_TRAIN_KINDS),
+}
 
 
 FAMILY = HiDreamFamily()

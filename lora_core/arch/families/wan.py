@@ -334,14 +334,16 @@ class WanFamily(Family):
             "te1": ComponentSpec("te1", "TE1", UMT5_XXL, ("lora_te_", "lora_te1_"), "text_encoder."),
         }
 
-        def variant(name, title, short, aliases, spec, layout_key, match=()):
-            # musubi-tuner's strings (dataset/architectures.py, utils/sai_model_spec.py) for every Wan
+        def variant(name, title, short, aliases, spec, layout_key, match=(), model_type=""):
+            # musubi-tuner's strings (dataset/architectures.py, utils/sai_model_spec.py) for every Wan; musubi's
+            # header does not tell the 5B from the 14B, so a 5B file also names its variant in `ss_model_type`
+            # (one of the variant's `match` strings, which arch_of_metadata reads)
             return ArchSpec(name=name, title=title, family=self, config=spec, components=components,
                             aliases=aliases, layout_key=layout_key,
                             metadata={"ss_base_model_version": "wan", "modelspec.architecture": "wan2.1",
                                       "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1",
                                       "ss_network_module": "networks.lora_wan", "resolution": 720, "short": short,
-                                      "match": match})
+                                      "match": match, **({"ss_model_type": model_type} if model_type else {})})
 
         self.T2V_14B = variant("Wan-T2V-14B", "Wan 2.1 T2V 14B / Wan 2.2 T2V-A14B", "Wan T2V 14B",
                                ("wan", "wan2.1", "wan21", "wan2.1-t2v-14b", "wan-t2v-14b", "wan2.2-t2v-a14b",
@@ -358,7 +360,7 @@ class WanFamily(Family):
         self.TI2V_5B = variant("Wan2.2-TI2V-5B", "Wan 2.2 TI2V-5B", "Wan 2.2 5B",
                                ("wan2.2-ti2v-5b", "wan22-5b", "wan-5b", "wan2.2-5b"),
                                WanSpec(dim=3072, depth=30, ffn=14336, in_dim=48, out_dim=48), "wan_30",
-                               ("wan_2.2_5b", "wan2.2-ti2v-5b", "wan2.2_5b"))
+                               ("wan_2.2_5b", "wan2.2-ti2v-5b", "wan2.2_5b"), model_type="wan2.2-ti2v-5b")
         self.VACE_14B = variant("Wan2.1-VACE-14B", "Wan VACE 14B", "Wan VACE 14B",
                                 ("wan2.1-vace-14b", "wan-vace", "wan-vace-14b", "wan2.2-vace-fun-a14b"),
                                 WanSpec(model_type="vace", vace_layers=8), "wan_vace_40")
@@ -639,18 +641,23 @@ class WanFamily(Family):
         generic names. Flow matching at the model's shift (ComfyUI's WAN21: ModelSamplingDiscreteFlow, shift 8,
         multiplier 1000), logit-normal shifted by it (musubi `--timestep_sampling shift --discrete_flow_shift`);
         latents are 5-D (B, 16, frames, h, w) - images train as one-frame videos. One Wan 2.2 expert trains with
-        its timestep range (`timestep_ranges`)."""
-        if not isinstance(config, WanSpec):
-            config = variant.config
-        if config.out_dim == 48:
-            return None   # TI2V-5B: per-token timesteps and a 48-channel VAE, not wired yet
+        its timestep range (`timestep_ranges`).
+
+        Wan 2.2 TI2V-5B (musubi `--task ti2v-5B`) trains the same way on its 48-channel latents (Wan 2.2 VAE, 16x
+        spatial): ComfyUI's WAN22 gives each token its own timestep only through a `denoise_mask` (image-to-video's
+        clean first frame, process_timestep); text-to-video training passes none, so every token gets the batch
+        item's one timestep, and its in_dim equals the latent's (no concat conditioning). musubi's names and
+        header; the file names the 5B in `ss_model_type`."""
         return TrainSpec(kinds=WAN_TRAIN_KINDS, target_sets=WAN_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
                          guidance_input=False, timestep_sampling="logit-normal, model shift", resolution_shift=None,
                          block_lists=("blocks",), latent_dims=3)
 
     def timestep_ranges(self, variant: ArchSpec) -> dict[str, tuple[int, int]]:
         """The Wan 2.2 experts' timestep ranges on musubi's 0-1000 scale (docs/wan.md: T2V low noise 0-875, high
-        noise 875-1000, the T2V boundary 0.875; I2V's boundary 0.9, wan/configs/wan_i2v_A14B.py)."""
+        noise 875-1000, the T2V boundary 0.875; I2V's boundary 0.9, wan/configs/wan_i2v_A14B.py). TI2V-5B is one
+        model, not a pair of experts: none (a numeric range still works)."""
+        if variant.config.out_dim == 48:
+            return {}
         boundary = WAN22_BOUNDARY["i2v"] if variant.config.in_dim == 36 else WAN22_BOUNDARY["t2v"]
         return {"high noise": (boundary, 1000), "low noise": (0, boundary)}
 
