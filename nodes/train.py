@@ -433,7 +433,7 @@ class LoRACoreTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
-                                    "Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2 incl. TI2V-5B, HunyuanVideo, Flux.2 "
+                                    "Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2 incl. TI2V-5B, HunyuanVideo T2V / 1.5, Flux.2 "
                                     "[dev], HiDream-I1). It is adapted in place during training and restored afterwards: "
                                     "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),

@@ -79,12 +79,12 @@ def tiny_sd35_medium(seed: int = 0):
 
 
 class FrameVAE:
-    """A real comfy.sd.VAE (TAESD architecture, 16 channels, seeded) whose image latents get the frame axis of the
-    Wan 2.1 format Qwen-Image uses, (B, 16, 1, h, w), and are standardised per channel on the training images
+    """A real comfy.sd.VAE (TAESD architecture, 16 channels or `channels`, seeded) whose image latents get the frame
+    axis of the Wan 2.1 format Qwen-Image uses, (B, 16, 1, h, w), and are standardised per channel on the training images
     through the model's latent format (process_latent_in of what encode returns has mean 0, std 1)."""
 
-    def __init__(self, model, images):
-        taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    def __init__(self, model, images, channels: int = 16):
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=channels)
         tm.seed_weights(taesd, 0)
         state = taesd.state_dict()
         state["vae_shift"], state["vae_scale"] = torch.tensor(0.0), torch.tensor(1.0)

@@ -17,6 +17,8 @@
   the head width 128 is a class constant of `Llama2Config`; vocabulary kept for the real tokenizer).
 * `diffusers_hunyuan_video_twin()` -> diffusers' `HunyuanVideoTransformer3DModel` with the same sizes, so the same
   modules have the same shapes (weights differ).
+* `comfy_hunyuan_video_15()` / `comfy_clip_hunyuan_video_15()` -> HunyuanVideo 1.5 (`supported_models.
+  HunyuanVideo15`) and its Qwen2.5-VL CLIP with ComfyUI's own tokenizer, tiny.
 """
 from __future__ import annotations
 
@@ -112,3 +114,19 @@ def diffusers_hunyuan_video_15_twin(hidden: int = HIDDEN, heads: int = HEADS, de
         num_refiner_layers=2, text_embed_dim=context, text_embed_2_dim=1472, image_embed_dim=vision,
         rope_axes_dim=(head // 4, head * 3 // 8, head * 3 // 8))
     return seed_weights(model.to(CPU, torch.float32), seed).eval()
+
+
+def comfy_clip_hunyuan_video_15(layers: int = 4, hidden: int = CONTEXT, seed: int = 0):
+    """Tiny HunyuanVideo 1.5 `comfy.sd.CLIP`: ComfyUI's own text encoder for it (supported_models.HunyuanVideo15.
+    clip_target: `hunyuan_image.te`, Qwen2.5-VL-7B as `qwen25_7b` = te1, which reads layer -3: 4 layers) and its
+    own HunyuanVideo15Tokenizer (the Qwen2.5 tokenizer files ComfyUI ships; the video prompt template is cut off
+    after encoding), without the ByT5 glyph encoder (a caption without quoted text gives it nothing). The Qwen
+    keeps its vocabulary for the real tokenizer; the vision tower is shrunk as in tests/tiny_qwen_image.py."""
+    import_comfy()
+    from comfy.text_encoders import hunyuan_image, hunyuan_video
+
+    from tests import tiny_qwen_image as tq
+
+    with tq._small_vision_tower():
+        return _comfy_clip(hunyuan_image.te(byt5=False), hunyuan_video.HunyuanVideo15Tokenizer,
+                           {"qwen25_7b": tq.tiny_qwen25_config(hidden, layers)}, seed)

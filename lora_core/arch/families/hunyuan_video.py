@@ -572,13 +572,21 @@ class HunyuanVideoFamily(Family):
         """musubi-tuner's HunyuanVideo training (`networks/lora.py`: HUNYUAN_TARGET_REPLACE_MODULES =
         MMDoubleStreamBlock + MMSingleStreamBlock, default exclude of the modulation): every Linear of the double
         blocks (fused img/txt `attn.qkv` whole, `attn.proj`, both MLPs) and single blocks (`linear1`, `linear2`),
-        no `img_mod` / `txt_mod` / `modulation`. Text-to-video only (I2V's image conditioning and 1.5's glyph /
-        vision inputs are not fed yet); image datasets train as 1-frame videos (latents (B, 16, 1, h, w)).
+        no `img_mod` / `txt_mod` / `modulation`. Text-to-video only; image datasets train as 1-frame videos
+        (latents (B, 16, 1, h, w)).
+
+        HunyuanVideo 1.5 (double blocks only, no guidance input, 32-channel latents) trains the same set, as
+        text-to-video: its concat conditioning is the model's own empty one (ComfyUI's HunyuanVideo15.concat_cond:
+        zero image latents and a zero mask, what its text-to-video sampling passes), no glyph (ByT5) or SigLIP
+        input. musubi's 1.5 network trains q / k / v apart (`img_attn_q`, which core 0.3.75 does not read); the
+        file keeps the fused `lora_unet_double_blocks_N_img_attn_qkv`, which core reads, with musubi's
+        `hunyuan_video_1_5` header. The 1.0 I2V variants are refused: ComfyUI's I2V concat_cond needs an image
+        latent (HunyuanVideoI2V / SkyReels build theirs from `concat_latent_image`), which training does not feed.
         Saved in the family's merge naming `lora_unet_<ComfyUI path _>`, which core reads for every module; musubi's
         own files name the MLPs in Tencent's naming (`img_mlp_fc1`), which core 0.3.75 does not read. The distilled
         guidance input gets the node's `guidance` (musubi trains with --guidance_scale 1.0); flow matching at the
         model's shift (ComfyUI: 7.0), logit-normal (musubi `shift` sampling)."""
-        if variant is not self.T2V:
+        if variant is not self.T2V and variant is not self.V15:
             return None
         guidance = bool(getattr(config, "guidance", True)) if config is not None else True
         return TrainSpec(kinds=HV_TRAIN_KINDS, target_sets=HV_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
