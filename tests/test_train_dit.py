@@ -29,9 +29,9 @@ from tests.pack import loras_folder
 from tests import tiny_models as tm
 from tests import tiny_qwen_image as tq
 from tests import tiny_sd3 as ts
-from tests.test_train_flux import (file_metadata, file_modules, flow_error, patched_state, sampler_call,
-                                   target_images, tiny_vae16)
-from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
+from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state, sampler_call,
+                                   single_thread, target_images, tiny_vae16)  # noqa: F401 (fixture)
+from tests.test_train_nodes import train_kwargs, train_nodes
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
@@ -54,15 +54,6 @@ STEPS = 40
 LR = {"sd3": 2e-3, "qwen": 1e-2}
 RANK = 4
 KINDS = ("sd3", "qwen")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------ hosts
@@ -99,31 +90,19 @@ class FrameVAE:
         return self.model.model.process_latent_out((raw - self.mean) / self.std)
 
 
-class Host:
+class Host(FamilyHost):
+    steps, rank = STEPS, RANK
+
     def __init__(self, kind: str):
-        self.kind = kind
-        self.images = target_images()
+        self.kind, self.lr = kind, LR[kind]
+        images = target_images()
         if kind == "sd3":
             self.model, self.clip = tiny_sd35_medium(), ts.comfy_clip_sd3(t5=False)
             self.vae = tiny_vae16(self.model)
         else:
             self.model, self.clip = tq.comfy_qwen_image(), tq.comfy_clip_qwen_image()
-            self.vae = FrameVAE(self.model, self.images)
-        self.dataset, self.summary = nt.LoRACoreTrainDataset().build(
-            images=self.images, **{**DATASET_DEFAULTS, "caption": "sks square", "resolution": 64})
-        self.latents = self.model.model.process_latent_in(self.vae.encode(self.images)).detach()
-
-    def conds(self) -> dict:
-        out = self.clip.encode_from_tokens(self.clip.tokenize("sks square"), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = {k: overrides.pop(k) for k in ("timestep_sampling", "guidance", "text_encoders") if k in overrides}
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR[self.kind],
-                                 "train_text_encoder": False, "batch_size": 2, **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs, **extra)
+            self.vae = FrameVAE(self.model, images)
+        self.image_dataset(images)
 
 
 @pytest.fixture(scope="module")

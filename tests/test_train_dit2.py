@@ -27,14 +27,13 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder
 from tests import tiny_flux2 as tf2
 from tests import tiny_hunyuan_video as th
 from tests import tiny_lumina as tl
 from tests.test_train_dit import FrameVAE
-from tests.test_train_flux import (file_metadata, file_modules, flow_error, patched_state, sampler_call,
-                                   target_images, tiny_vae16)
-from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
+from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state, sampler_call,
+                                   single_thread, target_images, tiny_vae16)  # noqa: F401 (fixture)
+from tests.test_train_nodes import train_nodes
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
@@ -58,15 +57,6 @@ GUIDED = ("hunyuan", "flux2")
 NEXTDIT = ("zimage", "lumina2")
 CAPTION = "sks square"
 ZIMAGE_DIM = 256
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------ hosts
@@ -142,10 +132,12 @@ class ChannelVAE:
         return self.model.model.process_latent_out((self.vae.encode(images) - self.mean) / self.std)
 
 
-class Host:
+class Host(FamilyHost):
+    steps, rank, caption = STEPS, RANK, CAPTION
+
     def __init__(self, kind: str):
-        self.kind = kind
-        self.images = target_images()
+        self.kind, self.lr = kind, LR[kind]
+        images = target_images()
         if kind == "zimage":
             # dim 256: NextDiT's Z-Image modulation reads a 256-wide time embedding (min(dim, 256) in its blocks),
             # so a forward needs dim >= 256 (tiny_lumina's dim 48 serves key maps only)
@@ -157,23 +149,9 @@ class Host:
         else:
             self.model, self.clip = tf2.comfy_flux2(context=96), comfy_clip_flux2_tokenized()
         # HunyuanVideo: image datasets as 1-frame videos, (B, 16, 1, h, w) latents through its own latent format
-        self.vae = FrameVAE(self.model, self.images) if kind == "hunyuan" else \
-            ChannelVAE(self.model, self.images) if kind == "flux2" else tiny_vae16(self.model)
-        self.dataset, self.summary = nt.LoRACoreTrainDataset().build(
-            images=self.images, **{**DATASET_DEFAULTS, "caption": CAPTION, "resolution": 64})
-        self.latents = self.model.model.process_latent_in(self.vae.encode(self.images)).detach()
-
-    def conds(self) -> dict:
-        out = self.clip.encode_from_tokens(self.clip.tokenize(CAPTION), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = {k: overrides.pop(k) for k in ("timestep_sampling", "guidance", "text_encoders") if k in overrides}
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR[self.kind],
-                                 "train_text_encoder": False, "batch_size": 2, **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs, **extra)
+        self.vae = FrameVAE(self.model, images) if kind == "hunyuan" else \
+            ChannelVAE(self.model, images) if kind == "flux2" else tiny_vae16(self.model)
+        self.image_dataset(images)
 
 
 @pytest.fixture(scope="module")

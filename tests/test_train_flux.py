@@ -46,6 +46,8 @@ RANK = 4
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
+    """One torch thread (the family training tests' margins were calibrated so) and no tqdm bar per step; every
+    family training test module imports this fixture, which makes it autouse there too."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -82,7 +84,38 @@ def target_images(n: int = 4, size: int = 64) -> torch.Tensor:
     return (images + 0.02 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
 
 
-class Host:
+class FamilyHost:
+    """A family's tiny model, CLIP and VAE with its training data, trained through LoRACoreTrain: the base of the
+    family training tests' hosts (they set model, clip, vae, then `image_dataset` or their own dataset)."""
+
+    caption = "sks square"
+    steps, rank, lr = STEPS, RANK, LR
+    train_defaults: dict = {}   # the family tests' own train-node settings
+
+    def image_dataset(self, images: torch.Tensor, resolution: int = 64) -> None:
+        """The dataset node on `images` with the caption, and the latents the training sees."""
+        self.images = images
+        self.dataset, self.summary = nt.LoRACoreTrainDataset().build(
+            images=images, **{**DATASET_DEFAULTS, "caption": self.caption, "resolution": resolution})
+        self.latents = self.model.model.process_latent_in(self.vae.encode(images)).detach()
+
+    def conds(self, caption: str = None, clip=None) -> dict:
+        """What CLIPTextEncode gives the sampler for a caption: cond + pooled_output (+ any extras)."""
+        clip = clip or self.clip
+        out = clip.encode_from_tokens(clip.tokenize(caption or self.caption), return_pooled=True, return_dict=True)
+        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+    def train(self, folder, **overrides):
+        """LoRACoreTrain with the family tests' settings (and `overrides`) into `folder`: the node's outputs."""
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs = train_kwargs(**{"steps": self.steps, "rank": self.rank, "alpha": float(self.rank),
+                                 "unet_lr": self.lr, "train_text_encoder": False, "batch_size": 2,
+                                 **self.train_defaults, **overrides})
+        with loras_folder(folder):
+            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs)
+
+
+class Host(FamilyHost):
     def __init__(self, kind: str):
         self.kind = kind
         if kind == "flux":
@@ -90,24 +123,7 @@ class Host:
         else:
             self.model, self.clip = tm.comfy_chroma(), tm.comfy_clip_chroma()
         self.vae = tiny_vae16(self.model)
-        self.images = target_images()
-        self.dataset, self.summary = nt.LoRACoreTrainDataset().build(
-            images=self.images, **{**DATASET_DEFAULTS, "caption": "sks square", "resolution": 64})
-        self.latents = self.model.model.process_latent_in(self.vae.encode(self.images)).detach()
-
-    def conds(self, clip=None) -> dict:
-        """What CLIPTextEncode gives the sampler for the caption: cond + pooled_output (+ any extras)."""
-        clip = clip or self.clip
-        out = clip.encode_from_tokens(clip.tokenize("sks square"), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = {k: overrides.pop(k) for k in ("timestep_sampling", "guidance", "text_encoders") if k in overrides}
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR,
-                                 "train_text_encoder": False, "batch_size": 2, "min_snr_gamma": 5.0, **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs, **extra)
+        self.image_dataset(target_images())
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import loras_folder
 from tests import tiny_hunyuan_video as th
 from tests.test_train_dit import FrameVAE
 from tests.test_train_dit2 import LOSS_RATIO_MAX
-from tests.test_train_flux import (file_metadata, file_modules, flow_error, patched_state, sampler_call,
-                                   target_images)
-from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
+from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state, sampler_call,
+                                   single_thread, target_images)  # noqa: F401 (fixture)
+from tests.test_train_nodes import train_nodes
 
 comfy = import_comfy()
 import comfy.lora  # noqa: E402
@@ -50,34 +49,14 @@ CAPTION = "sks square"
 LEARN_MIN = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield
-    torch.set_num_threads(previous)
+class Host(FamilyHost):
+    steps, rank, lr, caption = STEPS, RANK, LR, CAPTION
 
-
-class Host:
     def __init__(self):
+        images = target_images()
         self.model, self.clip = th.comfy_hunyuan_video_15(), th.comfy_clip_hunyuan_video_15()
-        self.images = target_images()
-        self.vae = FrameVAE(self.model, self.images, channels=32)
-        self.dataset, self.summary = nt.LoRACoreTrainDataset().build(
-            images=self.images, **{**DATASET_DEFAULTS, "caption": CAPTION, "resolution": 64})
-        self.latents = self.model.model.process_latent_in(self.vae.encode(self.images)).detach()
-
-    def conds(self) -> dict:
-        out = self.clip.encode_from_tokens(self.clip.tokenize(CAPTION), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR,
-                                 "train_text_encoder": False, "batch_size": 2, **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs)
+        self.vae = FrameVAE(self.model, images, channels=32)
+        self.image_dataset(images)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from tests.comfy_host import import_comfy
 from tests.pack import input_folder, loras_folder
 from tests import tiny_wan as tw
 from tests.test_train_dit import LOSS_RATIO_MAX
-from tests.test_train_flux import file_metadata, file_modules, flow_error, patched_state, sampler_call
+from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state,  # noqa: F401
+                                   sampler_call, single_thread)
 from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
 
 comfy = import_comfy()
@@ -56,15 +57,6 @@ CAPTIONS = {"red_right": "sks red square moving right", "blue_down": "sks blue s
 # calibrated (seed 0, 40 steps, rank 4, batch 2, lr 1e-2): mean velocity-error reduction 33.5% (per level and
 # video 25.1-38.8%), training loss first-10 mean 2.95 -> last-10 2.11
 LEARN_MIN = 0.2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -134,7 +126,9 @@ class StandardVAE:
         return self.model.model.process_latent_out((self.vae.encode(pixels) - self.mean) / self.std)
 
 
-class Host:
+class Host(FamilyHost):
+    steps, rank, lr, train_defaults = STEPS, RANK, LR, {"save_precision": "fp32"}
+
     def __init__(self, root):
         self.model, self.clip = tw.comfy_wan("t2v"), tw.comfy_clip_wan_tokenizing()
         self.videos = training_videos()
@@ -150,18 +144,7 @@ class Host:
             self.vae.encode(s.image.movedim(0, -1))).detach() for s in self.dataset.samples}
 
     def conds(self, name: str) -> dict:
-        out = self.clip.encode_from_tokens(self.clip.tokenize(CAPTIONS[name]), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = {k: overrides.pop(k) for k in ("timestep_sampling", "guidance", "text_encoders", "timestep_range")
-                 if k in overrides}
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR,
-                                 "train_text_encoder": False, "batch_size": 2, "save_precision": "fp32",
-                                 **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs, **extra)
+        return super().conds(CAPTIONS[name])
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from tests.comfy_host import import_comfy
-from tests.pack import input_folder, loras_folder
+from tests.pack import input_folder
 from tests import tiny_wan as tw
 from tests.test_train_dit import LOSS_RATIO_MAX
-from tests.test_train_flux import file_metadata, file_modules, flow_error, patched_state, sampler_call
-from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
+from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state,  # noqa: F401
+                                   sampler_call, single_thread)
+from tests.test_train_nodes import DATASET_DEFAULTS, train_nodes
 from tests.test_train_wan import CAPTIONS, FRAMES, StandardVAE, moving_square, musubi_targets, save_frames
 
 comfy = import_comfy()
@@ -48,16 +49,9 @@ DATASET = {**DATASET_DEFAULTS, "resolution": 96, "bucket_step": 16, "min_bucket"
 LEARN_MIN = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield
-    torch.set_num_threads(previous)
+class Host(FamilyHost):
+    steps, rank, lr, train_defaults = STEPS, RANK, LR, {"save_precision": "fp32"}
 
-
-class Host:
     def __init__(self, root):
         self.model, self.clip = tw.comfy_wan("5b"), tw.comfy_clip_wan_tokenizing()
         self.videos = {"red_right": moving_square(FRAMES, SIZE, (0.9, 0.1, 0.1), "right", 1),
@@ -72,16 +66,7 @@ class Host:
             self.vae.encode(s.image.movedim(0, -1))).detach() for s in self.dataset.samples}
 
     def conds(self, name: str) -> dict:
-        out = self.clip.encode_from_tokens(self.clip.tokenize(CAPTIONS[name]), return_pooled=True, return_dict=True)
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-    def train(self, folder, **overrides):
-        folder.mkdir(parents=True, exist_ok=True)
-        kwargs = train_kwargs(**{"steps": STEPS, "rank": RANK, "alpha": float(RANK), "unet_lr": LR,
-                                 "train_text_encoder": False, "batch_size": 2, "save_precision": "fp32",
-                                 **overrides})
-        with loras_folder(folder):
-            return nt.LoRACoreTrain().train(self.model, self.clip, self.vae, self.dataset, **kwargs)
+        return super().conds(CAPTIONS[name])
 
 
 @pytest.fixture(scope="module")
