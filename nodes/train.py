@@ -272,6 +272,34 @@ class ComfyBackend:
         makes them out of place while it trains. SD's UNet needs none (its CLIP has _OutOfPlaceClipLayers)."""
         return self.block_modules() if self.native_call else []
 
+    @property
+    def start_image_conditioning(self) -> bool:
+        """An image-to-video model conditioned on a start image through its concat channels (Wan 2.1 I2V 14B, a
+        Wan 2.2 I2V-A14B expert: 16 noise + 4 mask + 16 image-latent channels)."""
+        import comfy.model_base as mb
+
+        # the plain Wan classes only (VACE, Camera, S2V, HuMo, Animate use their concat channels their own way); a
+        # 2.2 I2V-A14B expert's mask + image channels are added by WAN21.concat_cond from the channel count alone
+        if type(self.base) not in (mb.WAN21, mb.WAN22):
+            return False
+        latent = self.base.latent_format.latent_channels
+        return self.unet.patch_embedding.weight.shape[1] == 2 * latent + 4
+
+    def start_image_conditioning_of(self, images: torch.Tensor, vae) -> dict:
+        """A video sample's image-to-video conditioning, as ComfyUI's WanImageToVideo builds it from a start image
+        (musubi trains Wan I2V the same way, its first frame as the image): the clip's first frame followed by grey
+        (0.5) frames, VAE-encoded (`concat_latent_image`, raw VAE latents: the model's concat_cond scales them),
+        and `concat_mask` 0 on the first latent frame, 1 on the others. `images`: (1, 3, F, H, W) or one image."""
+        frames = images[0].movedim(0, -1)[..., :3].float()        # (F, H, W, 3), or (H, W, 3) for an image
+        if frames.ndim == 3:
+            frames = frames[None]
+        pixels = torch.full_like(frames, 0.5)
+        pixels[:1] = frames[:1]
+        concat = vae.encode(pixels)
+        mask = torch.ones((1, 1, concat.shape[2], concat.shape[-2], concat.shape[-1]), dtype=concat.dtype)
+        mask[:, :, :1] = 0.0
+        return {"concat_latent_image": concat, "concat_mask": mask}
+
     def encode_images(self, images: torch.Tensor, vae) -> torch.Tensor:
         if images.ndim == 5:   # videos (B, 3, F, H, W): a video VAE (Wan's) encodes one clip given as (F, H, W, 3)
             latents = torch.cat([vae.encode(video.movedim(0, -1)[..., :3].float()) for video in images])
@@ -646,6 +674,8 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
     network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
     trainer = lt.LoraTrainer(backend, network, dataset, config,
                              encode_images=lambda images: backend.encode_images(images, vae),
+                             encode_conditioning=(lambda images: backend.start_image_conditioning_of(images, vae))
+                             if backend.start_image_conditioning else None,
                              encode_text=backend.encode_text if clip is not None else None,
                              output=output, arch=arch.name,
                              checkpoint_modules=backend.checkpoint_modules(),

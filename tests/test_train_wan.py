@@ -449,20 +449,50 @@ def test_images_beside_videos_train_as_one_frame_videos(host, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["i2v", "i2v-a14b"])
-def test_i2v_variants_train_as_text_to_video_and_load_fully(variant, host, tmp_path, caplog):
+def test_i2v_variants_train_on_their_first_frame_and_load_fully(variant, host, tmp_path, caplog):
     """Wan 2.1 I2V (CLIP-image branch: cross_attn.k_img / v_img train too, as musubi's WanAttentionBlock Linears)
-    and a Wan 2.2 I2V-A14B expert (36 input channels) train on the same videos with the model's own concat
-    conditioning left empty (core's WAN21.concat_cond: zero mask and image latents, as plain text-to-video); the
-    file loads in core with no key left."""
+    and a Wan 2.2 I2V-A14B expert (36 input channels) train on the same videos conditioned on each clip's first
+    frame: the model gets the concat_latent_image / concat_mask ComfyUI's own WanImageToVideo node builds from that
+    frame (musubi trains I2V the same way); the file loads in core with no key left."""
+    import comfy_extras.nodes_wan as nodes_wan
+
     model = tw.comfy_wan(variant)
     vae = StandardVAE(model, list(host.videos.values()))
     folder = tmp_path / "loras"
     folder.mkdir()
     kwargs = train_kwargs(steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
                           output_name=f"wan_{variant}")
-    with loras_folder(folder):
-        _, _, lora, *_ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
-                                                       timestep_range="low noise")
+    seen = []
+    original = model.model.extra_conds
+
+    def extra_conds(**conds):
+        seen.append({k: conds[k].detach().clone() for k in ("concat_latent_image", "concat_mask") if k in conds})
+        return original(**conds)
+
+    model.model.extra_conds = extra_conds
+    try:
+        with loras_folder(folder):
+            _, _, lora, *_ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
+                                                           timestep_range="low noise")
+    finally:
+        del model.model.extra_conds
+    # what core's WanImageToVideo gives for each training clip's first frame
+    expected = []
+    for sample in host.dataset.samples:
+        frames = sample.image.movedim(0, -1)                        # (F, H, W, 3)
+        positive, _, _ = nodes_wan.WanImageToVideo.execute(
+            positive=[[host.conds(next(iter(CAPTIONS)))["cond"], {}]], negative=[], vae=vae,
+            width=frames.shape[2], height=frames.shape[1], length=frames.shape[0], batch_size=1,
+            start_image=frames[:1])
+        expected.append(positive[0][1])
+    assert len(seen) == 3 and all(set(s) == {"concat_latent_image", "concat_mask"} for s in seen)
+    for step in seen:
+        for image, mask in zip(step["concat_latent_image"], step["concat_mask"]):
+            errors = [(image - e["concat_latent_image"][0]).abs().max().item() for e in expected]
+            best = min(range(len(expected)), key=errors.__getitem__)
+            assert errors[best] < 1e-5, errors
+            assert torch.equal(mask, expected[best]["concat_mask"][0].to(mask.dtype))
+            assert max(errors) > 1e-3   # the clips' first frames differ: the conditioning is each sample's own
     modules = file_modules(lora.path)
     assert modules == musubi_targets(model.model.diffusion_model)
     assert any(m.endswith("cross_attn_k_img") for m in modules) == (variant == "i2v")

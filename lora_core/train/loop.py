@@ -348,10 +348,15 @@ class LoraTrainer:
     def __init__(self, backend: Backend, network: LoRANetwork, dataset: TrainDataset, config: TrainConfig,
                  encode_images: Optional[Callable] = None, encode_text: Optional[Callable] = None,
                  output: Optional[OutputFiles] = None, arch: str = "SD1", base_model_name: str = "",
-                 checkpoint_modules: Sequence[torch.nn.Module] = (), hooks: Sequence = ()):
+                 checkpoint_modules: Sequence[torch.nn.Module] = (), hooks: Sequence = (),
+                 encode_conditioning: Optional[Callable] = None):
         config.validate()
         self.backend, self.network, self.dataset, self.config = backend, network, dataset, config
         self.encode_images, self.encode_text = encode_images, encode_text
+        # per-sample conditioning from the sample's own pixels (an image-to-video model's first frame): image (1, ...)
+        # -> dict of (1, ...) tensors merged into the sample's text conditioning; None = the model needs none
+        self.encode_conditioning = encode_conditioning
+        self._sample_conds: dict[int, dict] = {}
         self.output, self.arch, self.base_model_name = output, arch, base_model_name
         self.checkpoint_modules = list(checkpoint_modules)
         # beside the loop (hooks.TrainHook): previews, validation loss; their state is saved and resumed with ours
@@ -440,7 +445,36 @@ class LoraTrainer:
             self._latents[index] = latent
         return latent
 
+    def sample_conditioning(self, sample, key=None) -> dict:
+        """The conditioning a sample's own pixels give (`encode_conditioning`; {} when there is none), cached under
+        `key` (a dataset index) when latents are cached. The validation loss asks for its samples here too."""
+        if self.encode_conditioning is None or sample.image is None:
+            return {}
+        if key is not None and key in self._sample_conds:
+            return self._sample_conds[key]
+        with torch.no_grad():
+            cond = _detach(self.encode_conditioning(sample.image[None]))
+        cond = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        if key is not None and self.config.cache_latents:
+            self._sample_conds[key] = cond
+        return cond
+
+    def _with_sample_conditioning(self, cond, indices: list[int]):
+        """`cond` (per-sample list or batched dict, in the order of `indices`) with each sample's own conditioning."""
+        if self.encode_conditioning is None:
+            return cond
+        extras = [self.sample_conditioning(self.dataset.samples[i], i) for i in indices]
+        if not any(extras):
+            return cond
+        if isinstance(cond, list):
+            return [{**c, **e} for c, e in zip(cond, extras)]
+        return {**cond, **cat_cond(extras)}
+
     def _cond(self, indices: list[int], micro: int, rows: Optional[Sequence[int]] = None):
+        mine = indices if rows is None else [indices[r] for r in rows]
+        return self._with_sample_conditioning(self._text_cond(indices, micro, rows), mine)
+
+    def _text_cond(self, indices: list[int], micro: int, rows: Optional[Sequence[int]] = None):
         """Per-sample captions (augmented with this micro-batch's RNG) through the text encoder, or the
         samples' precomputed conds. `rows` (positions in `indices`; None = all) is the part of the batch this
         process trains (distributed runs): captions are augmented for the whole batch, then the rows taken, so

@@ -164,6 +164,14 @@ class ValidationLoss(TrainHook):
         return self._latents[i]
 
     def _cond(self, trainer, i: int):
+        """The sample's text conditioning and, for a model that needs one, the conditioning of its own pixels
+        (an image-to-video model's first frame)."""
+        sample = self.samples[i]
+        extra = trainer.sample_conditioning(sample, ("validation", i))
+        cond = self._text_cond(trainer, i)
+        return {**cond, **extra} if extra and isinstance(cond, dict) else cond
+
+    def _text_cond(self, trainer, i: int):
         sample = self.samples[i]
         if sample.cond is not None:
             return sample.cond
