@@ -303,7 +303,9 @@ def test_single_file_checkpoint_trains_like_its_folder(workspace, one_process):
     assert main([config, "--summary", summary]) == 0
     with open(summary) as handle:
         result = json.load(handle)
-    assert max_diff(lora_tensors(result["final_path"]), lora_tensors(one_process["final_path"])) == 0.0
+    # the same weights (asserted above) in other memory layouts: some CPUs' fp32 kernels round them apart (1.7e-9
+    # on an AMD EPYC, 0 on an Intel Xeon), far below what another model, dataset or setting changes
+    assert max_diff(lora_tensors(result["final_path"]), lora_tensors(one_process["final_path"])) < 1e-7
 
     no_config = workspace / "no-config.toml"
     no_config.write_text('model = "tiny-sd.safetensors"\n[dataset]\nfolder = "images"\n')
