@@ -273,30 +273,45 @@ class ComfyBackend:
         return self.block_modules() if self.native_call else []
 
     @property
-    def start_image_conditioning(self) -> bool:
-        """An image-to-video model conditioned on a start image through its concat channels (Wan 2.1 I2V 14B, a
-        Wan 2.2 I2V-A14B expert: 16 noise + 4 mask + 16 image-latent channels)."""
+    def start_image_conditioning(self) -> "str | None":
+        """How an image-to-video model takes its start image through its concat channels: "wan" (Wan 2.1 I2V 14B,
+        a Wan 2.2 I2V-A14B expert: 16 noise + 4 mask + 16 image-latent channels), "hunyuan" (HunyuanVideo I2V:
+        image latent + inverted mask), "hunyuan-image" (SkyReels V1 I2V: image latent only), or None."""
         import comfy.model_base as mb
 
+        kind = type(self.base)
         # the plain Wan classes only (VACE, Camera, S2V, HuMo, Animate use their concat channels their own way); a
         # 2.2 I2V-A14B expert's mask + image channels are added by WAN21.concat_cond from the channel count alone
-        if type(self.base) not in (mb.WAN21, mb.WAN22):
-            return False
-        latent = self.base.latent_format.latent_channels
-        return self.unet.patch_embedding.weight.shape[1] == 2 * latent + 4
+        if kind in (mb.WAN21, mb.WAN22):
+            latent = self.base.latent_format.latent_channels
+            return "wan" if self.unet.patch_embedding.weight.shape[1] == 2 * latent + 4 else None
+        if kind is mb.HunyuanVideoI2V:
+            return "hunyuan"
+        if kind is mb.HunyuanVideoSkyreelsI2V:
+            return "hunyuan-image"
+        return None
 
     def start_image_conditioning_of(self, images: torch.Tensor, vae) -> dict:
-        """A video sample's image-to-video conditioning, as ComfyUI's WanImageToVideo builds it from a start image
-        (musubi trains Wan I2V the same way, its first frame as the image): the clip's first frame followed by grey
-        (0.5) frames, VAE-encoded (`concat_latent_image`, raw VAE latents: the model's concat_cond scales them),
-        and `concat_mask` 0 on the first latent frame, 1 on the others. `images`: (1, 3, F, H, W) or one image."""
+        """A video sample's image-to-video conditioning from its first frame, as ComfyUI's own nodes build it from a
+        start image (musubi trains Wan I2V the same way, the clip's first frame as the image). Wan (WanImageToVideo):
+        the first frame followed by grey (0.5) frames, VAE-encoded; HunyuanVideo (HunyuanImageToVideo, "v1
+        (concat)"): the first frame alone, VAE-encoded. `concat_latent_image` is raw VAE latents (the model's
+        concat_cond scales them); `concat_mask` is 0 on the first latent frame and 1 on the others (SkyReels takes
+        no mask). `images`: (1, 3, F, H, W), or one image (1, 3, H, W)."""
+        kind = self.start_image_conditioning
         frames = images[0].movedim(0, -1)[..., :3].float()        # (F, H, W, 3), or (H, W, 3) for an image
         if frames.ndim == 3:
             frames = frames[None]
-        pixels = torch.full_like(frames, 0.5)
-        pixels[:1] = frames[:1]
+        if kind == "wan":
+            pixels = torch.full_like(frames, 0.5)
+            pixels[:1] = frames[:1]
+        else:
+            pixels = frames[:1]
         concat = vae.encode(pixels)
-        mask = torch.ones((1, 1, concat.shape[2], concat.shape[-2], concat.shape[-1]), dtype=concat.dtype)
+        if kind == "hunyuan-image":
+            return {"concat_latent_image": concat}
+        latent_frames = (frames.shape[0] - 1) // 4 + 1
+        mask = torch.ones((1, 1, latent_frames, concat.shape[-2], concat.shape[-1]), dtype=concat.dtype)
         mask[:, :, :1] = 0.0
         return {"concat_latent_image": concat, "concat_mask": mask}
 
@@ -461,7 +476,7 @@ class LoRACoreTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to train on (SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3/SD3.5, "
-                                    "Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2 incl. TI2V-5B, HunyuanVideo T2V / 1.5, Flux.2 "
+                                    "Qwen-Image, Z-Image, Lumina 2, Wan 2.1 / 2.2 incl. TI2V-5B, HunyuanVideo T2V / I2V / 1.5, Flux.2 "
                                     "[dev], HiDream-I1). It is adapted in place during training and restored afterwards: "
                                     "no second copy is made."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the captions (and is trained when train_text_encoder is on)."}),

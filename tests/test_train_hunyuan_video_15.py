@@ -35,7 +35,6 @@ import comfy.utils  # noqa: E402
 import lora_core.train as lt  # noqa: E402
 from lora_core.api import LoraRequest  # noqa: E402
 from lora_core.arch.registry import detect_lora  # noqa: E402
-from lora_core.errors import LoraValueError  # noqa: E402
 from lora_core.io import read_lora_file  # noqa: E402
 
 nt = train_nodes()
@@ -178,6 +177,60 @@ def test_model_output_equals_saved_file_in_core_loader(host, tmp_path):
         assert unfed <= hosted
 
 
-def test_hunyuan_video_i2v_is_refused_naming_why():
-    with pytest.raises(LoraValueError, match="Training does not support HunyuanVideo I2V"):
-        nt.model_train_spec(th.comfy_hunyuan_video("i2v"))
+@pytest.mark.parametrize("variant", ["i2v", "skyreels"])
+def test_hunyuan_video_i2v_trains_on_each_clips_first_frame(variant, tmp_path, caplog):
+    """HunyuanVideo 1.0 I2V (image latent + inverted mask in its concat channels) and SkyReels V1 I2V (image latent
+    only) train on videos conditioned on each clip's first frame: the model gets the concat_latent_image /
+    concat_mask ComfyUI's own HunyuanImageToVideo ("v1 (concat)") builds from that frame, at every step; the file
+    loads in core with no key left."""
+    import comfy_extras.nodes_hunyuan as nodes_hunyuan
+    from tests.pack import input_folder, loras_folder
+    from tests.test_train_nodes import train_kwargs
+    from tests.test_train_wan import CAPTIONS, DATASET, StandardVAE, save_frames, training_videos
+
+    model, clip = th.comfy_hunyuan_video(variant), th.comfy_clip_hunyuan_video()
+    videos = training_videos()
+    for name, frames in videos.items():
+        save_frames(tmp_path / "hv_videos", name, frames, CAPTIONS[name])
+    vae = StandardVAE(model, list(videos.values()))
+    with input_folder(tmp_path):
+        dataset, _ = nt.LoRACoreTrainDataset().build(**{**DATASET, "folder": "hv_videos"})
+    seen = []
+    original = model.model.extra_conds
+
+    def extra_conds(**conds):
+        seen.append({k: conds[k].detach().clone() for k in ("concat_latent_image", "concat_mask") if k in conds})
+        return original(**conds)
+
+    model.model.extra_conds = extra_conds
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    try:
+        with loras_folder(folder):
+            _, _, lora, *_ = nt.LoRACoreTrain().train(model, clip, vae, dataset, **train_kwargs(
+                steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
+                output_name=f"hv_{variant}"))
+    finally:
+        del model.model.extra_conds
+    keys = {"concat_latent_image", "concat_mask"} if variant == "i2v" else {"concat_latent_image"}
+    expected = []
+    for sample in dataset.samples:
+        frames = sample.image.movedim(0, -1)                        # (F, H, W, 3)
+        positive, _ = nodes_hunyuan.HunyuanImageToVideo.execute(
+            positive=[[torch.zeros(1, 4, 32), {}]], vae=vae, width=frames.shape[2], height=frames.shape[1],
+            length=frames.shape[0], batch_size=1, guidance_type="v1 (concat)", start_image=frames[:1])
+        expected.append(positive[0][1])
+    assert len(seen) == 3 and all(set(step) == keys for step in seen)
+    for step in seen:
+        for row in range(step["concat_latent_image"].shape[0]):
+            errors = [(step["concat_latent_image"][row] - e["concat_latent_image"][0]).abs().max().item()
+                      for e in expected]
+            best = min(range(len(expected)), key=errors.__getitem__)
+            assert errors[best] < 1e-5 and max(errors) > 1e-3, errors   # each sample's own first frame
+            if "concat_mask" in keys:
+                assert torch.equal(step["concat_mask"][row], expected[best]["concat_mask"][0])
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        core_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(lora.path), 1.0, 1.0)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    assert len(core_model.patches) == len(file_modules(lora.path)) > 0

@@ -580,14 +580,13 @@ class HunyuanVideoFamily(Family):
         zero image latents and a zero mask, what its text-to-video sampling passes), no glyph (ByT5) or SigLIP
         input. musubi's 1.5 network trains q / k / v apart (`img_attn_q`, which core 0.3.75 does not read); the
         file keeps the fused `lora_unet_double_blocks_N_img_attn_qkv`, which core reads, with musubi's
-        `hunyuan_video_1_5` header. The 1.0 I2V variants are refused: ComfyUI's I2V concat_cond needs an image
-        latent (HunyuanVideoI2V / SkyReels build theirs from `concat_latent_image`), which training does not feed.
+        `hunyuan_video_1_5` header. The 1.0 I2V variants (HunyuanVideo I2V, SkyReels V1 I2V) train the same set on
+        each clip's first frame, conditioned through their concat channels as ComfyUI's HunyuanImageToVideo
+        ("v1 (concat)") builds it (the host adapter gives the start-image conditioning).
         Saved in the family's merge naming `lora_unet_<ComfyUI path _>`, which core reads for every module; musubi's
         own files name the MLPs in Tencent's naming (`img_mlp_fc1`), which core 0.3.75 does not read. The distilled
         guidance input gets the node's `guidance` (musubi trains with --guidance_scale 1.0); flow matching at the
         model's shift (ComfyUI: 7.0), logit-normal (musubi `shift` sampling)."""
-        if variant is not self.T2V and variant is not self.V15:
-            return None
         guidance = bool(getattr(config, "guidance", True)) if config is not None else True
         return TrainSpec(kinds=HV_TRAIN_KINDS, target_sets=HV_TARGET_SETS, conv_kinds=(), text_encoders=("te1",),
                          guidance_input=guidance, timestep_sampling="logit-normal, model shift",
