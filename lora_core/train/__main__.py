@@ -32,7 +32,11 @@ from .dataset import CaptionOptions, load_folder
 from .distributed import DistContext, DistributedTrainer, init_from_env
 from .injection import UNET_KINDS, LoRANetwork, find_te_targets, find_unet_targets
 from .loop import TrainConfig
+from .quant import FrozenBase, resolve_base_quant
 from .save import OutputFiles
+from .validation import ValidationLoss, validation_set
+
+AUTO_VALIDATIONS = 20    # validate_every 0: about this many evaluations per run (as the node)
 
 log = logging.getLogger("lora_core.train")
 
@@ -161,17 +165,37 @@ def vae_encoder(vae) -> Callable:
     return encode
 
 
+def load_dataset(run: cfgmod.RunConfig, spec, arch):
+    """(training dataset, validation hook or None) of the config's [dataset] and validation keys, as the nodes
+    build them (LoRACoreTrainDataset, then TrainMonitor's validation_set / ValidationLoss)."""
+    d, t = run.dataset, run.train
+    dataset = load_folder(d["folder"], resolution=d["resolution"], repeats=d["repeats"], bucketing=d["bucketing"],
+                          bucket_step=d["bucket_step"], min_bucket=d["min_bucket"], max_bucket=d["max_bucket"],
+                          missing_caption=d["missing_caption"], default_caption=d["caption"], frames=d["frames"],
+                          captions=CaptionOptions(shuffle=d["shuffle_caption"], keep_tokens=d["keep_tokens"],
+                                                  dropout=d["caption_dropout"]))
+    videos = [s.source for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos and spec.latent_dims < 3:
+        raise LoraValueError(f"{run.source}: [dataset] frames = {d['frames']}: the folder has {len(videos)} video "
+                             f"sample(s) (e.g. {videos[0]}), but {arch.title} is an image model. Set frames = 0.")
+    dataset, held, description = validation_set(dataset, t["validation_split"], t["validation_folder"] or None,
+                                                t["seed"])
+    if not held:
+        return dataset, None
+    every = t["validate_every"] or max(1, t["steps"] // AUTO_VALIDATIONS)
+    return dataset, ValidationLoss(held, every, seed=t["seed"], description=description)
+
+
 def build(run: cfgmod.RunConfig, dist: DistContext):
     """(trainer, dataset) for a parsed config on this process."""
     t = run.train
+    nf4 = resolve_base_quant(t["base_quant"], dist.device)   # refuse nf4 without CUDA + bitsandbytes, first
     model = load_model(run.model, run.model_config, dist.device, run.architecture)
-    d = run.dataset
-    dataset = load_folder(d["folder"], resolution=d["resolution"], repeats=d["repeats"], bucketing=d["bucketing"],
-                          bucket_step=d["bucket_step"], min_bucket=d["min_bucket"], max_bucket=d["max_bucket"],
-                          missing_caption=d["missing_caption"], default_caption=d["caption"],
-                          captions=CaptionOptions(shuffle=d["shuffle_caption"], keep_tokens=d["keep_tokens"],
-                                                  dropout=d["caption_dropout"]))
     spec = model.arch.family.train_spec(model.arch)
+    dataset, validation = load_dataset(run, spec, model.arch)
+    if t["timestep_range"]:
+        raise LoraValueError(f"{run.source}: [train] timestep_range = {t['timestep_range']!r}: {model.arch.title} "
+                             f"is a DDPM model; timestep_range applies to flow models (Flux.1). Leave it empty.")
     kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
     if not kinds:
         raise LoraValueError(f"{run.source}: [train] unet_targets {t['unet_targets']!r} has no meaning for "
@@ -195,7 +219,8 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         mixed_precision=t["mixed_precision"], gradient_checkpointing=t["gradient_checkpointing"],
         cache_latents=t["cache_latents"], cache_text_encoder_outputs=t["cache_text_encoder_outputs"],
         save_every=t["save_every"], keep_last=t["keep_last"], save_dtype=t["save_precision"],
-        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"])
+        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"],
+        lora_dtype=t["lora_dtype"])
     config.validate()
     targets = find_unet_targets(model.unet, kinds, blocks, namer)
     if config.train_text_encoder and model.sdxl:   # kohya's SDXL names: lora_te1_ (CLIP-L), lora_te2_ (OpenCLIP-G)
@@ -228,7 +253,9 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
     trainer = DistributedTrainer(backend, network, dataset, config, encode_images=vae_encoder(model.vae),
                                  encode_text=encode_text, output=output, arch=model.arch.name,
                                  base_model_name=os.path.basename(os.path.normpath(run.model)),
-                                 checkpoint_modules=backend.checkpoint_modules(), dist=dist)
+                                 checkpoint_modules=backend.checkpoint_modules(), dist=dist,
+                                 hooks=[validation] if validation is not None else ())
+    trainer.nf4 = nf4
     if run.run == "continue":
         trainer.resume(output.state)
     elif os.path.exists(output.state) and not config.overwrite:
@@ -253,8 +280,21 @@ def train(run: cfgmod.RunConfig, dist: DistContext, on_step: Optional[Callable] 
         log.info("training %s: %d samples, %d modules, global batch %d over %d process(es), steps %d -> %d",
                  trainer.output.name, len(dataset), len(trainer.train_names), trainer.config.batch_size,
                  dist.world_size, first, end)
-    result = trainer.run(on_step=report)
+    with frozen_base(trainer):
+        result = trainer.run(on_step=report)
     return result, trainer
+
+
+def frozen_base(trainer):
+    """base_quant nf4: the denoiser's Linears held in NF4 for the run (FrozenBase, as the node does); "as loaded"
+    trains the fp32 diffusers model as it is."""
+    import contextlib
+
+    nf4 = getattr(trainer, "nf4", None)
+    if nf4 is None:
+        return contextlib.nullcontext()
+    unet = trainer.backend.modules()[0]
+    return FrozenBase([unet], nf4=nf4, nf4_roots=[unet], compute_dtype=torch.float32)
 
 
 def main(argv: Optional[list] = None) -> int:
