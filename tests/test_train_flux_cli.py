@@ -260,3 +260,53 @@ def test_flux_transformer_file_with_model_config_trains_like_its_folder(workspac
     # the same run to fp32 rounding (two in-process runs of the same config differ by ~1e-8 here: the SD
     # single-file test in test_train_distributed.py sees the same)
     assert max_diff(lora_tensors(single["final_path"]), lora_tensors(one_process["final_path"])) <= 1e-7
+
+
+def test_flux_objective_is_the_nodes_on_the_comfyui_flux(workspace):
+    """The scheduler config's shift (dynamic: BFL's resolution shift, e^max_shift fixed) is what the node reads
+    from a ComfyUI Flux.1 dev's model_sampling; schnell-style static shift is the scheduler's `shift`."""
+    from lora_core.train.diffusers_flux import flux_objective
+
+    model = tm.comfy_flux()
+    host = importlib.import_module("lora_core_train_nodes._host")
+    key_map = host.HostModels(model).key_map
+    spec = key_map.arch.family.train_spec(key_map.arch, key_map.config)
+    node = nt.objective_of_model(model.get_model_object("model_sampling"), spec)
+    with open(workspace / "tiny-flux" / "scheduler" / "scheduler_config.json") as handle:
+        ours = flux_objective(json.load(handle), spec.timestep_sampling)
+    assert ours.shift == pytest.approx(node.shift, rel=1e-6) and ours.multiplier == node.multiplier
+    assert ours.resolution_shift == node.resolution_shift and ours.default_sampling == node.default_sampling
+    assert flux_objective({"shift": 1.0, "use_dynamic_shifting": False}, "x").shift == 1.0
+
+
+def test_flux_text_encoders_train_with_kohyas_names_and_match(workspace):
+    """train_text_encoder: CLIP-L as lora_te1_ (kohya's default); text_encoders = "all" adds T5 as lora_te3_;
+    LoraPatcher on the diffusers transformer + both encoders matches every module; the validation loss (one of 5
+    images held out) is in the file's metadata at every step."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from lora_core.api import LoraPatcher, LoraRequest
+    from lora_core.io import read_lora_file
+
+    for choice, prefixes in (("kohya default", {"lora_unet", "lora_te1"}),
+                             ("all", {"lora_unet", "lora_te1", "lora_te3"})):
+        name = "flux-te-" + choice.replace(" ", "-")
+        result = run_main(workspace, flux_config(workspace, name, batch_size=2, steps=2, train_text_encoder=True,
+                                                 text_encoders=choice, unet_targets="attn", validation_split=0.2,
+                                                 validate_every=1), name)
+        tensors = lora_tensors(result["final_path"])
+        from safetensors import safe_open
+
+        with safe_open(result["final_path"], framework="pt") as handle:   # the flow validation loss, each step
+            curve = json.loads(handle.metadata()["lora_core.validation_loss"])
+        assert [s for s, _ in curve] == [0, 1, 2] and all(v > 0 for _, v in curve)
+        assert {k.split("_")[0] + "_" + k.split("_")[1] for k in tensors} == prefixes
+        te = [k for k in tensors if k.startswith("lora_te") and k.endswith(".lora_up.weight")]
+        assert all(tensors[k].abs().max() > 0 for k in te), "a text-encoder LoRA did not train"
+        root = str(workspace / "tiny-flux")
+        patcher = LoraPatcher(transformer=FluxTransformer2DModel.from_pretrained(root, subfolder="transformer"),
+                              text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+                              text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2"))
+        plan = patcher.apply([LoraRequest(read_lora_file(result["final_path"]), 1.0, 1.0)])
+        assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
