@@ -1,7 +1,8 @@
 """The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
 options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
 
-    model = "models/my-sd15"            # a diffusers folder (from_pretrained), or a single-file checkpoint
+    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 folder (from_pretrained), or a single-file
+                                        # SD checkpoint / Flux transformer file (+ model_config)
     model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
     output_dir = "loras"                # created when missing
     output_name = "my_lora"             # -> loras/my_lora.safetensors (+ .state.pt, step files)
