@@ -310,3 +310,13 @@ def test_flux_text_encoders_train_with_kohyas_names_and_match(workspace):
                               text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2"))
         plan = patcher.apply([LoraRequest(read_lora_file(result["final_path"]), 1.0, 1.0)])
         assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
+
+
+def test_flux_gradient_checkpointing_trains_the_same_lora(workspace):
+    """gradient_checkpointing wraps diffusers' double / single blocks (FluxDiffusersBackend.checkpoint_modules):
+    the LoRA is the same as without it."""
+    runs = [run_main(workspace, flux_config(workspace, f"flux-gc{on}", batch_size=2, steps=2,
+                                            gradient_checkpointing=bool(on)), f"flux-gc{on}") for on in (0, 1)]
+    plain, checkpointed = (lora_tensors(r["final_path"]) for r in runs)
+    assert max_diff(plain, checkpointed) <= 1e-7
+    assert any(v.abs().max() > 0 for k, v in plain.items() if k.endswith(".lora_up.weight"))
