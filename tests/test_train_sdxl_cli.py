@@ -233,14 +233,18 @@ def test_sdxl_architecture_errors(workspace, tmp_path, capsys):
     good = {"model": "m", "dataset": {"folder": "imgs"}}
     assert cfgmod.parse({**good, "architecture": "pony"}, "c.toml").architecture == "pony"
     for name, fragments in (("sdxxl", ["architecture = 'sdxxl' is not an architecture", "Did you mean 'sdxl'?"]),
-                            ("flux", ["architecture = 'flux' is Flux.1-dev, which this trainer does not train",
-                                      "SD1 / SD2 / SDXL", "LoRA Core Train node"])):
+                            ("chroma", ["architecture = 'chroma' is Chroma, which this trainer does not train",
+                                        "SD1 / SD2 / SDXL / Flux.1-dev", "LoRA Core Train node"])):
         with pytest.raises(LoraValueError) as info:
             cfgmod.parse({**good, "architecture": name}, "c.toml")
         for fragment in fragments:
             assert fragment in str(info.value), (fragment, str(info.value))
     with pytest.raises(LoraValueError, match=r"tiny-sdxl is SDXL but the config says architecture = 'sd15' \(SD1\)"):
         load_model(str(workspace / "tiny-sdxl"), "", torch.device("cpu"), "sd15")
+    # Flux.1 is trained (tests/test_train_flux_cli.py), but not from an SD folder
+    assert cfgmod.parse({**good, "architecture": "flux"}, "c.toml").architecture == "flux"
+    with pytest.raises(LoraValueError, match=r"tiny-sdxl is SDXL but the config says architecture = 'flux'"):
+        load_model(str(workspace / "tiny-sdxl"), "", torch.device("cpu"), "flux")
     # Through the CLI: exit code 2 and the message on stderr.
     config = tmp_path / "c.toml"
     config.write_text(f'model = "{workspace / "tiny-sdxl"}"\narchitecture = "wan"\n[dataset]\nfolder = "imgs"\n')

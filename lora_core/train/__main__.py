@@ -1,5 +1,6 @@
 """`python -m lora_core.train CONFIG`: the in-graph trainer's loop outside ComfyUI, on a diffusers SD1.x / SD2.x
-/ SDXL model, in one process or under `torchrun` / `accelerate launch` (DistributedDataParallel over the processes).
+/ SDXL or Flux.1 model (diffusers_flux.py), in one process or under `torchrun` / `accelerate launch`
+(DistributedDataParallel over the processes).
 
     python -m lora_core.train config.toml
     torchrun --nproc_per_node=8 -m lora_core.train config.toml
@@ -8,7 +9,9 @@
 The config (lora_core.train.config) names the model (a diffusers folder, or a single-file checkpoint read with
 diffusers' from_single_file), the dataset folder and the train node's options. The file written is the kohya
 LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, SDXL `lora_te1_*` / `lora_te2_*`, `ss_*` /
-`modelspec.*` metadata naming the variant, e.g. ss_base_model_version = sdxl_base_v1-0).
+`modelspec.*` metadata naming the variant, e.g. ss_base_model_version = sdxl_base_v1-0; Flux.1: kohya's
+`lora_unet_double_blocks_N_img_attn_qkv` / `lora_unet_single_blocks_N_linear1` names, `lora_te1_` CLIP-L, `lora_te3_`
+T5, ss_base_model_version = flux1). The validation loss (validation_split / validation_folder) runs as in the node.
 """
 from __future__ import annotations
 
@@ -26,13 +29,18 @@ import torch
 from lora_core.errors import LoraCoreError, LoraFileError, LoraValueError
 
 from . import config as cfgmod
+from .diffusers_flux import is_flux_folder
 from .backends import DiffusersBackend, diffusers_ldm_namer, transformers_text_encoder
 from .blocks import parse_block_list, parse_block_lr
 from .dataset import CaptionOptions, load_folder
 from .distributed import DistContext, DistributedTrainer, init_from_env
 from .injection import UNET_KINDS, LoRANetwork, find_te_targets, find_unet_targets
 from .loop import TrainConfig
+from .quant import FrozenBase, resolve_base_quant
 from .save import OutputFiles
+from .validation import ValidationLoss, validation_set
+
+AUTO_VALIDATIONS = 20    # validate_every 0: about this many evaluations per run (as the node)
 
 log = logging.getLogger("lora_core.train")
 
@@ -55,6 +63,7 @@ class DiffusersSD:
 
 
 SUPPORTED, resolve_architecture = cfgmod.SUPPORTED_ARCHS, cfgmod.resolve_architecture
+SD_ARCHS = ("SD1", "SD2", "SDXL")
 
 
 def load_model(path: str, model_config: str, device: torch.device, architecture: str = "auto") -> DiffusersSD:
@@ -127,8 +136,8 @@ def load_model(path: str, model_config: str, device: torch.device, architecture:
 
     state = unet.state_dict()
     arch = bind_diffusers({k: v.shape for k, v in state.items()}, key_prefix="unet.").arch
-    if arch is None or arch.name not in SUPPORTED:
-        raise LoraValueError(f"Model {path}: the UNet's layout is not recognised as {' / '.join(SUPPORTED)} "
+    if arch is None or arch.name not in SD_ARCHS:
+        raise LoraValueError(f"Model {path}: the UNet's layout is not recognised as {' / '.join(SD_ARCHS)} "
                              f"({getattr(arch, 'name', 'unknown')}).")
     if wanted is not None and arch.name != wanted:
         raise LoraValueError(f"Model {path} is {arch.name} but the config says architecture = {architecture!r} "
@@ -161,31 +170,29 @@ def vae_encoder(vae) -> Callable:
     return encode
 
 
-def build(run: cfgmod.RunConfig, dist: DistContext):
-    """(trainer, dataset) for a parsed config on this process."""
-    t = run.train
-    model = load_model(run.model, run.model_config, dist.device, run.architecture)
-    d = run.dataset
+def load_dataset(run: cfgmod.RunConfig, spec, arch):
+    """(training dataset, validation hook or None) of the config's [dataset] and validation keys, as the nodes
+    build them (LoRACoreTrainDataset, then TrainMonitor's validation_set / ValidationLoss)."""
+    d, t = run.dataset, run.train
     dataset = load_folder(d["folder"], resolution=d["resolution"], repeats=d["repeats"], bucketing=d["bucketing"],
                           bucket_step=d["bucket_step"], min_bucket=d["min_bucket"], max_bucket=d["max_bucket"],
-                          missing_caption=d["missing_caption"], default_caption=d["caption"],
+                          missing_caption=d["missing_caption"], default_caption=d["caption"], frames=d["frames"],
                           captions=CaptionOptions(shuffle=d["shuffle_caption"], keep_tokens=d["keep_tokens"],
                                                   dropout=d["caption_dropout"]))
-    spec = model.arch.family.train_spec(model.arch)
-    kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
-    if not kinds:
-        raise LoraValueError(f"{run.source}: [train] unet_targets {t['unet_targets']!r} has no meaning for "
-                             f"{model.arch.title}; choose one of {list(spec.target_sets)}.")
-    if t["algorithm"] == "LoCon":
-        kinds += tuple(k for k in spec.conv_kinds if k not in kinds)
-    namer = diffusers_ldm_namer(model.unet)
-    present = {target.block for target in find_unet_targets(model.unet, UNET_KINDS, None, namer)}
-    valid_blocks = [b for b in model.arch.blocks if b in present] + sorted(present - set(model.arch.blocks))
-    try:
-        blocks = parse_block_list(t["blocks"], valid_blocks)
-        block_lr = parse_block_lr(t["block_lr"], valid_blocks)
-    except LoraValueError as error:
-        raise LoraValueError(f"{run.source}: [train] blocks / block_lr: {error}") from None
+    videos = [s.source for s in dataset.samples if s.image is not None and s.image.ndim == 4]
+    if videos and spec.latent_dims < 3:
+        raise LoraValueError(f"{run.source}: [dataset] frames = {d['frames']}: the folder has {len(videos)} video "
+                             f"sample(s) (e.g. {videos[0]}), but {arch.title} is an image model. Set frames = 0.")
+    dataset, held, description = validation_set(dataset, t["validation_split"], t["validation_folder"] or None,
+                                                t["seed"])
+    if not held:
+        return dataset, None
+    every = t["validate_every"] or max(1, t["steps"] // AUTO_VALIDATIONS)
+    return dataset, ValidationLoss(held, every, seed=t["seed"], description=description)
+
+
+def train_config(t: dict, dist: DistContext, kinds, blocks, block_lr, timestep_range=None) -> TrainConfig:
+    """The loop's TrainConfig of the config's [train] table; batch_size there is per process."""
     config = TrainConfig(
         steps=t["steps"], batch_size=t["batch_size"] * dist.world_size, grad_accum=t["grad_accumulation"],
         seed=t["seed"], algorithm=t["algorithm"], rank=t["rank"], alpha=t["alpha"], unet_kinds=kinds, blocks=blocks,
@@ -195,8 +202,115 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         mixed_precision=t["mixed_precision"], gradient_checkpointing=t["gradient_checkpointing"],
         cache_latents=t["cache_latents"], cache_text_encoder_outputs=t["cache_text_encoder_outputs"],
         save_every=t["save_every"], keep_last=t["keep_last"], save_dtype=t["save_precision"],
-        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"])
+        overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"],
+        lora_dtype=t["lora_dtype"], timestep_range=timestep_range)
     config.validate()
+    return config
+
+
+def _blocks(run: cfgmod.RunConfig, valid_blocks: list):
+    t = run.train
+    try:
+        return parse_block_list(t["blocks"], valid_blocks), parse_block_lr(t["block_lr"], valid_blocks)
+    except LoraValueError as error:
+        raise LoraValueError(f"{run.source}: [train] blocks / block_lr: {error}") from None
+
+
+def _trainer(run, dist, backend, network, dataset, config, encode_images, encode_text, arch_name, validation, nf4):
+    os.makedirs(run.output_dir, exist_ok=True)
+    output = OutputFiles(run.output_dir, run.output_name)
+    trainer = DistributedTrainer(backend, network, dataset, config, encode_images=encode_images,
+                                 encode_text=encode_text, output=output, arch=arch_name,
+                                 base_model_name=os.path.basename(os.path.normpath(run.model)),
+                                 checkpoint_modules=backend.checkpoint_modules(), dist=dist,
+                                 hooks=[validation] if validation is not None else ())
+    trainer.nf4 = nf4
+    if run.run == "continue":
+        trainer.resume(output.state)
+    elif os.path.exists(output.state) and not config.overwrite:
+        raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run = "
+                             f"\"continue\" to resume it, pick another output_name, or set [train] overwrite = true.")
+    return trainer
+
+
+def t5_targets(text_encoder_2) -> list:
+    """Every Linear of a transformers T5 encoder's blocks, in kohya's Flux T5 names (lora_te3_encoder_block_N_...)."""
+    from .injection import Target
+
+    return [Target("lora_te3_" + name.replace(".", "_"), module, "te3", "te3", "te")
+            for name, module in text_encoder_2.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith("encoder.block.")]
+
+
+def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
+    """(trainer, dataset) for a diffusers Flux.1 model (lora_core.train.diffusers_flux)."""
+    from .diffusers_flux import FluxDiffusersBackend, flux_objective, flux_targets, flux_text_encoder, load_flux
+    from .objective import parse_timestep_range
+
+    t = run.train
+    model = load_flux(run.model, run.model_config, dist.device)
+    arch, family = model.arch, model.arch.family
+    wanted = resolve_architecture(run.architecture, run.source)
+    if wanted is not None and wanted != arch.name:
+        raise LoraValueError(f"Model {run.model} is {arch.name} but the config says architecture = "
+                             f"{run.architecture!r} ({wanted}): fix the model path, or set architecture = "
+                             f"\"{arch.name}\" or \"auto\".")
+    spec = family.train_spec(arch, model.spec)
+    dataset, validation = load_dataset(run, spec, arch)
+    kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
+    if t["algorithm"] == "LoCon":
+        raise LoraValueError(f"{run.source}: [train] algorithm = \"LoCon\": LoCon adds the convolution layers of a "
+                             f"UNet; {arch.title} has none to train. Choose LoRA.")
+    present = {m.block for m in family.modules(model.spec, arch)}
+    blocks, block_lr = _blocks(run, [b for b in arch.blocks if b in present])
+    ranges = family.timestep_ranges(arch) if hasattr(family, "timestep_ranges") else {}
+    try:
+        t_range = parse_timestep_range(t["timestep_range"], ranges)
+    except LoraValueError as error:
+        raise LoraValueError(f"{run.source}: [train] {error}") from None
+    config = train_config(t, dist, kinds, blocks, block_lr, t_range)
+    targets = flux_targets(model.transformer, arch, model.spec, spec, kinds, blocks)
+    trained_encoders = []
+    if config.train_text_encoder:   # kohya's default: CLIP-L (lora_te1_); "all": T5 too (lora_te3_)
+        targets += find_te_targets(model.text_encoder, "lora_te1", "te1")
+        trained_encoders.append(model.text_encoder)
+        if t["text_encoders"] == "all":
+            targets += t5_targets(model.text_encoder_2)
+            trained_encoders.append(model.text_encoder_2)
+    network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
+    objective = flux_objective(model.scheduler_config, spec.timestep_sampling)
+    backend = FluxDiffusersBackend(model.transformer, objective, t["guidance"] if spec.guidance_input else None,
+                                   text_encoders=trained_encoders)
+    encode_text = flux_text_encoder(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2)
+    trainer = _trainer(run, dist, backend, network, dataset, config, vae_encoder(model.vae), encode_text, arch.name,
+                       validation, nf4)
+    return trainer, dataset
+
+
+def build(run: cfgmod.RunConfig, dist: DistContext):
+    """(trainer, dataset) for a parsed config on this process."""
+    t = run.train
+    nf4 = resolve_base_quant(t["base_quant"], dist.device)   # refuse nf4 without CUDA + bitsandbytes, first
+    if is_flux_folder(run.model) or (os.path.isfile(run.model) and run.model_config
+                                     and is_flux_folder(run.model_config)):
+        return build_flux(run, dist, nf4)
+    model = load_model(run.model, run.model_config, dist.device, run.architecture)
+    spec = model.arch.family.train_spec(model.arch)
+    dataset, validation = load_dataset(run, spec, model.arch)
+    if t["timestep_range"]:
+        raise LoraValueError(f"{run.source}: [train] timestep_range = {t['timestep_range']!r}: {model.arch.title} "
+                             f"is a DDPM model; timestep_range applies to flow models (Flux.1). Leave it empty.")
+    kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
+    if not kinds:
+        raise LoraValueError(f"{run.source}: [train] unet_targets {t['unet_targets']!r} has no meaning for "
+                             f"{model.arch.title}; choose one of {list(spec.target_sets)}.")
+    if t["algorithm"] == "LoCon":
+        kinds += tuple(k for k in spec.conv_kinds if k not in kinds)
+    namer = diffusers_ldm_namer(model.unet)
+    present = {target.block for target in find_unet_targets(model.unet, UNET_KINDS, None, namer)}
+    valid_blocks = [b for b in model.arch.blocks if b in present] + sorted(present - set(model.arch.blocks))
+    blocks, block_lr = _blocks(run, valid_blocks)
+    config = train_config(t, dist, kinds, blocks, block_lr)
     targets = find_unet_targets(model.unet, kinds, blocks, namer)
     if config.train_text_encoder and model.sdxl:   # kohya's SDXL names: lora_te1_ (CLIP-L), lora_te2_ (OpenCLIP-G)
         # The context is te1's penultimate hidden states: its last layer takes no part in the loss, so it gets no
@@ -209,8 +323,6 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         targets += find_te_targets(model.text_encoder)
     extra = {} if config.algorithm in ("LoRA", "LoCon") else {"algorithm": config.algorithm}
     network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, **extra)
-    os.makedirs(run.output_dir, exist_ok=True)
-    output = OutputFiles(run.output_dir, run.output_name)
     length = min(77, int(getattr(model.tokenizer, "model_max_length", 77)))
     if model.sdxl:
         from .diffusers_sdxl import SDXLDiffusersBackend, sdxl_text_encoder
@@ -225,15 +337,8 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
         backend = DiffusersBackend(model.unet, model.alphas_cumprod, model.prediction_type,
                                    text_encoders=[model.text_encoder] if config.train_text_encoder else [])
         encode_text = transformers_text_encoder(model.tokenizer, model.text_encoder, length)
-    trainer = DistributedTrainer(backend, network, dataset, config, encode_images=vae_encoder(model.vae),
-                                 encode_text=encode_text, output=output, arch=model.arch.name,
-                                 base_model_name=os.path.basename(os.path.normpath(run.model)),
-                                 checkpoint_modules=backend.checkpoint_modules(), dist=dist)
-    if run.run == "continue":
-        trainer.resume(output.state)
-    elif os.path.exists(output.state) and not config.overwrite:
-        raise LoraValueError(f"{output.state} exists: a run named {output.name!r} was started before. Set run = "
-                             f"\"continue\" to resume it, pick another output_name, or set [train] overwrite = true.")
+    trainer = _trainer(run, dist, backend, network, dataset, config, vae_encoder(model.vae), encode_text,
+                       model.arch.name, validation, nf4)
     return trainer, dataset
 
 
@@ -253,8 +358,21 @@ def train(run: cfgmod.RunConfig, dist: DistContext, on_step: Optional[Callable] 
         log.info("training %s: %d samples, %d modules, global batch %d over %d process(es), steps %d -> %d",
                  trainer.output.name, len(dataset), len(trainer.train_names), trainer.config.batch_size,
                  dist.world_size, first, end)
-    result = trainer.run(on_step=report)
+    with frozen_base(trainer):
+        result = trainer.run(on_step=report)
     return result, trainer
+
+
+def frozen_base(trainer):
+    """base_quant nf4: the denoiser's Linears held in NF4 for the run (FrozenBase, as the node does); "as loaded"
+    trains the fp32 diffusers model as it is."""
+    import contextlib
+
+    nf4 = getattr(trainer, "nf4", None)
+    if nf4 is None:
+        return contextlib.nullcontext()
+    unet = trainer.backend.modules()[0]
+    return FrozenBase([unet], nf4=nf4, nf4_roots=[unet], compute_dtype=torch.float32)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -1,7 +1,8 @@
 """The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
 options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
 
-    model = "models/my-sd15"            # a diffusers folder (from_pretrained), or a single-file checkpoint
+    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 folder (from_pretrained), or a single-file
+                                        # SD checkpoint / Flux transformer file (+ model_config)
     model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
     output_dir = "loras"                # created when missing
     output_name = "my_lora"             # -> loras/my_lora.safetensors (+ .state.pt, step files)
@@ -21,6 +22,16 @@ options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the sa
     backend = "auto"                    # nccl on CUDA, gloo on CPU
     device = "auto"                     # cuda:LOCAL_RANK when CUDA is there, else cpu
 
+    validation_split = 0.1              # validation loss on held-out images (or validation_folder = "val")
+
+Every option of the two nodes that makes sense without ComfyUI is a key here (tests/test_train_cli_options.py
+compares them with the nodes' INPUT_TYPES): the dataset node's under [dataset], the train node's under [train],
+including guidance, text_encoders, timestep_range, base_quant, lora_dtype and the validation loss
+(validation_split, validation_folder, validate_every: its curve goes to the file's lora_core.validation_* metadata
+and the state, as the node writes it; under torchrun every rank computes the same curve and rank 0 writes). Not
+here: the model / clip / vae / dataset sockets (the model key replaces them), the images input (a folder only), and
+the preview_* inputs: previews render with ComfyUI's sampler, so they are in-graph only and a preview key is refused.
+
 Relative paths are relative to the config file's folder. Every key is checked (type, choices, range); an unknown
 key, a wrong type or a bad value is refused with the file, the key, the value and what would be accepted.
 """
@@ -39,6 +50,7 @@ from .dataset import CAPTION_POLICIES
 from .distributed import BACKENDS, DEVICES
 from .loop import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from .objective import TIMESTEP_SAMPLING
+from .quant import BASE_QUANT, LORA_DTYPES
 
 try:  # the training engineer's algorithm list (LoHa / LoKr / DoRA) once it is in
     from .algorithms import ALGORITHMS as _ALGORITHMS
@@ -47,6 +59,11 @@ except ImportError:  # pragma: no cover - depends on the merge order
 
 RUN_MODES = ("new run", "continue")
 TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers")
+TEXT_ENCODER_CHOICES = ("kohya default", "all")
+# The node's preview inputs render with ComfyUI's sampler: the command-line trainer has none, so a config naming one
+# is refused (validation_split / validation_folder / validate_every do run here).
+PREVIEW_KEYS = ("preview_every", "preview_prompts", "preview_seed", "preview_steps", "preview_cfg", "preview_sampler",
+                "preview_scheduler", "preview_width", "preview_height")
 
 
 @dataclass(frozen=True)
@@ -78,11 +95,13 @@ DATASET = {
     "resolution": Option(int, 512, low=64, high=4096),
     "bucketing": Option(bool, True),
     "bucket_step": Option(int, 64, low=8, high=256),
-    "min_bucket": Option(int, 256, low=8, high=4096),
-    "max_bucket": Option(int, 1024, low=8, high=8192),
+    "min_bucket": Option(int, 256, low=64, high=4096),
+    "max_bucket": Option(int, 1024, low=64, high=8192),
     "shuffle_caption": Option(bool, False),
     "keep_tokens": Option(int, 1, low=0, high=100),
     "caption_dropout": Option(float, 0.0, low=0.0, high=1.0),
+    # video samples (4k+1 frames; -1 = every frame, 0 = images only): read, then refused by image models
+    "frames": Option(int, 0, low=-1, high=257),
 }
 # "LoRA Core Train" (nodes/train.py LoRACoreTrain), same names, defaults and ranges; batch_size is per process.
 TRAIN = {
@@ -93,9 +112,9 @@ TRAIN = {
     "unet_targets": Option(str, "attn+ff+proj", TARGET_CHOICES),
     "blocks": Option(str, ""),
     "block_lr": Option(str, ""),
-    "unet_lr": Option(float, 1e-4, low=0.0, high=10.0),
+    "unet_lr": Option(float, 1e-4, low=0.0, high=1.0),
     "train_text_encoder": Option(bool, False),
-    "text_encoder_lr": Option(float, 5e-5, low=0.0, high=10.0),
+    "text_encoder_lr": Option(float, 5e-5, low=0.0, high=1.0),
     "optimizer": Option(str, "AdamW", tuple(OPTIMIZERS)),
     "lr_scheduler": Option(str, "constant", tuple(SCHEDULERS)),
     "warmup_steps": Option(int, 0, low=0, high=100000),
@@ -113,6 +132,15 @@ TRAIN = {
     "save_precision": Option(str, "fp16", ("fp16", "bf16", "fp32")),
     "overwrite": Option(bool, False),
     "timestep_sampling": Option(str, "auto", tuple(TIMESTEP_SAMPLING)),
+    "guidance": Option(float, 1.0, low=0.0, high=100.0),            # Flux.1 dev's guidance input
+    "text_encoders": Option(str, "kohya default", TEXT_ENCODER_CHOICES),
+    "timestep_range": Option(str, ""),                             # flow models: "min,max" on 0-1000
+    "base_quant": Option(str, "as loaded", tuple(BASE_QUANT)),      # nf4 needs CUDA + bitsandbytes
+    "lora_dtype": Option(str, "fp32", tuple(LORA_DTYPES)),
+    # validation loss (lora_core/train/validation.py), as the node computes it and writes it to the file / state
+    "validation_split": Option(float, 0.0, low=0.0, high=0.5),
+    "validation_folder": Option(str, "", path=True),
+    "validate_every": Option(int, 0, low=0, high=1_000_000),
     # Not a node input (the node clips at 1.0, kohya's default): gradient-norm clipping, 0 = off.
     "max_grad_norm": Option(float, 1.0, low=0.0, high=1e6),
 }
@@ -215,12 +243,21 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
                                      f"{value!r}.")
             options = SECTIONS[key]
             for sub, sub_value in value.items():
+                if sub in PREVIEW_KEYS:
+                    raise LoraValueError(f"{source}: [{key}] {sub} = {sub_value!r}: previews are in-graph only (they "
+                                         f"render with ComfyUI's sampler, which the command-line trainer does not "
+                                         f"have). Remove {sub}; use validation_split / validation_folder for a "
+                                         f"validation loss, or the LoRA Core Train node for sample previews.")
                 if sub not in options:
                     raise _unknown(source, key, sub, options)
                 sections[key][sub] = _check(source, key, sub, sub_value, options[sub], base)
         elif key in TOP:
             top[key] = _check(source, "", key, value, TOP[key], base)
         else:
+            if key in PREVIEW_KEYS:
+                raise LoraValueError(f"{source}: {key} = {value!r}: previews are in-graph only (they render with "
+                                     f"ComfyUI's sampler, which the command-line trainer does not have). Remove "
+                                     f"{key}; use [train] validation_split / validation_folder for a validation loss.")
             for section, options in SECTIONS.items():
                 if key in options:
                     raise LoraValueError(f"{source}: {key!r} belongs in the [{section}] section.")
@@ -246,7 +283,8 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
                      dataset=sections["dataset"], train=sections["train"], distributed=sections["distributed"])
 
 
-SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL")   # what the command-line trainer trains (diffusers folders)
+# what the command-line trainer trains (diffusers folders; Flux.1 also a diffusers transformer file + model_config)
+SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell")
 
 
 def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
@@ -264,7 +302,7 @@ def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
                   f"to one of them, or \"auto\" to read it from the model); train other families with the LoRA "
                   f"Core Train node in ComfyUI.")
         if arch is None:
-            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21"], n=1)
+            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux", "flux-schnell"], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LoraValueError(f"{source}: architecture = {name!r} is not an architecture LoRA Core knows.{hint} "
                                  f"{trains}")

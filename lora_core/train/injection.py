@@ -47,6 +47,10 @@ class Target:
     block: str
     kind: str
     rows: Optional[tuple[int, int]] = None
+    # A LoRA on a weight the model holds split in several modules that read the same input (diffusers' to_q /
+    # to_k / to_v of kohya's fused img_attn.qkv): ((module, rows start in the fused weight, rows start in the
+    # module, length), ...); `module` is then the first part's module. None = `module` is the whole weight.
+    parts: Optional[tuple] = None
 
 
 class RowSlice(nn.Linear):
@@ -67,6 +71,29 @@ class RowSlice(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:
         return self._parent[0].weight[self.start:self.start + self.length]
+
+
+class FusedParts(nn.Linear):
+    """The fused weight several modules hold in parts (rows of each module placed at rows of the fused weight), as
+    the base of one side path: kohya's qkv over diffusers' to_q / to_k / to_v. Holds no parameter: `weight`
+    assembles the live modules' rows (what DoRA's magnitude and the LyCORIS deltas read)."""
+
+    def __init__(self, parts: tuple, out_features: int):
+        nn.Module.__init__(self)
+        ins = {int(module.in_features) for module, *_ in parts}
+        if len(ins) != 1 or any(not isinstance(module, nn.Linear) for module, *_ in parts):
+            raise LoraValueError("the parts of a fused weight must be Linear layers with the same input width.")
+        self._parts = tuple(parts)
+        self.in_features, self.out_features = ins.pop(), int(out_features)
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        first = self._parts[0][0].weight
+        out = torch.zeros((self.out_features, self.in_features), dtype=first.dtype, device=first.device)
+        for module, start, host, length in self._parts:
+            out[start:start + length] = module.weight[host:host + length]
+        return out
 
 
 def find_unet_targets(unet: nn.Module, kinds: Iterable[str] = ("attn", "ff", "proj"),
@@ -334,7 +361,11 @@ class LoRANetwork(nn.Module):
             is_spatial_conv = isinstance(t.module, nn.Conv2d) and t.module.kernel_size != (1, 1)
             r = conv_rank if (is_spatial_conv and conv_rank) else rank
             a = conv_alpha if (is_spatial_conv and conv_alpha) else alpha
-            base = RowSlice(t.module, *t.rows) if t.rows is not None else t.module
+            if t.parts is not None:
+                base = FusedParts(t.parts, t.rows[1] if t.rows is not None else
+                                  max(start + length for _, start, _, length in t.parts))
+            else:
+                base = RowSlice(t.module, *t.rows) if t.rows is not None else t.module
             # ModuleDict keys cannot contain "." (kohya names have none; ComfyUI's generic text-encoder names do)
             if algorithm in ("LoRA", "LoCon"):
                 self.paths[_key(t.name)] = LoRASidePath(base, r, a, generator)
@@ -347,6 +378,9 @@ class LoRANetwork(nn.Module):
         """Replace each target's forward with original + side path (idempotent)."""
         for name, target in self.targets.items():
             if name in self._originals:
+                continue
+            if target.parts is not None:
+                self._inject_parts(name, target)
                 continue
             module, path = target.module, self.path(name)
             self._originals[name] = module.__dict__.get("forward")
@@ -366,12 +400,41 @@ class LoRANetwork(nn.Module):
         """Give every module back its own forward (the instance attribute we set is removed)."""
         # newest first: several parts of one fused weight wrap the same module in turn
         for name, previous in reversed(list(self._originals.items())):
+            if self.targets[name].parts is not None:   # [(module, its previous forward)] of each part's module
+                for module, before in reversed(previous):
+                    if before is None:
+                        module.__dict__.pop("forward", None)
+                    else:
+                        module.forward = before
+                continue
             module = self.targets[name].module
             if previous is None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
         self._originals.clear()
+
+    def _inject_parts(self, name: str, target: Target) -> None:
+        """One side path over a weight held in parts: each part's module adds its rows of the fused delta (the
+        side path runs once per module: the modules are called apart, the input is the same)."""
+        path, saved, by_module = self.path(name), [], {}
+        for module, start, host, length in target.parts:
+            by_module.setdefault(id(module), (module, []))[1].append((start, host, length))
+        for module, pieces in by_module.values():
+            saved.append((module, module.__dict__.get("forward")))
+            original = module.forward
+
+            def forward(x, *args, _original=original, _path=path, _pieces=tuple(pieces), **kwargs):
+                out = _original(x, *args, **kwargs)
+                fused = _path(x).to(out.dtype)
+                width = out.shape[-1]
+                for start, host, length in _pieces:
+                    delta = fused[..., start:start + length]
+                    out = out + torch.nn.functional.pad(delta, (host, width - host - length))
+                return out
+
+            module.forward = forward
+        self._originals[name] = saved
 
     @property
     def injected(self) -> bool:
