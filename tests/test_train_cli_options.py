@@ -23,7 +23,7 @@ from lora_core.errors import LoraValueError
 from lora_core.train import config as cfgmod
 
 SOCKETS = {"model", "clip", "vae", "dataset", "images"}
-CONFIG_ONLY = {"model", "model_config", "output_dir", "architecture", "max_grad_norm"}
+CONFIG_ONLY = {"model", "model_config", "output_dir", "architecture", "max_grad_norm", "loss_weighting"}
 PARITY_ATOL = 1e-5
 
 
@@ -83,6 +83,10 @@ def test_preview_keys_are_refused_as_in_graph_only():
         cfgmod.parse({"model": "m", "dataset": {"folder": "d"}, "train": {"validation_split": 0.9}}, "c.toml")
     with pytest.raises(LoraValueError, match="base_quant = 'int8' is not one of"):
         cfgmod.parse({"model": "m", "dataset": {"folder": "d"}, "train": {"base_quant": "int8"}}, "c.toml")
+    with pytest.raises(LoraValueError, match="loss_weighting = 'x1' is not one of"):
+        cfgmod.parse({"model": "m", "dataset": {"folder": "d"}, "train": {"loss_weighting": "x1"}}, "c.toml")
+    run = cfgmod.parse({"model": "m", "dataset": {"folder": "d"}, "train": {"loss_weighting": "x0"}}, "c.toml")
+    assert run.train["loss_weighting"] == "x0"
 
 
 @pytest.fixture(scope="module")

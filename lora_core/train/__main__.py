@@ -203,7 +203,7 @@ def train_config(t: dict, dist: DistContext, kinds, blocks, block_lr, timestep_r
         cache_latents=t["cache_latents"], cache_text_encoder_outputs=t["cache_text_encoder_outputs"],
         save_every=t["save_every"], keep_last=t["keep_last"], save_dtype=t["save_precision"],
         overwrite=t["overwrite"], timestep_sampling=t["timestep_sampling"], max_grad_norm=t["max_grad_norm"],
-        lora_dtype=t["lora_dtype"], timestep_range=timestep_range)
+        lora_dtype=t["lora_dtype"], timestep_range=timestep_range, loss_weighting=t["loss_weighting"])
     config.validate()
     return config
 

@@ -48,7 +48,7 @@ from lora_core.errors import LoraFileError, LoraValueError
 
 from .dataset import CAPTION_POLICIES
 from .distributed import BACKENDS, DEVICES
-from .loop import OPTIMIZERS, PRECISIONS, SCHEDULERS
+from .loop import LOSS_WEIGHTINGS, OPTIMIZERS, PRECISIONS, SCHEDULERS
 from .objective import TIMESTEP_SAMPLING
 from .quant import BASE_QUANT, LORA_DTYPES
 
@@ -122,6 +122,8 @@ TRAIN = {
     "grad_accumulation": Option(int, 1, low=1, high=1024),
     "seed": Option(int, 0, low=0, high=0xFFFFFFFF),
     "min_snr_gamma": Option(float, 5.0, low=0.0, high=100.0),
+    # config only (the node has no input for it): DDPM loss weighting, loop.LOSS_WEIGHTINGS
+    "loss_weighting": Option(str, "min-snr", tuple(LOSS_WEIGHTINGS)),
     "noise_offset": Option(float, 0.0, low=0.0, high=1.0),
     "mixed_precision": Option(str, "auto", tuple(PRECISIONS)),
     "gradient_checkpointing": Option(bool, False),
