@@ -51,8 +51,8 @@ loader = node_module("loader")
 bw = node_module("block_weight")
 
 # of the output's largest value: fp32 rounding of W x + U(D x) against (W + U D) x through a whole model. CPUs'
-# fp32 kernels round differently (the deepest case, Lumina 2's Gemma-2 text encoder in a block stack: 0.8e-5 on an
-# Intel Xeon, 1.25e-5 on an AMD EPYC); a wrong live path is off by the LoRA's effect, >= 1e-3 (asserted), 30000x more
+# fp32 kernels round differently (the deepest case, Lumina 2's Gemma-2 text encoder in a block stack: under 1e-5 on an
+# Intel Xeon, 1.25e-5 on an AMD EPYC); a wrong live path is off by about the LoRA's effect (6.6 there, against 1.9e-4)
 TOLERANCE = 3e-5
 
 
