@@ -13,7 +13,7 @@ Quality (CPU): how much each trainer teaches the model its training images per s
 steps, learning rate, rank and batch size 1 for: core's TrainLoraNode (every weight, norms and biases, x0-space
 loss, its defaults otherwise), our LoRACoreTrain node with its defaults (kohya's attention/feed-forward/proj
 targets, alpha 8, min-SNR 5, eps loss, fp16 file), with unet_targets "all layers", and with the defaults but
-core's x0-space loss (TrainConfig.loss_weighting "x0": how much of an x0-space gap is the weighting). Each run's MODEL output
+core's x0-space loss (loss_weighting "x0": how much of an x0-space gap is the weighting). Each run's MODEL output
 is measured: the denoising error on the training latents through ComfyUI's apply_model, fixed noise, eight fixed
 sigmas (10.2 ... 0.26), in x0 space and in the model's own prediction space (eps), before and after, averaged
 over the seeds. x0 error weights each sigma by sigma^2 (the first sigma is most of it), eps error the low sigmas;
@@ -158,7 +158,7 @@ QUALITY_RUNS = (("ComfyUI TrainLoraNode", "core", "every weight + norms/biases")
                 ("LoRA Core (defaults)", "attn+ff+proj", "attn+ff+proj (kohya)"),
                 ("LoRA Core (all layers)", "all layers", "all layers"),
                 # core's own objective (x0 MSE) on kohya's targets: how much of the x0-space gap is the loss
-                # weighting and how much the target set (TrainConfig.loss_weighting; not a node input)
+                # weighting and how much the target set (the node's loss_weighting input)
                 ("LoRA Core (kohya, x0 loss)", "attn+ff+proj@x0", "attn+ff+proj, core's x0 loss"))
 
 
@@ -194,15 +194,11 @@ def quality_worker(args):
         targets, _, weighting = args.q_worker.partition("@")
         kwargs = _node_kwargs(output_name="quality", steps=args.q_steps, rank=args.q_rank, unet_lr=args.q_lr,
                               unet_targets=targets, seed=args.seed, batch_size=1)
-        make_config = nt.lt.TrainConfig
-        if weighting:   # the node at its defaults, its TrainConfig with another loss weighting
-            nt.lt.TrainConfig = lambda **k: dataclasses.replace(make_config(**k), loss_weighting=weighting)
+        if weighting:   # the node at its defaults but its loss_weighting input
+            kwargs["loss_weighting"] = weighting
         with tempfile.TemporaryDirectory() as folder, loras_folder(folder):
-            try:
-                seconds, mib = measure(lambda: out.setdefault("r", nt.LoRACoreTrain().train(
-                    host.model, host.clip, host.vae, dataset, **kwargs)), "cpu")
-            finally:
-                nt.lt.TrainConfig = make_config
+            seconds, mib = measure(lambda: out.setdefault("r", nt.LoRACoreTrain().train(
+                host.model, host.clip, host.vae, dataset, **kwargs)), "cpu")
             model_out, lora = out["r"][0], out["r"][2]
             tensors = len({k.split(".")[0] for k in lora.tensors})
     after = host.error(model_out)

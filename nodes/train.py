@@ -553,6 +553,12 @@ class LoRACoreTrain:
                 "lora_dtype": (list(lt.LORA_DTYPES), {"default": "fp32", "tooltip": "dtype of the trained LoRA "
                                "weights (fp32 recommended; bf16 halves their memory and optimizer state)."}),
                 **preview_inputs(),
+                "loss_weighting": (list(lt.LOSS_WEIGHTINGS), {"default": "min-snr", "tooltip": "SD models' loss "
+                                   "weighting over noise levels. min-snr: min-SNR-gamma (min_snr_gamma; 0 = plain "
+                                   "MSE). debiased: kohya's debiased estimation (1/sqrt(SNR), times min-SNR when "
+                                   "gamma > 0). x0: the error of the denoised image, what core's Train LoRA node "
+                                   "minimises (nearly all weight on the noisiest steps). Flow models (Flux, Wan, "
+                                   "...) train on the plain velocity MSE: min-snr only."}),
             },
         }
 
@@ -607,9 +613,10 @@ class LoRACoreTrain:
             gradient_checkpointing=gradient_checkpointing, cache_latents=cache_latents,
             cache_text_encoder_outputs=cache_text_encoder_outputs, save_every=save_every, keep_last=keep_last,
             save_dtype=save_precision, overwrite=overwrite, timestep_sampling=timestep_sampling,
-            timestep_range=t_range, lora_dtype=lora_dtype)
+            timestep_range=t_range, lora_dtype=lora_dtype,
+            loss_weighting=preview_options.pop("loss_weighting", "min-snr"))
         config.validate()
-        unknown = set(preview_options) - set(PREVIEW_DEFAULTS)
+        unknown = set(preview_options) - set(PREVIEW_DEFAULTS) - {"loss_weighting"}
         if unknown:
             raise LoraValueError(f"LoRACoreTrain has no input(s) {sorted(unknown)}.")
         monitor = TrainMonitor(dataset, seed, steps, **{**PREVIEW_DEFAULTS, **preview_options})

@@ -23,7 +23,7 @@ from lora_core.errors import LoraValueError
 from lora_core.train import config as cfgmod
 
 SOCKETS = {"model", "clip", "vae", "dataset", "images"}
-CONFIG_ONLY = {"model", "model_config", "output_dir", "architecture", "max_grad_norm", "loss_weighting"}
+CONFIG_ONLY = {"model", "model_config", "output_dir", "architecture", "max_grad_norm"}
 PARITY_ATOL = 1e-5
 
 

@@ -3,6 +3,8 @@ estimation, and the x0 MSE core's Train LoRA node minimises, each checked agains
 another way; flow models refuse a weighting that does not apply to them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -57,3 +59,41 @@ def test_config_and_flow_refuse_bad_weightings():
 
     with pytest.raises(LoraValueError, match="is for DDPM models"):
         lt.LoraTrainer(FlowBackend(), None, None, lt.TrainConfig(loss_weighting="x0"))
+
+
+def test_train_node_loss_weighting_input(tmp_path):
+    """The train node's loss_weighting: an SD run with core's x0 loss trains another LoRA than the default one
+    and says so in its header; a flow model refuses it before anything is written."""
+    from safetensors import safe_open
+
+    from tests import tiny_models as tm
+    from tests.pack import loras_folder
+    from tests.test_train_nodes import (DATASET_DEFAULTS, square_images, tiny_sd15_for_tiny_clip, tiny_vae,
+                                        train_kwargs, train_nodes)
+
+    nt = train_nodes()
+    model, clip, vae = tiny_sd15_for_tiny_clip(), tm.comfy_clip_sd15(), tiny_vae()
+    dataset = nt.LoRACoreTrainDataset().build(images=square_images(4), **DATASET_DEFAULTS)[0]
+    files = {}
+    for weighting in ("min-snr", "x0"):
+        with loras_folder(tmp_path):
+            lora = nt.LoRACoreTrain().train(model, clip, vae, dataset, **train_kwargs(
+                steps=2, train_text_encoder=False, output_name=f"w_{weighting}", loss_weighting=weighting))[2]
+        with safe_open(lora.path, framework="pt") as handle:
+            files[weighting] = (handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()})
+    assert files["x0"][0]["lora_core.loss_weighting"] == "x0"
+    assert "lora_core.loss_weighting" not in files["min-snr"][0]
+    assert files["x0"][0]["ss_debiased_estimation"] == "False"
+    ups = [k for k in files["x0"][1] if k.endswith("lora_up.weight")]
+    assert any(not torch.equal(files["x0"][1][k], files["min-snr"][1][k]) for k in ups)
+
+    flux_model, flux_clip = tm.comfy_flux(), tm.comfy_clip_flux()
+    from tests.test_train_flux import target_images, tiny_vae16
+
+    flux_vae = tiny_vae16(flux_model)
+    flux_data = nt.LoRACoreTrainDataset().build(images=target_images(), **DATASET_DEFAULTS)[0]
+    before = set(os.listdir(tmp_path))
+    with loras_folder(tmp_path), pytest.raises(LoraValueError, match="is for DDPM models"):
+        nt.LoRACoreTrain().train(flux_model, flux_clip, flux_vae, flux_data, **train_kwargs(
+            steps=1, train_text_encoder=False, output_name="w_flux", loss_weighting="x0"))
+    assert set(os.listdir(tmp_path)) == before

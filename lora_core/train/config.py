@@ -122,7 +122,7 @@ TRAIN = {
     "grad_accumulation": Option(int, 1, low=1, high=1024),
     "seed": Option(int, 0, low=0, high=0xFFFFFFFF),
     "min_snr_gamma": Option(float, 5.0, low=0.0, high=100.0),
-    # config only (the node has no input for it): DDPM loss weighting, loop.LOSS_WEIGHTINGS
+    # DDPM loss weighting, loop.LOSS_WEIGHTINGS (the train node's last optional input)
     "loss_weighting": Option(str, "min-snr", tuple(LOSS_WEIGHTINGS)),
     "noise_offset": Option(float, 0.0, low=0.0, high=1.0),
     "mixed_precision": Option(str, "auto", tuple(PRECISIONS)),
