@@ -221,6 +221,40 @@ def patched_state(patcher) -> dict:
     return {k: v.detach().float().clone() for k, v in patcher.model.state_dict().items()}
 
 
+def core_loads_every_key(model, clip, path, caplog, strength: float = 1.0):
+    """Core's LoRA loader on a saved file: it must warn of no key it could not load. Returns core's MODEL."""
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        core_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(path, safe_load=True),
+                                                      strength, strength)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    return core_model
+
+
+class ConcatRecorder:
+    """Records the start-image conditioning (concat_latent_image / concat_mask) each call of a model's
+    extra_conds receives while training runs (image-to-video training tests)."""
+
+    KEYS = ("concat_latent_image", "concat_mask")
+
+    def __init__(self, model):
+        self.base, self.seen = model.model, []
+
+    def __enter__(self):
+        original = self.base.extra_conds
+
+        def extra_conds(**conds):
+            self.seen.append({k: conds[k].detach().clone() for k in self.KEYS if k in conds})
+            return original(**conds)
+
+        self.base.extra_conds = extra_conds
+        return self
+
+    def __exit__(self, *exc):
+        del self.base.extra_conds
+        return False
+
+
 def file_modules(path) -> set:
     from safetensors import safe_open
 

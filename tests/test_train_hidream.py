@@ -22,8 +22,8 @@ import torch
 from tests.comfy_host import import_comfy
 from tests import tiny_hidream as th
 from tests.test_train_dit2 import LOSS_RATIO_MAX
-from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state, sampler_call,
-                                   single_thread, target_images, tiny_vae16)  # noqa: F401 (fixture)
+from tests.test_train_flux import (FamilyHost, core_loads_every_key, file_metadata, file_modules, flow_error,
+                                   patched_state, sampler_call, single_thread, target_images, tiny_vae16)  # noqa: F401 (single_thread: a fixture)
 from tests.test_train_nodes import train_nodes
 
 comfy = import_comfy()
@@ -166,12 +166,8 @@ def test_saved_file_names_and_hidream_header(host, run):
 
 
 def test_saved_file_loads_in_core_and_ours_with_every_module(host, run, caplog):
-    tensors = comfy.utils.load_torch_file(run["path"], safe_load=True)
     modules = file_modules(run["path"])
-    with caplog.at_level(logging.WARNING):
-        caplog.clear()
-        core_model, _ = comfy.sd.load_lora_for_models(host.model, host.clip, tensors, 1.0, 1.0)
-    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    core_model = core_loads_every_key(host.model, host.clip, run["path"], caplog)
     assert set(core_model.patches) == {f"{m}.weight" for m in modules}
     plan = host_module.HostModels(host.model, host.clip).plan([LoraRequest(read_lora_file(run["path"]), 1.0, 1.0)])
     report = plan.reports[0]

@@ -22,8 +22,8 @@ from tests.comfy_host import import_comfy
 from tests import tiny_hunyuan_video as th
 from tests.test_train_dit import FrameVAE
 from tests.test_train_dit2 import LOSS_RATIO_MAX
-from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state, sampler_call,
-                                   single_thread, target_images)  # noqa: F401 (fixture)
+from tests.test_train_flux import (ConcatRecorder, FamilyHost, core_loads_every_key, file_metadata, file_modules,
+                                   flow_error, patched_state, sampler_call, single_thread, target_images)  # noqa: F401 (single_thread: a fixture)
 from tests.test_train_nodes import train_nodes
 
 comfy = import_comfy()
@@ -133,12 +133,8 @@ def test_saved_file_names_and_header(host, run):
 
 
 def test_saved_file_loads_in_core_and_ours_with_every_module(host, run, caplog):
-    tensors = comfy.utils.load_torch_file(run["path"], safe_load=True)
     modules = file_modules(run["path"])
-    with caplog.at_level(logging.WARNING):
-        caplog.clear()
-        core_model, _ = comfy.sd.load_lora_for_models(host.model, host.clip, tensors, 1.0, 1.0)
-    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    core_model = core_loads_every_key(host.model, host.clip, run["path"], caplog)
     assert len(core_model.patches) == len(modules)
     plan = host_module.HostModels(host.model, host.clip).plan([LoraRequest(read_lora_file(run["path"]), 1.0, 1.0)])
     report = plan.reports[0]
@@ -195,23 +191,13 @@ def test_hunyuan_video_i2v_trains_on_each_clips_first_frame(variant, tmp_path, c
     vae = StandardVAE(model, list(videos.values()))
     with input_folder(tmp_path):
         dataset, _ = nt.LoRACoreTrainDataset().build(**{**DATASET, "folder": "hv_videos"})
-    seen = []
-    original = model.model.extra_conds
-
-    def extra_conds(**conds):
-        seen.append({k: conds[k].detach().clone() for k in ("concat_latent_image", "concat_mask") if k in conds})
-        return original(**conds)
-
-    model.model.extra_conds = extra_conds
     folder = tmp_path / "loras"
     folder.mkdir()
-    try:
-        with loras_folder(folder):
-            _, _, lora, *_ = nt.LoRACoreTrain().train(model, clip, vae, dataset, **train_kwargs(
-                steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
-                output_name=f"hv_{variant}"))
-    finally:
-        del model.model.extra_conds
+    with loras_folder(folder), ConcatRecorder(model) as recorder:
+        _, _, lora, *_ = nt.LoRACoreTrain().train(model, clip, vae, dataset, **train_kwargs(
+            steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
+            output_name=f"hv_{variant}"))
+    seen = recorder.seen
     keys = {"concat_latent_image", "concat_mask"} if variant == "i2v" else {"concat_latent_image"}
     expected = []
     for sample in dataset.samples:
@@ -229,8 +215,5 @@ def test_hunyuan_video_i2v_trains_on_each_clips_first_frame(variant, tmp_path, c
             assert errors[best] < 1e-5 and max(errors) > 1e-3, errors   # each sample's own first frame
             if "concat_mask" in keys:
                 assert torch.equal(step["concat_mask"][row], expected[best]["concat_mask"][0])
-    with caplog.at_level(logging.WARNING):
-        caplog.clear()
-        core_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(lora.path), 1.0, 1.0)
-    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    core_model = core_loads_every_key(model, clip, lora.path, caplog)
     assert len(core_model.patches) == len(file_modules(lora.path)) > 0

@@ -26,8 +26,8 @@ from tests.comfy_host import import_comfy
 from tests.pack import input_folder, loras_folder
 from tests import tiny_wan as tw
 from tests.test_train_dit import LOSS_RATIO_MAX
-from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state,  # noqa: F401
-                                   sampler_call, single_thread)
+from tests.test_train_flux import (ConcatRecorder, FamilyHost, core_loads_every_key, file_metadata, file_modules,
+                                   flow_error, patched_state, sampler_call, single_thread)  # noqa: F401 (single_thread: a fixture)
 from tests.test_train_nodes import DATASET_DEFAULTS, train_kwargs, train_nodes
 
 comfy = import_comfy()
@@ -462,20 +462,10 @@ def test_i2v_variants_train_on_their_first_frame_and_load_fully(variant, host, t
     folder.mkdir()
     kwargs = train_kwargs(steps=3, rank=RANK, alpha=float(RANK), unet_lr=LR, train_text_encoder=False, batch_size=2,
                           output_name=f"wan_{variant}")
-    seen = []
-    original = model.model.extra_conds
-
-    def extra_conds(**conds):
-        seen.append({k: conds[k].detach().clone() for k in ("concat_latent_image", "concat_mask") if k in conds})
-        return original(**conds)
-
-    model.model.extra_conds = extra_conds
-    try:
-        with loras_folder(folder):
-            _, _, lora, *_ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
-                                                           timestep_range="low noise")
-    finally:
-        del model.model.extra_conds
+    with loras_folder(folder), ConcatRecorder(model) as recorder:
+        _, _, lora, *_ = nt.LoRACoreTrain().train(model, host.clip, vae, host.dataset, **kwargs,
+                                                       timestep_range="low noise")
+    seen = recorder.seen
     # what core's WanImageToVideo gives for each training clip's first frame
     expected = []
     for sample in host.dataset.samples:
@@ -497,11 +487,7 @@ def test_i2v_variants_train_on_their_first_frame_and_load_fully(variant, host, t
     assert modules == musubi_targets(model.model.diffusion_model)
     assert any(m.endswith("cross_attn_k_img") for m in modules) == (variant == "i2v")
     assert file_metadata(lora.path)["modelspec.timestep_range"] == "0,900"   # 36 input channels: I2V's boundary
-    with caplog.at_level(logging.WARNING):
-        caplog.clear()
-        core_model, _ = comfy.sd.load_lora_for_models(model, host.clip, comfy.utils.load_torch_file(lora.path), 1.0,
-                                                      1.0)
-    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    core_model = core_loads_every_key(model, host.clip, lora.path, caplog)
     assert len(core_model.patches) == len(modules)
 
 

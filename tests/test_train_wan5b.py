@@ -21,8 +21,8 @@ from tests.comfy_host import import_comfy
 from tests.pack import input_folder
 from tests import tiny_wan as tw
 from tests.test_train_dit import LOSS_RATIO_MAX
-from tests.test_train_flux import (FamilyHost, file_metadata, file_modules, flow_error, patched_state,  # noqa: F401
-                                   sampler_call, single_thread)
+from tests.test_train_flux import (FamilyHost, core_loads_every_key, file_metadata, file_modules, flow_error,
+                                   patched_state, sampler_call, single_thread)  # noqa: F401 (single_thread: a fixture)
 from tests.test_train_nodes import DATASET_DEFAULTS, train_nodes
 from tests.test_train_wan import CAPTIONS, FRAMES, StandardVAE, moving_square, musubi_targets, save_frames
 
@@ -158,12 +158,8 @@ def test_saved_file_has_musubi_names_and_the_5b_header(host, run):
 
 @pytest.mark.parametrize("strength", [1.0, -0.6])
 def test_saved_file_loads_fully_in_core_and_ours_and_equals_the_model(host, run, strength, caplog):
-    tensors = comfy.utils.load_torch_file(run["path"], safe_load=True)
     modules = file_modules(run["path"])
-    with caplog.at_level(logging.WARNING):
-        caplog.clear()
-        core_model, _ = comfy.sd.load_lora_for_models(host.model, host.clip, tensors, strength, strength)
-    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()] == []
+    core_model = core_loads_every_key(host.model, host.clip, run["path"], caplog, strength)
     assert len(core_model.patches) == len(modules)
     lora = read_lora_file(run["path"])
     plan = host_module.HostModels(host.model, host.clip).plan([LoraRequest(lora, strength, strength)])
