@@ -1,8 +1,8 @@
 """The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
 options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
 
-    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 folder (from_pretrained), or a single-file
-                                        # SD checkpoint / Flux transformer file (+ model_config)
+    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 / SD3 folder (from_pretrained), or a
+                                        # single-file SD checkpoint / Flux transformer file (+ model_config)
     model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
     output_dir = "loras"                # created when missing
     output_name = "my_lora"             # -> loras/my_lora.safetensors (+ .state.pt, step files)
@@ -285,8 +285,10 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
                      dataset=sections["dataset"], train=sections["train"], distributed=sections["distributed"])
 
 
-# what the command-line trainer trains (diffusers folders; Flux.1 also a diffusers transformer file + model_config)
-SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell")
+# what the command-line trainer trains (diffusers folders; Flux.1 also a diffusers transformer file + model_config;
+# SD3 / SD3.5 a diffusers folder)
+SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "SD3-Medium", "SD3.5-Medium",
+                   "SD3.5-Large")
 
 
 def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
@@ -304,7 +306,8 @@ def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
                   f"to one of them, or \"auto\" to read it from the model); train other families with the LoRA "
                   f"Core Train node in ComfyUI.")
         if arch is None:
-            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux", "flux-schnell"], n=1)
+            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux",
+                                                     "flux-schnell", "sd3", "sd3.5-medium", "sd3.5-large"], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LoraValueError(f"{source}: architecture = {name!r} is not an architecture LoRA Core knows.{hint} "
                                  f"{trains}")
