@@ -121,8 +121,9 @@ def sd3_config(root, name: str, model: str, batch_size: int = 2, **train) -> str
     options = dict(steps=4, batch_size=batch_size, rank=4, alpha=2.0, save_precision="fp32", seed=7,
                    optimizer="SGD", unet_lr=0.05, text_encoder_lr=0.05, max_grad_norm=0.0)
     options.update(train)
-    architecture = options.pop("architecture", "auto")
-    lines = [f'model = "{model}"', f'architecture = "{architecture}"', f'output_dir = "out-{name}"',
+    architecture, model_config = options.pop("architecture", "auto"), options.pop("model_config", "")
+    lines = [f'model = "{model}"', f'model_config = "{model_config}"', f'architecture = "{architecture}"',
+             f'output_dir = "out-{name}"',
              f'output_name = "{name}"', "", "[dataset]", 'folder = "images"', "resolution = 64", "repeats = 1",
              "bucketing = false", "", "[train]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
@@ -347,12 +348,16 @@ def test_sd3_file_patches_a_comfyui_sd3_like_the_diffusers_model(workspace, trai
     base = {k: v.clone() for k, v in transformer.state_dict().items()}
     LoraPatcher(transformer=transformer).apply([LoraRequest(lora, 1.0, 0.0)])
     ours = transformer.state_dict()
-    changed = set()
+    changed, worst = set(), 0.0
     for key, value in comfy_after.items():
         delta = (value - base[key]).abs().max().item()
-        assert (ours[key] - value).abs().max().item() <= 1e-5 * max(delta, 1e-6) + 1e-6, key
+        error = (ours[key] - value).abs().max().item()
+        assert error <= 1e-5 * max(delta, 1e-6) + 1e-6, key
         if delta > 0:
             changed.add(key)
+            worst = max(worst, error / delta)
+    print(f"{variant}: ComfyUI SD3 (our loader) vs diffusers (LoraPatcher), {len(changed)} weights changed, worst "
+          f"error / delta {worst:.1e}")
     last = ts.VARIANTS[variant][0] - 1
     assert {"pos_embed.proj.weight", "norm_out.linear.weight", f"transformer_blocks.{last}.norm1_context.linear.weight",
             "transformer_blocks.0.attn.add_k_proj.weight"} <= changed
@@ -401,6 +406,8 @@ def test_trained_network_is_the_saved_file(workspace, variant):
     assert not plan.reports[0].unmatched and not plan.reports[0].unused_keys, plan.text()
     with torch.no_grad():
         merged = transformer(hidden_states=x, **args)[0]
+    print(f"{variant}: injected network vs its saved file merged: max |output diff| "
+          f"{(trained - merged).abs().max().item():.1e} (LoRA effect {(trained - base).abs().max().item():.2f})")
     assert (trained - base).abs().max() > 1e-2
     assert torch.allclose(trained, merged, atol=1e-5 * max(1.0, merged.abs().max().item()))
 
@@ -461,6 +468,8 @@ def test_sd3_without_t5_trains_on_zero_t5_tokens(workspace):
     ("arch-sdxl", "tiny-medium", dict(architecture="SDXL"), "is SD3-Medium but the config says"),
     ("no-t5", "tiny-no-t5", dict(train_text_encoder=True, text_encoders="all"), "has no text_encoder_3"),
     ("range", "tiny-medium", dict(timestep_range="900,100"), "timestep range '900,100'"),
+    ("single-file", "tiny-medium/transformer/diffusion_pytorch_model.safetensors",
+     dict(model_config="tiny-medium"), "reads SD3 / SD3.5 from a diffusers folder"),
 ])
 def test_sd3_option_errors_are_clear_and_write_nothing(workspace, capsys, name, model, options, message):
     from lora_core.train.__main__ import main
@@ -471,3 +480,14 @@ def test_sd3_option_errors_are_clear_and_write_nothing(workspace, capsys, name, 
     assert f"bad-{name}.toml" in err or "Model " in err
     folder = workspace / f"out-bad-{name}"
     assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_sd3_gradient_checkpointing_trains_the_same_lora(workspace):
+    """gradient_checkpointing wraps diffusers' joint blocks (SD3DiffusersBackend.checkpoint_modules): the LoRA is
+    the same as without it."""
+    runs = [run_main(workspace, sd3_config(workspace, f"sd3-gc{on}", "tiny-3.5-medium", steps=2,
+                                           gradient_checkpointing=bool(on)), f"sd3-gc{on}") for on in (0, 1)]
+    plain, checkpointed = (lora_tensors(r["final_path"]) for r in runs)
+    assert plain.keys() == checkpointed.keys()
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) <= 1e-7
+    assert any(v.abs().max() > 0 for k, v in plain.items() if k.endswith(".lora_up.weight"))
