@@ -491,3 +491,13 @@ def test_sd3_gradient_checkpointing_trains_the_same_lora(workspace):
     assert plain.keys() == checkpointed.keys()
     assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) <= 1e-7
     assert any(v.abs().max() > 0 for k, v in plain.items() if k.endswith(".lora_up.weight"))
+
+
+def test_sd35_large_structure_gets_its_variant_names_and_metadata(workspace):
+    """q/k norms without attn2 is SD3.5 Large (the family's rule): the node's names, `5-large` metadata."""
+    save_tiny_sd3(str(workspace / "tiny-3.5-large"), "3.5-large")
+    result = run_main(workspace, sd3_config(workspace, "sd3-large", "tiny-3.5-large", steps=1), "sd3-large")
+    assert file_modules(result["final_path"]) == node_module_names("3.5-large")
+    meta = file_metadata(result["final_path"])
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("5-large",
+                                                                               "stable-diffusion-3-5-large/lora")
