@@ -170,7 +170,9 @@ def check_previews_got(host, recorder, family: str, expected, previews: int = 2)
                 assert values == {}, prompt_type
                 continue
             assert set(values) == set(KEYS)
-            assert max_error(values["concat_latent_image"], wanted["concat_latent_image"]) < 1e-5
+            error = max_error(values["concat_latent_image"], wanted["concat_latent_image"])
+            print(f"{family} {prompt_type}: concat_latent_image vs the node's {error:.1e}")
+            assert error < 1e-5
             assert torch.equal(values["concat_mask"], wanted["concat_mask"].to(values["concat_mask"].dtype))
     assert recorder.calls and all(tuple(x.shape[2:]) == tuple(latent.shape[2:]) for x, _ in recorder.calls)
     x = recorder.calls[0][0]
@@ -180,6 +182,8 @@ def check_previews_got(host, recorder, family: str, expected, previews: int = 2)
     errors = [max_error(row, concat[0]) for _, c_concat in recorder.calls for row in c_concat]
     # cfg 2, euler: a positive and a negative evaluation per sampling step (batched together or not)
     assert len(errors) == 2 * PREVIEWS["preview_steps"] * previews
+    print(f"{family}: {len(errors)} preview model evaluations, c_concat vs the node's: "
+          f"{min(errors):.1e} (best) {max(errors):.1e} (worst)")
     if family == "wan":
         assert max(errors) < 1e-5, errors
     else:   # the positive carries the start image; the negative's concat is the model's own fill
