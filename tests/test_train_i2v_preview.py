@@ -57,10 +57,12 @@ class PreviewVAE(StandardVAE):
 
 def start_image() -> torch.Tensor:
     """A (1, 50, 70, 4) RGBA IMAGE of another shape and aspect than the previews (resize and centre crop matter):
-    a gradient with a green square off centre."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 70), indexing="ij")
-    image = torch.stack([x, y, 1 - x, torch.ones_like(x)], dim=-1)[None].clone()
-    image[0, 10:30, 40:60, :3] = torch.tensor([0.1, 0.9, 0.2])
+    a gradient with a green square off centre, made under inference mode as ComfyUI runs the node that loads it."""
+    with torch.inference_mode():
+        y, x = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 70), indexing="ij")
+        image = torch.stack([x, y, 1 - x, torch.ones_like(x)], dim=-1)[None].clone()
+        image[0, 10:30, 40:60, :3] = torch.tensor([0.1, 0.9, 0.2])
+    assert image.is_inference()
     return image
 
 
