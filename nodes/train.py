@@ -291,6 +291,13 @@ class ComfyBackend:
             return "hunyuan-image"
         return None
 
+    @property
+    def start_image_on_negative(self) -> bool:
+        """Whether ComfyUI's start-image node conditions the negative prompt too: WanImageToVideo sets the same
+        concat_latent_image / concat_mask on positive and negative; HunyuanImageToVideo takes (and conditions) the
+        positive only, the negative's concat channels are then the model's own fill (the sampler's latent)."""
+        return self.start_image_conditioning == "wan"
+
     def start_image_conditioning_of(self, images: torch.Tensor, vae) -> dict:
         """A video sample's image-to-video conditioning from its first frame, as ComfyUI's own nodes build it from a
         start image (musubi trains Wan I2V the same way, the clip's first frame as the image). Wan (WanImageToVideo):
@@ -559,6 +566,12 @@ class LoRACoreTrain:
                                    "gamma > 0). x0: the error of the denoised image, what core's Train LoRA node "
                                    "minimises (nearly all weight on the noisiest steps). Flow models (Flux, Wan, "
                                    "...) train on the plain velocity MSE: min-snr only."}),
+                "preview_image": ("IMAGE", {"tooltip": "Image-to-video models (Wan I2V, HunyuanVideo / SkyReels "
+                                  "I2V): the start frame of the previews, resized to the preview size and given to "
+                                  "every preview prompt as ComfyUI's WanImageToVideo / HunyuanImageToVideo node "
+                                  "gives its start_image (the first image of a batch). Not connected: the first "
+                                  "frame of the dataset's first sample (in the dataset's order). Ignored by "
+                                  "text-to-image and text-to-video models."}),
             },
         }
 
@@ -616,10 +629,12 @@ class LoRACoreTrain:
             timestep_range=t_range, lora_dtype=lora_dtype,
             loss_weighting=preview_options.pop("loss_weighting", "min-snr"))
         config.validate()
-        unknown = set(preview_options) - set(PREVIEW_DEFAULTS) - {"loss_weighting"}
+        preview_image = preview_options.pop("preview_image", None)
+        unknown = set(preview_options) - set(PREVIEW_DEFAULTS)
         if unknown:
             raise LoraValueError(f"LoRACoreTrain has no input(s) {sorted(unknown)}.")
-        monitor = TrainMonitor(dataset, seed, steps, **{**PREVIEW_DEFAULTS, **preview_options})
+        monitor = TrainMonitor(dataset, seed, steps, **{**PREVIEW_DEFAULTS, **preview_options},
+                               preview_image=preview_image)
         dataset = monitor.dataset   # without the held-out validation images
         output = lt.OutputFiles(folder_paths.get_folder_paths("loras")[0], output_name)
         monitor.title = output.name
@@ -694,14 +709,19 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
             t5_trained = any(key_map.component_specs[c].encoder is not None and
                              key_map.component_specs[c].encoder.kind == "t5" for c in components)
     network = lt.LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
+    # image-to-video: each sample's start-image conditioning from its first frame; the previews' from their start
+    # image (preview_image, or the dataset's first frame), the same way
+    encode_start = (lambda images: backend.start_image_conditioning_of(images, vae)) \
+        if backend.start_image_conditioning else None
+    hooks = monitor.hooks(model, clip, vae, config.train_text_encoder, start_conditioning=encode_start,
+                          start_on_negative=backend.start_image_on_negative) if monitor else ()
     trainer = lt.LoraTrainer(backend, network, dataset, config,
                              encode_images=lambda images: backend.encode_images(images, vae),
-                             encode_conditioning=(lambda images: backend.start_image_conditioning_of(images, vae))
-                             if backend.start_image_conditioning else None,
+                             encode_conditioning=encode_start,
                              encode_text=backend.encode_text if clip is not None else None,
                              output=output, arch=arch.name,
                              checkpoint_modules=backend.checkpoint_modules(),
-                             hooks=monitor.hooks(model, clip, vae, config.train_text_encoder) if monitor else ())
+                             hooks=hooks)
     if resume:
         trainer.resume(output.state)
     elif os.path.exists(output.state) and not config.overwrite:

@@ -93,17 +93,81 @@ def resolve_validation_folder(folder: str) -> Optional[str]:
     return path
 
 
+def check_preview_image(image) -> None:
+    """preview_image must be a ComfyUI IMAGE: (batch, height, width, channels >= 3)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] < 3 \
+            or min(image.shape[1:3]) < 1:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise LoraValueError(f"preview_image must be an IMAGE (batch, height, width, 3), got {got}: connect an "
+                             f"image output (e.g. Load Image's IMAGE) or leave preview_image unconnected.")
+
+
+def first_frame(dataset) -> tuple[torch.Tensor, str]:
+    """The first frame of the dataset's first sample as a (1, H, W, 3) IMAGE, and where it comes from."""
+    sample = dataset.samples[0] if dataset.samples else None
+    if sample is None or sample.image is None:
+        where = f"the dataset's first sample {sample.source!r}" if sample is not None else "the dataset"
+        raise LoraValueError(f"Image-to-video previews start from the first frame of the dataset's first sample, "
+                             f"but {where} has no image: connect preview_image (the start frame of the previews).")
+    frame = sample.image[:, 0] if sample.image.ndim == 4 else sample.image   # (3, F, H, W) video or (3, H, W)
+    return frame[:3].movedim(0, -1)[None].float(), f"the first frame of {os.path.basename(sample.source) or 'sample 0'}"
+
+
+class StartImage:
+    """The start frame of an image-to-video model's previews, as ComfyUI's WanImageToVideo / HunyuanImageToVideo
+    take their start_image: `image` (1, H, W, 3) is resized to the preview size (comfy.utils.common_upscale,
+    bilinear, center crop) and given to `encode` (the training's start-image conditioning,
+    ComfyBackend.start_image_conditioning_of, of a (1, 3, h, w) image) for one latent frame, the preview's length;
+    the result (concat_latent_image, concat_mask) is set on each positive and, when `on_negative` (Wan), each
+    negative conditioning (node_helpers.conditioning_set_values, as those nodes do)."""
+
+    def __init__(self, image: torch.Tensor, description: str, encode, on_negative: bool):
+        self.image, self.description = image[:1, ..., :3].detach().float().cpu(), description
+        self.encode, self.on_negative = encode, bool(on_negative)
+        self._values: dict[tuple, dict] = {}
+
+    @property
+    def digest(self) -> str:
+        """A hash of the image (8-bit, with its size): part of the previews' signature, kept across run=continue."""
+        import hashlib
+
+        pixels = (self.image.clamp(0, 1) * 255).round().to(torch.uint8)
+        return hashlib.sha256(repr(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()[:16]
+
+    def values(self, width: int, height: int) -> dict:
+        """The conditioning values for a width x height preview (encoded once: the VAE does not train)."""
+        import comfy.utils
+
+        key = (int(width), int(height))
+        if key not in self._values:
+            pixels = comfy.utils.common_upscale(self.image.movedim(-1, 1), key[0], key[1], "bilinear", "center")
+            self._values[key] = {k: v.detach() for k, v in self.encode(pixels).items()}
+        return self._values[key]
+
+    def condition(self, positive: list, negative: list, width: int, height: int) -> tuple[list, list]:
+        import node_helpers
+
+        values = self.values(width, height)
+        positive = node_helpers.conditioning_set_values(positive, values)
+        if self.on_negative:
+            negative = node_helpers.conditioning_set_values(negative, values)
+        return positive, negative
+
+
 class PreviewRenderer:
     """render(step) -> (P, H, W, 3) images: each prompt sampled by ComfyUI's sampler from `model` (the training
-    injection live: the LoRA as trained so far) and decoded by `vae`."""
+    injection live: the LoRA as trained so far) and decoded by `vae`; an image-to-video model's from `start_image`
+    (a StartImage)."""
 
     def __init__(self, model, clip, vae, prompts: list[tuple[str, str]], seed: int, steps: int, cfg: float,
-                 sampler: str, scheduler: str, width: int, height: int, text_encoder_trains: bool):
+                 sampler: str, scheduler: str, width: int, height: int, text_encoder_trains: bool,
+                 start_image: Optional[StartImage] = None):
         self.model, self.clip, self.vae = model, clip, vae
         self.prompts, self.seed, self.steps, self.cfg = prompts, int(seed), int(steps), float(cfg)
         self.sampler, self.scheduler = sampler, scheduler
         self.width, self.height = int(width), int(height)
         self.text_encoder_trains = text_encoder_trains
+        self.start_image = start_image
         self._conds: dict[str, list] = {}
 
     def _encode(self, text: str) -> list:
@@ -132,9 +196,11 @@ class PreviewRenderer:
         for positive, negative in self.prompts:
             latent = self.latent()
             noise = comfy.sample.prepare_noise(latent, self.seed)
+            conds = self._encode(positive), self._encode(negative)
+            if self.start_image is not None:
+                conds = self.start_image.condition(*conds, self.width, self.height)
             samples = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                                          self._encode(positive), self._encode(negative), latent, denoise=1.0,
-                                          seed=self.seed, disable_pbar=True)
+                                          *conds, latent, denoise=1.0, seed=self.seed, disable_pbar=True)
             decoded = self.vae.decode(samples)
             if decoded.ndim == 5:   # video VAEs: (B, frames, H, W, 3); a preview shows the first frame
                 decoded = decoded[:, 0]
@@ -171,7 +237,7 @@ class TrainMonitor:
     def __init__(self, dataset, seed: int, steps: int, preview_every: int, preview_prompts: str, preview_seed: int,
                  preview_steps: int, preview_cfg: float, preview_sampler: str, preview_scheduler: str,
                  preview_width: int, preview_height: int, validation_split: float, validation_folder: str,
-                 validate_every: int):
+                 validate_every: int, preview_image: Optional[torch.Tensor] = None):
         from lora_core.train.validation import ValidationLoss, validation_set
 
         for name, value in (("preview_every", preview_every), ("preview_steps", preview_steps),
@@ -183,7 +249,11 @@ class TrainMonitor:
         if preview_every > 0 and not self.prompts:
             raise LoraValueError(f"preview_every is {preview_every} but preview_prompts is empty: type one prompt per "
                                  f"line to preview, or set preview_every to 0.")
+        if preview_image is not None:
+            check_preview_image(preview_image)
         self.preview_every = preview_every
+        self.preview_image, self.first_sample_set = preview_image, dataset   # the start frame of I2V previews
+        self.start_image: Optional[StartImage] = None
         self.preview_options = dict(seed=preview_seed, steps=preview_steps, cfg=preview_cfg, sampler=preview_sampler,
                                     scheduler=preview_scheduler, width=preview_width or dataset.resolution,
                                     height=preview_height or dataset.resolution)
@@ -200,16 +270,28 @@ class TrainMonitor:
         self.losses = lambda: []   # the trainer's loss list (set by the node once the trainer exists)
         self.first = 0             # the step this run starts at (progress is counted from it)
 
-    def hooks(self, model, clip, vae, text_encoder_trains: bool) -> list:
+    def hooks(self, model, clip, vae, text_encoder_trains: bool, start_conditioning=None,
+              start_on_negative: bool = True) -> list:
+        """The preview and validation hooks. `start_conditioning`: an image-to-video model's start-image
+        conditioning of a (1, 3, H, W) image (None for other models): the previews then start from preview_image,
+        or the first frame of the dataset's first sample; `start_on_negative`: the negative prompt gets it too."""
         import comfy.model_management as mm
 
         from lora_core.train.hooks import PreviewHook
 
         hooks = []
         if self.preview_every > 0:
+            settings = {"prompts": self.prompts, **self.preview_options}
+            if start_conditioning is not None:
+                image, description = (self.preview_image, "preview_image") if self.preview_image is not None \
+                    else first_frame(self.first_sample_set)
+                self.start_image = StartImage(image, description, start_conditioning, start_on_negative)
+                settings["start_image"] = self.start_image.digest
+            elif self.preview_image is not None:
+                log.info("LoRA Core: preview_image is ignored: the model is not an image-to-video model.")
             renderer = PreviewRenderer(model, clip, vae, self.prompts, text_encoder_trains=text_encoder_trains,
-                                       **self.preview_options)
-            signature = json.dumps({"prompts": self.prompts, **self.preview_options}, sort_keys=True, default=str)
+                                       start_image=self.start_image, **self.preview_options)
+            signature = json.dumps(settings, sort_keys=True, default=str)
             self.previews = PreviewHook(renderer, self.preview_every, on_preview=self._on_preview,
                                         propagate=(mm.InterruptProcessingException,), signature=signature)
             hooks.append(self.previews)
@@ -255,6 +337,8 @@ class TrainMonitor:
         parts = []
         if self.previews is not None:
             parts.append(f"previews at steps {self.previews.steps} ({len(self.prompts)} prompt(s) per row)")
+            if self.start_image is not None:
+                parts.append(f"previews start from {self.start_image.description}")
             if self.previews.resumed:
                 parts.append(f"previews continued: {self.previews.resumed}")
             if self.previews.failure:

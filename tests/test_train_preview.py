@@ -98,8 +98,9 @@ class Messages:
 def test_node_contract():
     optional = list(nt.LoRACoreTrain.INPUT_TYPES()["optional"])
     assert optional[:3] == ["timestep_sampling", "guidance", "text_encoders"]
-    # appended at the end, then the loss weighting (added after them)
-    assert optional[-len(tp.PREVIEW_DEFAULTS) - 1:] == list(tp.PREVIEW_DEFAULTS) + ["loss_weighting"]
+    # appended at the end, then the loss weighting and the I2V previews' start image (added after them)
+    assert optional[-len(tp.PREVIEW_DEFAULTS) - 2:] == list(tp.PREVIEW_DEFAULTS) + ["loss_weighting", "preview_image"]
+    assert nt.LoRACoreTrain.INPUT_TYPES()["optional"]["preview_image"][0] == "IMAGE"
     assert nt.LoRACoreTrain.RETURN_NAMES[-1] == "previews" and nt.LoRACoreTrain.RETURN_TYPES[-1] == "IMAGE"
     assert tp.parse_prompts("a cat\n\n  b --n ugly, blurry \n--n only negative") == [
         ("a cat", ""), ("b", "ugly, blurry"), ("", "only negative")]

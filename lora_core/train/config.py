@@ -63,7 +63,7 @@ TEXT_ENCODER_CHOICES = ("kohya default", "all")
 # The node's preview inputs render with ComfyUI's sampler: the command-line trainer has none, so a config naming one
 # is refused (validation_split / validation_folder / validate_every do run here).
 PREVIEW_KEYS = ("preview_every", "preview_prompts", "preview_seed", "preview_steps", "preview_cfg", "preview_sampler",
-                "preview_scheduler", "preview_width", "preview_height")
+                "preview_scheduler", "preview_width", "preview_height", "preview_image")
 
 
 @dataclass(frozen=True)
