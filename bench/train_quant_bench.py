@@ -15,7 +15,7 @@ bf16 on GPU) and trains `--steps` steps through the LoRACoreTrain node (tiny CLI
 * `fp8`: the fp8 base as loaded (base_quant "as loaded"): each layer cast per call, no cast copy kept for backward.
 * `fp8-comfy-forward`: the same, but with ComfyUI's layer forwards used as they are (LoRA Core's frozen-cast path
   switched off): what training on an fp8 base costs when autograd keeps each layer's cast weight.
-* `nf4` (CUDA with bitsandbytes only): the bf16 base with base_quant "nf4".
+* `nf4` (bitsandbytes): the bf16 base (fp32 on CPU, through bitsandbytes' CPU backend) with base_quant "nf4".
 
 Peak memory: on CPU the peak process RSS (sampled every 5 ms) above the RSS after the imports, so the base's
 weights count; on CUDA torch.cuda.max_memory_allocated. steps/s: the trainer's own timing (the training loop,
@@ -110,7 +110,7 @@ def run_case(args) -> dict:
                 self.report.own_forward += 1
 
         nt.lt.FrozenBase = Off
-    stored = {"fp32": "fp32", "bf16": "bf16", "nf4": "bf16"}.get(args.case, "fp8")
+    stored = {"fp32": "fp32", "bf16": "bf16", "nf4": "bf16" if cuda else "fp32"}.get(args.case, "fp8")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[stored]
     import gc
 
@@ -158,7 +158,7 @@ def main():
         print("RESULT " + json.dumps(run_case(args)), flush=True)
         return
     cases = [c for c in args.cases.split(",") if c] or (
-        ["bf16", "fp8", "fp8-comfy-forward", "nf4"] if args.device == "cuda" else ["fp32", "fp8", "fp8-comfy-forward"])
+        ["bf16", "fp8", "fp8-comfy-forward", "nf4"] if args.device == "cuda" else ["fp32", "fp8", "fp8-comfy-forward", "nf4"])
     with tempfile.TemporaryDirectory() as folder:
         made = write_checkpoints(args, Path(folder))
         print(f"UNet: SD1.5 layout, {args.channels} channels, {made['params'] / 1e6:.1f} M parameters; "

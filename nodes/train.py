@@ -555,7 +555,7 @@ class LoRACoreTrain:
                                "training (the QLoRA idea). as loaded: as ComfyUI loaded them; an fp8 model "
                                "(UNETLoader weight_dtype fp8_e4m3fn) stays fp8, each layer cast to the compute "
                                "dtype per call and never kept for the backward pass. nf4: the denoiser's Linears "
-                               "quantised to 4-bit NF4 for the run (needs CUDA and bitsandbytes); the MODEL is "
+                               "quantised to 4-bit NF4 for the run (needs bitsandbytes: on CUDA, or on the CPU with its CPU backend); the MODEL is "
                                "given back unchanged. The saved LoRA loads on any precision of the model."}),
                 "lora_dtype": (list(lt.LORA_DTYPES), {"default": "fp32", "tooltip": "dtype of the trained LoRA "
                                "weights (fp32 recommended; bf16 halves their memory and optimizer state)."}),
@@ -684,7 +684,7 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
 
     arch, spec = model_train_spec(model)
     backend = ComfyBackend(model, clip, config.train_text_encoder, guidance=guidance, train_spec=spec)
-    nf4 = lt.resolve_base_quant(base_quant, backend.device)   # refuse nf4 without CUDA + bitsandbytes, first
+    nf4 = lt.resolve_base_quant(base_quant, backend.device)   # refuse nf4 without bitsandbytes (CUDA or its CPU backend), first
     mm.load_models_gpu([model], force_full_load=True)
     lt.unlock_inference_params(backend.unet)
     key_map = HostModels(model, clip).key_map

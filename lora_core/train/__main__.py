@@ -291,7 +291,7 @@ def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
 def build(run: cfgmod.RunConfig, dist: DistContext):
     """(trainer, dataset) for a parsed config on this process."""
     t = run.train
-    nf4 = resolve_base_quant(t["base_quant"], dist.device)   # refuse nf4 without CUDA + bitsandbytes, first
+    nf4 = resolve_base_quant(t["base_quant"], dist.device)   # refuse nf4 without bitsandbytes (CUDA or its CPU backend), first
     if is_flux_folder(run.model) or (os.path.isfile(run.model) and run.model_config
                                      and is_flux_folder(run.model_config)):
         return build_flux(run, dist, nf4)

@@ -137,7 +137,7 @@ TRAIN = {
     "guidance": Option(float, 1.0, low=0.0, high=100.0),            # Flux.1 dev's guidance input
     "text_encoders": Option(str, "kohya default", TEXT_ENCODER_CHOICES),
     "timestep_range": Option(str, ""),                             # flow models: "min,max" on 0-1000
-    "base_quant": Option(str, "as loaded", tuple(BASE_QUANT)),      # nf4 needs CUDA + bitsandbytes
+    "base_quant": Option(str, "as loaded", tuple(BASE_QUANT)),      # nf4 needs bitsandbytes (CUDA, or its CPU backend)
     "lora_dtype": Option(str, "fp32", tuple(LORA_DTYPES)),
     # validation loss (lora_core/train/validation.py), as the node computes it and writes it to the file / state
     "validation_split": Option(float, 0.0, low=0.0, high=0.5),

@@ -10,12 +10,14 @@ fp32 (or bf16) trains on top of them.
   `_FrozenConv`: the forward casts, computes and drops the copy; the backward casts the stored weight again
   and computes only the input gradient (the base is frozen). Nothing of the base is saved for backward but
   the reference to the stored fp8 parameter, so at most one layer's cast weight exists at a time.
-* **NF4 (CUDA + bitsandbytes).** `FrozenBase(..., nf4=codec)` quantises each frozen Linear of the denoiser
+* **NF4 (bitsandbytes; CUDA, or its CPU backend).** `FrozenBase(..., nf4=codec)` quantises each frozen Linear of the denoiser
   to 4-bit NormalFloat with bitsandbytes (`bitsandbytes.functional.quantize_4bit(quant_type="nf4")`, blocks of
   64 values with one absmax each, two codes per byte) for the run, moves the original weight to the CPU, and
   computes through dequantise (`dequantize_4bit`) + matmul, both passes. The originals come back on exit: the
   MODEL in the graph is unchanged and the trained file applies to it (and to any other precision of it).
-  Elsewhere `nf4_codec()` raises a clear error naming the requirement.
+  bitsandbytes' CPU backend (0.50.2) does the same in torch ops, in the same format, so the production codec runs
+  in the CPU tests too. Elsewhere (no bitsandbytes, another device, a release without CPU 4-bit ops)
+  `nf4_codec()` raises a clear error naming the requirement.
 
 What the layer computes with is the weight ComfyUI's own forward multiplies with: the stored weight cast to
 the input's dtype (ComfyUI's `QuantizedTensor` dequantised), the layer's `weight_function`s (patches applied
@@ -27,6 +29,7 @@ No ComfyUI import: ComfyUI's layers are recognised by their attributes (`comfy_c
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -42,8 +45,9 @@ FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5
                                                       "float8_e5m2fnuz") if hasattr(torch, name))
 NF4_BLOCK = 64               # bitsandbytes' default blocksize for 4-bit weights (Linear4bit, Params4bit)
 NF4_MIN_VALUES = 4096        # smaller Linears (embeddings of a few channels) stay as they are: nothing to save
-NF4_REQUIREMENT = ("base_quant 'nf4' needs CUDA and bitsandbytes: install it in ComfyUI's Python "
-                   "(`python -m pip install bitsandbytes`) and run on an NVIDIA GPU, or choose base_quant "
+NF4_REQUIREMENT = ("base_quant 'nf4' needs bitsandbytes, on an NVIDIA GPU (CUDA) or on the CPU with "
+                   "bitsandbytes' CPU backend (0.50.2 tested): install it in ComfyUI's Python "
+                   "(`python -m pip install bitsandbytes`), or choose base_quant "
                    "'as loaded' (load the model with UNETLoader weight_dtype fp8_e4m3fn for an fp8 base).")
 _CONVS = {nn.Conv1d: (F.conv1d, torch.nn.grad.conv1d_input), nn.Conv2d: (F.conv2d, torch.nn.grad.conv2d_input),
           nn.Conv3d: (F.conv3d, torch.nn.grad.conv3d_input)}
@@ -67,6 +71,10 @@ class NF4Codec:
     def nbytes(self, state) -> int:
         raise NotImplementedError
 
+    def unsupported(self, weight: torch.Tensor) -> Optional[str]:
+        """Why this codec cannot hold `weight` exactly (the layer then stays as loaded), or None."""
+        return None
+
 
 class BitsAndBytesNF4(NF4Codec):
     """bitsandbytes' NF4: `quantize_4bit(w, blocksize=64, quant_type="nf4")` / `dequantize_4bit`."""
@@ -82,6 +90,14 @@ class BitsAndBytesNF4(NF4Codec):
         packed, quant_state = state
         return self.F.dequantize_4bit(packed, quant_state).to(dtype)
 
+    def unsupported(self, weight):
+        # bitsandbytes 0.50.2's native CPU dequantize_4bit indexes blocks within rows: a weight whose rows are not
+        # whole blocks (input width 32, 96, ... ; not a multiple of 64) comes back wrong though it was packed
+        # right (measured against the format, tests/test_train_quant.py). Real models' Linears are multiples of 64.
+        if weight.device.type == "cpu" and weight.shape[-1] % NF4_BLOCK:
+            return f"on the CPU bitsandbytes' NF4 needs an input width that is a multiple of {NF4_BLOCK}"
+        return None
+
     def nbytes(self, state) -> int:
         packed, quant_state = state
         absmax = getattr(quant_state, "absmax", None)
@@ -90,15 +106,32 @@ class BitsAndBytesNF4(NF4Codec):
 
 
 def nf4_codec(device) -> NF4Codec:
-    """bitsandbytes' NF4 codec for a CUDA device; a LoraValueError naming the requirement anywhere else."""
+    """bitsandbytes' NF4 codec for `device`: CUDA, or the CPU (bitsandbytes' CPU backend: its 4-bit ops in torch,
+    the same format; probed once on a small tensor); a LoraValueError naming the requirement anywhere else."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise LoraValueError(f"{NF4_REQUIREMENT} (The model is on {device.type}, not CUDA.)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraValueError(f"{NF4_REQUIREMENT} (The model is on cuda but CUDA is not available.)")
+    if device.type not in ("cuda", "cpu"):
+        raise LoraValueError(f"{NF4_REQUIREMENT} (The model is on {device.type}, neither CUDA nor the CPU.)")
     try:
         import bitsandbytes.functional as bnb_functional
     except Exception as error:  # ImportError, or bitsandbytes failing to find its CUDA library
         raise LoraValueError(f"{NF4_REQUIREMENT} (import bitsandbytes failed: {error})") from error
-    return BitsAndBytesNF4(bnb_functional)
+    codec = BitsAndBytesNF4(bnb_functional)
+    if device.type == "cpu":   # older bitsandbytes releases have no CPU 4-bit ops
+        probe = torch.linspace(-1.0, 1.0, 2 * NF4_BLOCK).reshape(2, NF4_BLOCK)   # a weight-shaped probe
+        try:
+            back = codec.dequantize(codec.quantize(probe), torch.float32)
+            works = back.shape == probe.shape and bool(((back - probe).abs() <= 0.2).all())   # the widest code gap is 0.28
+        except Exception as error:
+            works, reason = False, f"{type(error).__name__}: {error}"
+        else:
+            reason = "its NF4 round trip is wrong on the CPU"
+        if not works:
+            version = getattr(sys.modules.get("bitsandbytes"), "__version__", "?")
+            raise LoraValueError(f"{NF4_REQUIREMENT} (bitsandbytes {version} has no working NF4 on the CPU: "
+                                 f"{reason}; upgrade it, or train on CUDA.)")
+    return codec
 
 
 def resolve_base_quant(choice: str, device) -> Optional[NF4Codec]:
@@ -232,6 +265,7 @@ class BaseReport:
     frozen_cast: int = 0
     own_forward: int = 0
     nf4: int = 0
+    nf4_skipped: dict = field(default_factory=dict)   # why -> Linears left as loaded (the codec cannot hold them)
     bytes_by_dtype: dict = field(default_factory=dict)
 
     @property
@@ -242,6 +276,8 @@ class BaseReport:
         parts = [f"base weights {self.storage}"]
         if self.nf4:
             parts.append(f"{self.nf4} Linear layers in NF4")
+        for why, count in self.nf4_skipped.items():
+            parts.append(f"{count} Linear layers left as loaded ({why})")
         if self.frozen_cast:
             parts.append(f"{self.frozen_cast} layers cast per call (no compute-dtype copy kept for backward)")
         if self.own_forward:
@@ -277,6 +313,10 @@ class FrozenBase:
                         not _known_storage(weight) or weight.numel() < NF4_MIN_VALUES:
                     continue
                 seen.add(id(module))
+                why = self.nf4.unsupported(weight)
+                if why is not None:
+                    self.report.nf4_skipped[why] = self.report.nf4_skipped.get(why, 0) + 1
+                    continue
                 device = weight.device
                 with torch.no_grad():
                     values = compute_weight(module, torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -381,7 +421,7 @@ class FrozenBase:
 def frozen_base(roots: Iterable[nn.Module], choice: str = "as loaded", device="cpu",
                 nf4_roots: Iterable[nn.Module] = (), codec: Optional[NF4Codec] = None) -> FrozenBase:
     """The FrozenBase for a node choice: 'as loaded' keeps the weights as they are (fp8 layers cast per call),
-    'nf4' quantises `nf4_roots`' Linears with bitsandbytes (CUDA only; `codec` overrides it)."""
+    'nf4' quantises `nf4_roots`' Linears with bitsandbytes (CUDA, or its CPU backend; `codec` overrides it)."""
     nf4 = codec if (codec is not None and choice == "nf4") else resolve_base_quant(choice, device)
     return FrozenBase(roots, nf4=nf4, nf4_roots=nf4_roots if nf4 is not None else ())
 
