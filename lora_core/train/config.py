@@ -286,7 +286,7 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
 
 
 # what the command-line trainer trains (diffusers folders; Flux.1 also a diffusers transformer file + model_config)
-SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell")
+SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "Chroma")
 
 
 def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
@@ -304,7 +304,7 @@ def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
                   f"to one of them, or \"auto\" to read it from the model); train other families with the LoRA "
                   f"Core Train node in ComfyUI.")
         if arch is None:
-            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux", "flux-schnell"], n=1)
+            close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux", "flux-schnell", "chroma"], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LoraValueError(f"{source}: architecture = {name!r} is not an architecture LoRA Core knows.{hint} "
                                  f"{trains}")
