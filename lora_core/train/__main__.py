@@ -1,5 +1,5 @@
 """`python -m lora_core.train CONFIG`: the in-graph trainer's loop outside ComfyUI, on a diffusers SD1.x / SD2.x
-/ SDXL or Flux.1 model (diffusers_flux.py), in one process or under `torchrun` / `accelerate launch`
+/ SDXL, Flux.1 or Chroma model (diffusers_flux.py), in one process or under `torchrun` / `accelerate launch`
 (DistributedDataParallel over the processes).
 
     python -m lora_core.train config.toml
@@ -11,7 +11,8 @@ diffusers' from_single_file), the dataset folder and the train node's options. T
 LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, SDXL `lora_te1_*` / `lora_te2_*`, `ss_*` /
 `modelspec.*` metadata naming the variant, e.g. ss_base_model_version = sdxl_base_v1-0; Flux.1: kohya's
 `lora_unet_double_blocks_N_img_attn_qkv` / `lora_unet_single_blocks_N_linear1` names, `lora_te1_` CLIP-L, `lora_te3_`
-T5, ss_base_model_version = flux1). The validation loss (validation_split / validation_folder) runs as in the node.
+T5, ss_base_model_version = flux1; Chroma: the same transformer names, `lora_te1_` T5, ss_base_model_version =
+chroma). The validation loss (validation_split / validation_folder) runs as in the node.
 """
 from __future__ import annotations
 
