@@ -219,3 +219,26 @@ def test_shared_path_recomputes_for_another_input_a_changed_path_or_a_second_rea
     shared(x, "q")
     shared.release()
     assert shared._entry is None
+
+
+def test_fused_side_path_under_bf16_autocast_equals_the_reference():
+    """Mixed precision (CPU autocast, bf16): the shared output is the one each part would compute - same dtype,
+    same values - and it is still computed once per fused weight."""
+    transformer, arch, spec = tiny_flux()
+    network = network_of(transformer, arch, spec, "LoRA")
+    counter = Counter(network)
+    try:
+        outputs = []
+        for reference in (True, False):
+            saved = reference_inject(network) if reference else network.inject()
+            try:
+                counter.reset()
+                with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+                    outputs.append(transformer(**inputs())[0].float())
+            finally:
+                reference_restore(saved) if reference else network.restore()
+            if not reference:
+                assert set(counter.counts.values()) == {1}, counter.counts
+        assert torch.equal(outputs[0], outputs[1])
+    finally:
+        counter.close()

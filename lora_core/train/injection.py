@@ -365,9 +365,11 @@ class SharedPath:
         self._entry: Optional[tuple] = None   # (x, x's version, state, output, modules still to read it)
 
     def _state(self, x: torch.Tensor) -> tuple:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype_of = getattr(torch, "get_autocast_dtype", None)   # torch >= 2.4
         return (tuple(_version(p) for p in self.path.parameters()), getattr(self.path, "multiplier", 1.0),
-                torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
-                torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None)
+                torch.is_grad_enabled(), autocast, dtype_of(device) if autocast and dtype_of is not None else None)
 
     def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
         entry, state = self._entry, self._state(x)
