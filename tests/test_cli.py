@@ -253,7 +253,8 @@ def core_readable(state: dict) -> dict:
                 key = key.replace(f".{proj}.", f".processor.{proj}.")
             key = key.replace(".to_out.0.", ".processor.to_out.")
         if key.startswith("transformer.distilled_guidance_layer."):   # Chroma's approximator: core reads ComfyUI's
-            key = "diffusion_model." + key[len("transformer."):]
+            key = "diffusion_model." + key[len("transformer."):]   # names (diffusers' linear_1 / linear_2 are
+            key = key.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer.")   # in / out_layer)
         if key.startswith("text_encoder_2.encoder."):   # Flux's T5 in diffusers naming: core reads ComfyUI's
             key = "text_encoders.t5xxl.transformer." + key[len("text_encoder_2."):]
         out[key] = value

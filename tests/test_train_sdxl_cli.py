@@ -233,7 +233,7 @@ def test_sdxl_architecture_errors(workspace, tmp_path, capsys):
     good = {"model": "m", "dataset": {"folder": "imgs"}}
     assert cfgmod.parse({**good, "architecture": "pony"}, "c.toml").architecture == "pony"
     for name, fragments in (("sdxxl", ["architecture = 'sdxxl' is not an architecture", "Did you mean 'sdxl'?"]),
-                            ("chroma", ["architecture = 'chroma' is Chroma, which this trainer does not train",
+                            ("sd3", ["architecture = 'sd3' is SD3-Medium, which this trainer does not train",
                                         "SD1 / SD2 / SDXL / Flux.1-dev", "LoRA Core Train node"])):
         with pytest.raises(LoraValueError) as info:
             cfgmod.parse({**good, "architecture": name}, "c.toml")

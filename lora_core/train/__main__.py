@@ -1,5 +1,5 @@
 """`python -m lora_core.train CONFIG`: the in-graph trainer's loop outside ComfyUI, on a diffusers SD1.x / SD2.x
-/ SDXL or Flux.1 model (diffusers_flux.py), in one process or under `torchrun` / `accelerate launch`
+/ SDXL, Flux.1 or Chroma model (diffusers_flux.py), in one process or under `torchrun` / `accelerate launch`
 (DistributedDataParallel over the processes).
 
     python -m lora_core.train config.toml
@@ -11,7 +11,8 @@ diffusers' from_single_file), the dataset folder and the train node's options. T
 LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, SDXL `lora_te1_*` / `lora_te2_*`, `ss_*` /
 `modelspec.*` metadata naming the variant, e.g. ss_base_model_version = sdxl_base_v1-0; Flux.1: kohya's
 `lora_unet_double_blocks_N_img_attn_qkv` / `lora_unet_single_blocks_N_linear1` names, `lora_te1_` CLIP-L, `lora_te3_`
-T5, ss_base_model_version = flux1). The validation loss (validation_split / validation_folder) runs as in the node.
+T5, ss_base_model_version = flux1; Chroma: the same transformer names, `lora_te1_` T5, ss_base_model_version =
+chroma). The validation loss (validation_split / validation_folder) runs as in the node.
 SD3 / SD3.5 (diffusers folders) are diffusers_sd3.py's, through the one hook in build().
 """
 from __future__ import annotations
@@ -234,18 +235,20 @@ def _trainer(run, dist, backend, network, dataset, config, encode_images, encode
     return trainer
 
 
-def t5_targets(text_encoder_2) -> list:
-    """Every Linear of a transformers T5 encoder's blocks, in kohya's Flux T5 names (lora_te3_encoder_block_N_...)."""
+def t5_targets(text_encoder_2, prefix: str = "lora_te3", component: str = "te3") -> list:
+    """Every Linear of a transformers T5 encoder's blocks, in kohya's Flux T5 names (lora_te3_encoder_block_N_...;
+    Chroma's T5 is te1: lora_te1_...)."""
     from .injection import Target
 
-    return [Target("lora_te3_" + name.replace(".", "_"), module, "te3", "te3", "te")
+    return [Target(f"{prefix}_" + name.replace(".", "_"), module, component, component, "te")
             for name, module in text_encoder_2.named_modules()
             if isinstance(module, torch.nn.Linear) and name.startswith("encoder.block.")]
 
 
 def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
-    """(trainer, dataset) for a diffusers Flux.1 model (lora_core.train.diffusers_flux)."""
-    from .diffusers_flux import FluxDiffusersBackend, flux_objective, flux_targets, flux_text_encoder, load_flux
+    """(trainer, dataset) for a diffusers Flux.1 or Chroma model (lora_core.train.diffusers_flux)."""
+    from .diffusers_flux import (ChromaDiffusersBackend, FluxDiffusersBackend, chroma_text_encoder, flux_objective,
+                                 flux_targets, flux_text_encoder, load_flux)
     from .objective import parse_timestep_range
 
     t = run.train
@@ -271,18 +274,26 @@ def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
         raise LoraValueError(f"{run.source}: [train] {error}") from None
     config = train_config(t, dist, kinds, blocks, block_lr, t_range)
     targets = flux_targets(model.transformer, arch, model.spec, spec, kinds, blocks)
-    trained_encoders = []
-    if config.train_text_encoder:   # kohya's default: CLIP-L (lora_te1_); "all": T5 too (lora_te3_)
-        targets += find_te_targets(model.text_encoder, "lora_te1", "te1")
-        trained_encoders.append(model.text_encoder)
-        if t["text_encoders"] == "all":
-            targets += t5_targets(model.text_encoder_2)
-            trained_encoders.append(model.text_encoder_2)
-    network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
     objective = flux_objective(model.scheduler_config, spec.timestep_sampling)
-    backend = FluxDiffusersBackend(model.transformer, objective, t["guidance"] if spec.guidance_input else None,
-                                   text_encoders=trained_encoders)
-    encode_text = flux_text_encoder(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2)
+    trained_encoders = []
+    if model.chroma:   # T5 alone: ComfyUI's Chroma text encoder te1, named lora_te1_ as the node names it
+        if config.train_text_encoder:
+            targets += t5_targets(model.text_encoder, "lora_te1", "te1")
+            trained_encoders.append(model.text_encoder)
+        network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
+        backend = ChromaDiffusersBackend(model.transformer, objective, text_encoders=trained_encoders)
+        encode_text = chroma_text_encoder(model.tokenizer, model.text_encoder)
+    else:
+        if config.train_text_encoder:   # kohya's default: CLIP-L (lora_te1_); "all": T5 too (lora_te3_)
+            targets += find_te_targets(model.text_encoder, "lora_te1", "te1")
+            trained_encoders.append(model.text_encoder)
+            if t["text_encoders"] == "all":
+                targets += t5_targets(model.text_encoder_2)
+                trained_encoders.append(model.text_encoder_2)
+        network = LoRANetwork(targets, config.rank, config.alpha, seed=config.seed, algorithm=config.algorithm)
+        backend = FluxDiffusersBackend(model.transformer, objective, t["guidance"] if spec.guidance_input else None,
+                                       text_encoders=trained_encoders)
+        encode_text = flux_text_encoder(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2)
     trainer = _trainer(run, dist, backend, network, dataset, config, vae_encoder(model.vae), encode_text, arch.name,
                        validation, nf4)
     return trainer, dataset

@@ -285,9 +285,9 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
                      dataset=sections["dataset"], train=sections["train"], distributed=sections["distributed"])
 
 
-# what the command-line trainer trains (diffusers folders; Flux.1 also a diffusers transformer file + model_config;
-# SD3 / SD3.5 a diffusers folder)
-SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "SD3-Medium", "SD3.5-Medium",
+# what the command-line trainer trains (diffusers folders; Flux.1 / Chroma also a diffusers transformer file +
+# model_config; SD3 / SD3.5 a diffusers folder)
+SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "Chroma", "SD3-Medium", "SD3.5-Medium",
                    "SD3.5-Large")
 
 
@@ -307,7 +307,8 @@ def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
                   f"Core Train node in ComfyUI.")
         if arch is None:
             close = difflib.get_close_matches(name, ["auto", *SUPPORTED_ARCHS, "sdxl", "sd15", "sd21", "flux",
-                                                     "flux-schnell", "sd3", "sd3.5-medium", "sd3.5-large"], n=1)
+                                                     "flux-schnell", "chroma", "sd3", "sd3.5-medium", "sd3.5-large"],
+                                              n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise LoraValueError(f"{source}: architecture = {name!r} is not an architecture LoRA Core knows.{hint} "
                                  f"{trains}")

@@ -1,5 +1,6 @@
-"""Flux.1 on diffusers' classes for `python -m lora_core.train`: FluxTransformer2DModel, CLIPTextModel (pooled
-output) + T5EncoderModel (context), AutoencoderKL with 16 latent channels, FlowMatchEulerDiscreteScheduler.
+"""Flux.1 and Chroma on diffusers' classes for `python -m lora_core.train`: FluxTransformer2DModel, CLIPTextModel
+(pooled output) + T5EncoderModel (context), AutoencoderKL with 16 latent channels, FlowMatchEulerDiscreteScheduler;
+Chroma: ChromaTransformer2DModel + T5EncoderModel alone (ChromaPipeline's folder: text_encoder/, tokenizer/).
 
 * Model: a diffusers Flux folder (model_index.json, transformer/, text_encoder/, text_encoder_2/, vae/,
   tokenizer/, tokenizer_2/, scheduler/), or the transformer alone (a diffusers-named .safetensors file, or a
@@ -19,6 +20,17 @@ output) + T5EncoderModel (context), AutoencoderKL with 16 latent channels, FlowM
   writes on a ComfyUI Flux. Where diffusers splits a fused weight (to_q / to_k / to_v of img_attn.qkv; to_q / to_k
   / to_v / proj_mlp of linear1) the one LoRA's output rows are added to each split module
   (injection.Target.parts), so the trained LoRA is the fused one kohya's format holds, at the same rank.
+* Chroma (ChromaPipeline's folder): the same blocks without modulation, the distilled guidance layer fed the
+  timestep (no guidance or pooled input), flow matching with the scheduler config's shift. Text: T5 alone with
+  Chroma's mask rule (diffusers' ChromaPipeline._get_t5_prompt_embeds, lodestone's reference): T5 reads the
+  caption's tokens (EOS included) under the tokenizer's mask, and the transformer sees them plus the first padding
+  token, every later padding token masked. Here each caption is encoded to exactly those tokens (the masked ones
+  are dropped: no key ever attends to them, so the image tokens are the same), and the loop batches captions of
+  equal length together (group_by_text_length), so the transformer runs with no mask at all. (ComfyUI's Chroma
+  feeds the caption's tokens without any padding token; diffusers 0.36's pipeline passes its mask as a float
+  additive bias, which masks nothing: diffusers issues #12116 / #13619.) Names as on a ComfyUI Chroma:
+  `lora_unet_double_blocks_N_img_attn_qkv`, ..., `lora_te1_` T5 (ComfyUI's Chroma text encoder is te1);
+  metadata ss_base_model_version = chroma.
 """
 from __future__ import annotations
 
@@ -38,47 +50,61 @@ from .objective import Objective, ResolutionShift
 
 T5_MAX_TOKENS = 512
 FLUX_PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler")
+CHROMA_PARTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
+TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "Flux.1", "ChromaTransformer2DModel": "Chroma"}
+
+
+def _class_name(config: str) -> str:
+    try:
+        with open(config, encoding="utf-8") as handle:
+            return str(json.load(handle).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def transformer_kind(path: str) -> Optional[str]:
+    """"Flux.1" or "Chroma" for a diffusers folder (its model_index.json's pipeline, or its transformer's config)
+    or a transformer folder of either class; None otherwise."""
+    if not os.path.isdir(path):
+        return None
+    name = _class_name(os.path.join(path, "model_index.json"))
+    if "Chroma" in name:
+        return "Chroma"
+    if "Flux" in name:
+        return "Flux.1"
+    for config in (os.path.join(path, "transformer", "config.json"), os.path.join(path, "config.json")):
+        kind = TRANSFORMER_CLASSES.get(_class_name(config))
+        if kind is not None:
+            return kind
+    return None
 
 
 def is_flux_folder(path: str) -> bool:
-    """A diffusers Flux folder (FluxPipeline's model_index.json, or a transformer/ subfolder), or a transformer
-    folder / file whose config is a FluxTransformer2DModel's."""
-    if os.path.isdir(path):
-        index = os.path.join(path, "model_index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as handle:
-                    name = json.load(handle).get("_class_name", "")
-            except (OSError, ValueError):
-                name = ""
-            if "Flux" in name:
-                return True
-        for config in (os.path.join(path, "transformer", "config.json"), os.path.join(path, "config.json")):
-            if os.path.isfile(config):
-                try:
-                    with open(config, encoding="utf-8") as handle:
-                        if json.load(handle).get("_class_name") == "FluxTransformer2DModel":
-                            return True
-                except (OSError, ValueError):
-                    pass
-    return False
+    """A diffusers Flux or Chroma folder (FluxPipeline's / ChromaPipeline's model_index.json, or a transformer/
+    subfolder), or a transformer folder whose config is a FluxTransformer2DModel's / ChromaTransformer2DModel's."""
+    return transformer_kind(path) is not None
 
 
 @dataclass
 class DiffusersFlux:
     transformer: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module          # CLIPTextModel (pooled output; kohya's lora_te1)
-    text_encoder_2: nn.Module        # T5EncoderModel (context)
+    text_encoder: nn.Module          # CLIPTextModel (pooled output; kohya's lora_te1); Chroma: T5EncoderModel
+    text_encoder_2: Optional[nn.Module]   # T5EncoderModel (context); Chroma: None
     tokenizer: object
     tokenizer_2: object
     scheduler_config: dict
-    arch: object                     # lora_core ArchSpec (Flux.1-dev / Flux.1-schnell)
+    arch: object                     # lora_core ArchSpec (Flux.1-dev / Flux.1-schnell / Chroma)
     spec: object                     # the family's FluxSpec of this transformer
+
+    @property
+    def chroma(self) -> bool:
+        return self.arch.name == "Chroma"
 
 
 def load_flux(path: str, model_config: str, device: torch.device) -> DiffusersFlux:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    """A diffusers Flux.1 or Chroma model (folder, or transformer file / folder + model_config), on `device`."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     load = dict(local_files_only=True)
@@ -87,41 +113,52 @@ def load_flux(path: str, model_config: str, device: torch.device) -> DiffusersFl
     else:   # the transformer alone: a folder of its own, or a .safetensors file; the rest from model_config
         if not model_config or not os.path.isdir(model_config):
             raise LoraValueError(f"Model {path} is a Flux transformer alone: set model_config to a local diffusers "
-                                 f"Flux folder with the other parts ({', '.join(FLUX_PARTS[1:])}).")
+                                 f"Flux folder with the other parts ({', '.join(FLUX_PARTS[1:])}), or a Chroma folder "
+                                 f"({', '.join(CHROMA_PARTS[1:])}).")
         root = model_config
         transformer_dir = path if os.path.isdir(path) else os.path.join(model_config, "transformer")
         transformer_file = path if os.path.isfile(path) else None
-    missing = [sub for sub in FLUX_PARTS[1:] if not os.path.isdir(os.path.join(root, sub))]
+    kind = transformer_kind(transformer_dir) or transformer_kind(root) or "Flux.1"
+    chroma = kind == "Chroma"
+    transformer_class = ChromaTransformer2DModel if chroma else FluxTransformer2DModel
+    parts = CHROMA_PARTS if chroma else FLUX_PARTS
+    pipeline = "ChromaPipeline" if chroma else "FluxPipeline"
+    missing = [sub for sub in parts[1:] if not os.path.isdir(os.path.join(root, sub))]
     if missing:
-        raise LoraFileError(f"Flux folder {root} has no {', '.join(missing)} subfolder(s): a diffusers Flux folder "
-                            f"(FluxPipeline.save_pretrained) has {', '.join(FLUX_PARTS)}.")
+        raise LoraFileError(f"{kind} folder {root} has no {', '.join(missing)} subfolder(s): a diffusers {kind} "
+                            f"folder ({pipeline}.save_pretrained) has {', '.join(parts)}.")
     if transformer_file is not None:
         if not os.path.isfile(os.path.join(transformer_dir, "config.json")):
             raise LoraFileError(f"Model {path} is a transformer file but {transformer_dir} has no config.json: "
-                                f"model_config must be a diffusers Flux folder with transformer/config.json.")
+                                f"model_config must be a diffusers {kind} folder with transformer/config.json.")
         from safetensors.torch import load_file
 
-        config = FluxTransformer2DModel.load_config(transformer_dir)
-        transformer = FluxTransformer2DModel.from_config(config)
+        config = transformer_class.load_config(transformer_dir)
+        transformer = transformer_class.from_config(config)
         state = load_file(transformer_file)
         expected = transformer.state_dict()
         missing_keys = sorted(set(expected) - set(state))
         if missing_keys or set(state) - set(expected):
-            raise LoraFileError(f"Model {path}: not a diffusers FluxTransformer2DModel state dict matching "
+            raise LoraFileError(f"Model {path}: not a diffusers {transformer_class.__name__} state dict matching "
                                 f"{transformer_dir}/config.json (missing e.g. {missing_keys[:3]}, unexpected e.g. "
                                 f"{sorted(set(state) - set(expected))[:3]}). Give a diffusers-named transformer "
-                                f"file, or a diffusers Flux folder.")
+                                f"file, or a diffusers {kind} folder.")
         transformer.load_state_dict(state)
     else:
-        transformer = FluxTransformer2DModel.from_pretrained(transformer_dir, **load)
+        transformer = transformer_class.from_pretrained(transformer_dir, **load)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **load)
     if int(vae.config.latent_channels) * 4 != int(transformer.config.in_channels):
-        raise LoraFileError(f"Flux folder {root}: the VAE has {vae.config.latent_channels} latent channels but the "
-                            f"transformer reads {transformer.config.in_channels} (16 x 2x2 packed = 64 on Flux.1).")
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load)
-    text_encoder_2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load)
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **load)
-    tokenizer_2 = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", **load)
+        raise LoraFileError(f"{kind} folder {root}: the VAE has {vae.config.latent_channels} latent channels but the "
+                            f"transformer reads {transformer.config.in_channels} (16 x 2x2 packed = 64 on {kind}).")
+    if chroma:   # T5 alone, as text_encoder / tokenizer
+        text_encoder = T5EncoderModel.from_pretrained(root, subfolder="text_encoder", **load)
+        tokenizer = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer", **load)
+        text_encoder_2 = tokenizer_2 = None
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **load)
+        text_encoder_2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **load)
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **load)
+        tokenizer_2 = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", **load)
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
         scheduler_config = json.load(handle)
     from lora_core.arch.families.flux import FAMILY
@@ -129,11 +166,14 @@ def load_flux(path: str, model_config: str, device: torch.device) -> DiffusersFl
     state = transformer.state_dict()
     found = FAMILY.detect_diffusers(list(state), {k: tuple(v.shape) for k, v in state.items()})
     if found is None:
-        raise LoraValueError(f"Model {path}: the transformer's layout is not recognised as Flux.1.")
+        raise LoraValueError(f"Model {path}: the transformer's layout is not recognised as {kind}.")
     arch, spec = found
-    if arch.name not in ("Flux.1-dev", "Flux.1-schnell"):
-        raise LoraValueError(f"Model {path} is {arch.title}; the command-line trainer trains Flux.1 dev / schnell.")
+    if arch.name not in ("Flux.1-dev", "Flux.1-schnell", "Chroma"):
+        raise LoraValueError(f"Model {path} is {arch.title}; the command-line trainer trains Flux.1 dev / schnell "
+                             f"and Chroma.")
     for module in (transformer, vae, text_encoder, text_encoder_2):
+        if module is None:
+            continue
         module.to(device, torch.float32).eval()
         module.requires_grad_(False)
     return DiffusersFlux(transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler_config,
@@ -225,6 +265,57 @@ def flux_text_encoder(tokenizer, text_encoder: nn.Module, tokenizer_2, text_enco
                                return_tensors="pt")
         context = text_encoder_2(tokens_2.input_ids.to(next(text_encoder_2.parameters()).device))[0]
         return {"context": context, "pooled_output": pooled}
+
+    return encode
+
+
+class ChromaDiffusersBackend(FluxDiffusersBackend):
+    """The loop's backend over a ChromaTransformer2DModel: `cond` is {"context": T5 states of one caption length
+    (chroma_text_encoder)}; no guidance or pooled input. Captions of different lengths are denoised apart
+    (group_by_text_length), so no attention mask is needed."""
+
+    group_by_text_length = True
+
+    def __init__(self, transformer: nn.Module, objective: Objective, text_encoders=()):
+        super().__init__(transformer, objective, None, text_encoders)
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        if not isinstance(cond, dict) or "context" not in cond:
+            raise ValueError("Chroma training needs the conditioning dict {'context'} of chroma_text_encoder; got "
+                             + type(cond).__name__)
+        dtype = next(self.transformer.parameters()).dtype
+        b, _, h, w = noisy.shape
+        if h % 2 or w % 2:
+            raise LoraValueError(f"Chroma latents must have even height and width (2x2 patches), got {h}x{w}: use "
+                                 f"image sizes that are multiples of 16.")
+        context = cond["context"].to(self.device, dtype)
+        out = self.transformer(hidden_states=pack(noisy.to(dtype)), encoder_hidden_states=context,
+                               timestep=timesteps.to(self.device, dtype), img_ids=image_ids(h, w, self.device, dtype),
+                               txt_ids=torch.zeros(context.shape[1], 3, device=self.device, dtype=dtype),
+                               return_dict=False)[0]
+        return unpack(out, h, w)
+
+
+def chroma_text_encoder(tokenizer, text_encoder: nn.Module, max_tokens: int = T5_MAX_TOKENS) -> Callable:
+    """encode(captions) -> {"context": T5 last hidden states (B, n + 1, D)}: each caption's n tokens (EOS included)
+    and the first padding token, T5 run under the tokenizer's mask (the padding token a query, never a key) - the
+    tokens diffusers' ChromaPipeline leaves unmasked (see the module docstring). Captions of different lengths
+    are encoded one at a time (the loop does: group_by_text_length)."""
+    length = int(min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens) or max_tokens))
+
+    def encode(captions: list[str]) -> dict:
+        tokens = tokenizer(list(captions), padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt")
+        counts = tokens.attention_mask.sum(dim=1)
+        keep = {min(int(n) + 1, length) for n in counts}
+        if len(keep) != 1:
+            raise LoraValueError(f"Chroma captions of different token lengths ({sorted(keep)}) cannot share one "
+                                 f"batch: encode them one at a time.")
+        keep = keep.pop()
+        device = next(text_encoder.parameters()).device
+        context = text_encoder(tokens.input_ids[:, :keep].to(device),
+                               attention_mask=tokens.attention_mask[:, :keep].to(device))[0]
+        return {"context": context}
 
     return encode
 

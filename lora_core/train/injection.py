@@ -337,6 +337,60 @@ def _key(name: str) -> str:
     return name.replace(".", ":")
 
 
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place version counter (None for an inference tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class SharedPath:
+    """One side path's output shared by the modules that hold the parts of its fused weight.
+
+    The modules (diffusers' to_q / to_k / to_v, or a single block's to_q / to_k / to_v / proj_mlp) are called
+    apart, each on the same input tensor. The first call computes `path(x)` (LoRA: down then up over all fused
+    rows; LoHa / LoKr / DoRA: the fused weight delta, applied once) and keeps it until every other part's module
+    has read it; a call on another tensor (by identity and in-place version), a changed side path (a parameter's
+    in-place version, the multiplier), another grad / autocast mode, or a module that has read it already computes
+    anew. Gradient checkpointing's recomputation feeds new tensors, so it computes anew too. The kept output is
+    dropped when the last part reads it, or by `release()` (each micro-batch's end). Same values and gradients as
+    computing the path in every module: each reads the same tensor's rows, and autograd sums their gradients.
+    `calls` counts the path's evaluations (for tests and profiles)."""
+
+    def __init__(self, path: nn.Module, modules: Iterable):
+        self.path = path
+        self.modules = frozenset(modules)
+        self.calls = 0
+        self._entry: Optional[tuple] = None   # (x, x's version, state, output, modules still to read it)
+
+    def _state(self, x: torch.Tensor) -> tuple:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype_of = getattr(torch, "get_autocast_dtype", None)   # torch >= 2.4
+        return (tuple(_version(p) for p in self.path.parameters()), getattr(self.path, "multiplier", 1.0),
+                torch.is_grad_enabled(), autocast, dtype_of(device) if autocast and dtype_of is not None else None)
+
+    def __call__(self, x: torch.Tensor, module) -> torch.Tensor:
+        entry, state = self._entry, self._state(x)
+        if (entry is not None and entry[0] is x and module in entry[4] and entry[1] == _version(x)
+                and entry[2] == state):
+            entry[4].discard(module)
+            if not entry[4]:
+                self._entry = None
+            return entry[3]
+        self._entry = None
+        out = self.path(x)
+        self.calls += 1
+        rest = set(self.modules) - {module}
+        if rest:
+            self._entry = (x, _version(x), state, out, rest)
+        return out
+
+    def release(self) -> None:
+        self._entry = None
+
+
 class LoRANetwork(nn.Module):
     """The side paths of one training run, keyed by kohya module name."""
 
@@ -372,6 +426,7 @@ class LoRANetwork(nn.Module):
             else:   # LyCORIS algorithms (lora_core.train.algorithms), in LyCORIS's key format
                 self.paths[_key(t.name)] = make_path(algorithm, base, r, a, generator)
         self._originals: dict[str, object] = {}
+        self._shared: dict[str, SharedPath] = {}   # the fused weights' shared side-path outputs (inject)
 
     # ------------------------------------------------------------------ hooking
     def inject(self) -> None:
@@ -406,6 +461,7 @@ class LoRANetwork(nn.Module):
                         module.__dict__.pop("forward", None)
                     else:
                         module.forward = before
+                self._shared.pop(name).release()
                 continue
             module = self.targets[name].module
             if previous is None:
@@ -415,18 +471,21 @@ class LoRANetwork(nn.Module):
         self._originals.clear()
 
     def _inject_parts(self, name: str, target: Target) -> None:
-        """One side path over a weight held in parts: each part's module adds its rows of the fused delta (the
-        side path runs once per module: the modules are called apart, the input is the same)."""
+        """One side path over a weight held in parts: each part's module adds its rows of the fused delta. The
+        modules are called apart on the same input tensor (diffusers' to_q / to_k / to_v of one hidden state), so
+        the side path runs once per input (SharedPath): the first part computes it, the others take its rows."""
         path, saved, by_module = self.path(name), [], {}
         for module, start, host, length in target.parts:
             by_module.setdefault(id(module), (module, []))[1].append((start, host, length))
-        for module, pieces in by_module.values():
+        shared = SharedPath(path, by_module)
+        self._shared[name] = shared
+        for key, (module, pieces) in by_module.items():
             saved.append((module, module.__dict__.get("forward")))
             original = module.forward
 
-            def forward(x, *args, _original=original, _path=path, _pieces=tuple(pieces), **kwargs):
+            def forward(x, *args, _original=original, _shared=shared, _key=key, _pieces=tuple(pieces), **kwargs):
                 out = _original(x, *args, **kwargs)
-                fused = _path(x).to(out.dtype)
+                fused = _shared(x, _key).to(out.dtype)
                 width = out.shape[-1]
                 for start, host, length in _pieces:
                     delta = fused[..., start:start + length]
@@ -435,6 +494,12 @@ class LoRANetwork(nn.Module):
 
             module.forward = forward
         self._originals[name] = saved
+
+    def release(self) -> None:
+        """Drop every side-path output kept for parts of a fused weight that have not read it yet (the loop calls
+        this after each micro-batch, so no activation outlives its step)."""
+        for shared in self._shared.values():
+            shared.release()
 
     @property
     def injected(self) -> bool:

@@ -592,7 +592,10 @@ class LoraTrainer:
         loss_sum = 0.0
         try:
             for k in range(cfg.grad_accum):
-                loss_sum += self._backward_micro(step * cfg.grad_accum + k, k == cfg.grad_accum - 1)
+                try:
+                    loss_sum += self._backward_micro(step * cfg.grad_accum + k, k == cfg.grad_accum - 1)
+                finally:   # a fused weight's side-path output kept for parts that never read it (none expected)
+                    self.network.release()
             if not math.isfinite(loss_sum):
                 raise LoraValueError(f"The loss became {loss_sum} at step {step + 1}: the learning rate is too high "
                                      f"for this setup (or fp16 overflowed). Lower the LR or use bf16/fp32.")

@@ -322,7 +322,8 @@ class FluxFamily(Family):
         for name in ("in_proj", "out_proj"):
             add(f"distilled_guidance_layer.{name}", f"distilled_guidance_layer.{name}")
         for i in range(spec.approximator_layers):
-            for sub in ("in_layer", "out_layer"):
+            for sub, dif in (("in_layer", "linear_1"), ("out_layer", "linear_2")):   # ChromaTransformer2DModel's
+                add(f"distilled_guidance_layer.layers.{i}.{sub}", f"distilled_guidance_layer.layers.{i}.{dif}")
                 add(f"distilled_guidance_layer.layers.{i}.{sub}", f"distilled_guidance_layer.layers.{i}.{sub}")
             add(f"distilled_guidance_layer.norms.{i}", f"distilled_guidance_layer.norms.{i}")
         for i in range(spec.depth):
