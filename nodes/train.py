@@ -24,8 +24,9 @@ log = logging.getLogger("lora_core")
 CATEGORY = "LoRA Core/Training"
 # Target choices; what each trains is the model family's (TrainSpec.target_sets): the first is the family's common
 # trainer default (kohya's: SD attn+ff+proj; Flux.1 / Chroma every Linear of the double/single blocks), "all
-# layers" every weight-carrying Linear/Conv of the denoiser (like core's Train LoRA node).
-TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers")
+# layers" every weight-carrying Linear/Conv of the denoiser, "all layers + norms/biases" those with their biases
+# and the norms as full diffs (core's Train LoRA node's set; lora_core.train.config.resolve_targets).
+from lora_core.train.config import TARGET_CHOICES, resolve_targets  # noqa: E402
 RUN_MODES = ("new run", "continue")
 TEXT_ENCODER_CHOICES = ("kohya default", "all")
 
@@ -504,7 +505,9 @@ class LoRACoreTrain:
                                     "tooltip": "Scale = alpha/rank (0 = rank)."}),
                 "unet_targets": (list(TARGET_CHOICES), {"default": "attn+ff+proj", "tooltip": "Denoiser layers to "
                                  "train: kohya's attention/feed-forward/projection sets, or 'all layers' (every "
-                                 "Linear/Conv weight, like core's Train LoRA; 3x3 convs as LoCon). Flux/Chroma: "
+                                 "Linear/Conv weight; 3x3 convs as LoCon), or 'all layers + norms/biases' (those layers' biases and "
+                                 "every GroupNorm/LayerNorm too, as full diffs: the set core's Train LoRA trains; "
+                                 "ComfyUI and A1111 read the file, kohya-only tools may not). Flux/Chroma: "
                                  "attn+ff+proj = kohya's default (every double/single block Linear, modulation "
                                  "included), attn+ff = without modulation, all layers = + embeddings, final "
                                  "layer, Chroma's guidance layer."}),
@@ -608,7 +611,7 @@ class LoRACoreTrain:
         ranges = arch.family.timestep_ranges(arch) if hasattr(arch.family, "timestep_ranges") else {}
         t_range = lt.parse_timestep_range(timestep_range, ranges)
         _check_latent_rank(dataset, spec, arch)
-        kinds = tuple(spec.target_sets.get(unet_targets, ()))
+        kinds, norms_biases = resolve_targets(spec, unet_targets)
         if not kinds:
             raise LoraValueError(f"unet_targets {unet_targets!r} has no meaning for {arch.title}; choose one of "
                                  f"{list(spec.target_sets)}.")
@@ -619,7 +622,8 @@ class LoRACoreTrain:
             kinds += tuple(k for k in spec.conv_kinds if k not in kinds)
         config = lt.TrainConfig(
             steps=steps, batch_size=batch_size, grad_accum=grad_accumulation, seed=seed, algorithm=algorithm,
-            rank=rank, alpha=alpha, unet_kinds=kinds, blocks=parse_block_list(blocks, valid_blocks),
+            rank=rank, alpha=alpha, unet_kinds=kinds, norms_biases=norms_biases,
+            blocks=parse_block_list(blocks, valid_blocks),
             block_lr=parse_block_lr(block_lr, valid_blocks), unet_lr=unet_lr, train_text_encoder=train_text_encoder,
             text_encoder_lr=text_encoder_lr, optimizer=optimizer, scheduler=lr_scheduler, warmup_steps=warmup_steps,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, mixed_precision=mixed_precision,
@@ -689,6 +693,8 @@ def _train(model, clip, vae, dataset, config, output, resume, mm, guidance=1.0, 
     lt.unlock_inference_params(backend.unet)
     key_map = HostModels(model, clip).key_map
     targets = lt.find_denoiser_targets(backend.unet, key_map, spec, config.unet_kinds, config.blocks)
+    if config.norms_biases:
+        targets = lt.with_norms_biases(targets, backend.unet, key_map, config.blocks)
     t5_trained = False
     if config.train_text_encoder:
         if clip is None:

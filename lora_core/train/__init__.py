@@ -13,6 +13,7 @@ from .backends import DiffusersBackend, diffusers_ldm_namer, transformers_text_e
 from .dataset import (CAPTION_POLICIES, BatchPlan, CaptionOptions, Sample, TrainDataset, from_images, load_folder,
                       make_buckets, nearest_bucket, process_caption)
 from .injection import (UNET_KINDS, LoRANetwork, LoRASidePath, OutOfPlaceAdds, Target, find_denoiser_targets,
+                        with_norms_biases,
                         find_key_map_te_targets, find_te_targets, find_unet_targets, unet_kind)
 from .loop import (OPTIMIZERS, PRECISIONS, SCHEDULERS, LoraTrainer, TrainConfig, TrainResult, cat_cond, lr_factor,
                    objective_of, sd_alphas_cumprod, snr_weights, loss_weights, LOSS_WEIGHTINGS)
@@ -30,7 +31,7 @@ __all__ = [
     "find_te_targets", "find_unet_targets", "unet_kind", "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "LoraTrainer",
     "TrainConfig", "TrainResult", "cat_cond", "lr_factor", "sd_alphas_cumprod", "snr_weights", "loss_weights", "LOSS_WEIGHTINGS", "OutputFiles",
     "kohya_metadata", "read_session_id", "save_lora", "load_state", "save_state", "OutOfPlaceAdds",
-    "find_denoiser_targets", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
+    "find_denoiser_targets", "with_norms_biases", "find_key_map_te_targets", "objective_of", "TIMESTEP_SAMPLING", "Objective",
     "ResolutionShift", "time_shift", "parse_timestep_range", "BASE_QUANT", "LORA_DTYPES", "FrozenBase", "nf4_codec",
     "resolve_base_quant", "ALGORITHMS", "LYCORIS_ALGORITHMS", "DoRAPath", "LoHaPath", "LoKrPath",
     "PreviewHook", "TrainHook", "outside_training", "ValidationLoss", "split_dataset", "validation_set",

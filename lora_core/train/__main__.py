@@ -302,6 +302,9 @@ def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
 def build(run: cfgmod.RunConfig, dist: DistContext):
     """(trainer, dataset) for a parsed config on this process."""
     t = run.train
+    if t["unet_targets"] == cfgmod.NORMS_BIASES:
+        raise LoraValueError(f"{run.source}: [train] unet_targets = {cfgmod.NORMS_BIASES!r} (biases and norms as full "
+                             f"diffs) is the train node's only, for now: choose \"all layers\" here.")
     nf4 = resolve_base_quant(t["base_quant"], dist.device)   # refuse nf4 without bitsandbytes (CUDA or its CPU backend), first
     if is_flux_folder(run.model) or (os.path.isfile(run.model) and run.model_config
                                      and is_flux_folder(run.model_config)):

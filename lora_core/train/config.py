@@ -58,7 +58,18 @@ except ImportError:  # pragma: no cover - depends on the merge order
     _ALGORITHMS = ("LoRA", "LoCon")
 
 RUN_MODES = ("new run", "continue")
-TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers")
+# The train node's unet_targets choices; what each trains is the family's (TrainSpec.target_sets), but the last:
+# "all layers" plus every bias of those layers and every GroupNorm / LayerNorm as full diffs (diff_b / diff), the
+# set ComfyUI core's Train LoRA node trains (in the train node only: the command-line trainer refuses it).
+NORMS_BIASES = "all layers + norms/biases"
+TARGET_CHOICES = ("attn+ff+proj", "attn+proj", "attn+ff", "attn", "all layers", NORMS_BIASES)
+
+
+def resolve_targets(spec, choice: str) -> tuple:
+    """(training kinds, norms_biases) of a unet_targets choice on a family's TrainSpec; kinds () = no meaning."""
+    if choice == NORMS_BIASES:
+        return tuple(spec.target_sets.get("all layers", ())), True
+    return tuple(spec.target_sets.get(choice, ())), False
 TEXT_ENCODER_CHOICES = ("kohya default", "all")
 # The node's preview inputs render with ComfyUI's sampler: the command-line trainer has none, so a config naming one
 # is refused (validation_split / validation_folder / validate_every do run here).

@@ -51,6 +51,9 @@ class Target:
     # to_k / to_v of kohya's fused img_attn.qkv): ((module, rows start in the fused weight, rows start in the
     # module, length), ...); `module` is then the first part's module. None = `module` is the whole weight.
     parts: Optional[tuple] = None
+    # also train the module's bias as a full diff (`<name>.diff_b`, full_diffs.BiasDiff); a target of kind "norm"
+    # is a GroupNorm / LayerNorm trained as full diffs of its weight and bias (full_diffs.NormDiff)
+    bias: bool = False
 
 
 class RowSlice(nn.Linear):
@@ -182,6 +185,37 @@ def find_denoiser_targets(denoiser: nn.Module, key_map, train_spec, kinds: Itera
             part = (start, rows) if rows else None
             targets.append(Target(name, module, "unet", target.block, kind, part))
     return targets
+
+
+def with_norms_biases(targets: list[Target], denoiser: nn.Module, key_map,
+                      blocks: Optional[Iterable[str]] = None) -> list[Target]:
+    """`targets` with every bias of a whole adapted denoiser layer trained too, plus every GroupNorm / LayerNorm
+    with an affine weight of the denoiser the family describes (in `blocks`, None = all) as a "norm" target:
+    ComfyUI core's Train LoRA set ("every weight + norms/biases") on top of the low-rank targets. The norms come
+    after the layers (their diffs start at zero and draw nothing from the seed: the layers' initial weights are
+    those of the same targets without norms)."""
+    from dataclasses import replace
+
+    from lora_core.mix import output_name
+
+    from .full_diffs import NORM_TYPES
+
+    out = [replace(t, bias=True) if t.component == "unet" and t.rows is None and t.parts is None and
+           getattr(t.module, "bias", None) is not None else t for t in targets]
+    taken = {t.name for t in out}
+    wanted_blocks = None if blocks is None else set(blocks)
+    for path, module in denoiser.named_modules():
+        if not isinstance(module, NORM_TYPES) or getattr(module, "weight", None) is None:
+            continue
+        target = key_map.module_target(key_map.denoiser, path)
+        if target is None or (wanted_blocks is not None and target.block not in wanted_blocks):
+            continue
+        name = output_name(target, key_map)
+        if name in taken:
+            raise LoraFormatError(f"The norm {path} maps to the LoRA name {name} of another target.")
+        taken.add(name)
+        out.append(Target(name, module, "unet", target.block, "norm"))
+    return out
 
 
 def find_key_map_te_targets(encoders: nn.Module, key_map, components: Iterable[str],
@@ -404,6 +438,7 @@ class LoRANetwork(nn.Module):
         if len(set(names)) != len(names):
             raise LoraFormatError("Two target modules map to the same LoRA name; the model naming is ambiguous.")
         from .algorithms import ALGORITHMS, make_path
+        from .full_diffs import BiasDiff, NormDiff
 
         if algorithm not in ALGORITHMS:
             raise LoraValueError(f"algorithm {algorithm!r} is not one of {list(ALGORITHMS)}.")
@@ -421,10 +456,13 @@ class LoRANetwork(nn.Module):
             else:
                 base = RowSlice(t.module, *t.rows) if t.rows is not None else t.module
             # ModuleDict keys cannot contain "." (kohya names have none; ComfyUI's generic text-encoder names do)
-            if algorithm in ("LoRA", "LoCon"):
-                self.paths[_key(t.name)] = LoRASidePath(base, r, a, generator)
+            if t.kind == "norm":   # full diffs of a norm's weight and bias (full_diffs.NormDiff)
+                path = NormDiff(t.module)
+            elif algorithm in ("LoRA", "LoCon"):
+                path = LoRASidePath(base, r, a, generator)
             else:   # LyCORIS algorithms (lora_core.train.algorithms), in LyCORIS's key format
-                self.paths[_key(t.name)] = make_path(algorithm, base, r, a, generator)
+                path = make_path(algorithm, base, r, a, generator)
+            self.paths[_key(t.name)] = BiasDiff(path, t.module) if t.bias else path
         self._originals: dict[str, object] = {}
         self._shared: dict[str, SharedPath] = {}   # the fused weights' shared side-path outputs (inject)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     conv_rank: Optional[int] = None
     conv_alpha: Optional[float] = None
     unet_kinds: tuple = ("attn", "ff", "proj")
+    norms_biases: bool = False        # also the adapted layers' biases and the norms, as full diffs (full_diffs.py)
     blocks: Optional[list] = None     # train only these UNet block ids (None = all)
     block_lr: dict = field(default_factory=dict)  # block id -> LR factor
     unet_lr: float = 1e-4
@@ -406,10 +407,10 @@ class LoraTrainer:
         """Continue a run: weights, optimizer, step, losses, session id and RNG from a state file."""
         state = load_state(state_path)
         saved = state["config"]
-        for key in ("algorithm", "rank", "alpha", "unet_kinds", "blocks", "train_text_encoder", "batch_size", "seed",
-                    "timestep_range"):
+        for key in ("algorithm", "rank", "alpha", "unet_kinds", "norms_biases", "blocks", "train_text_encoder",
+                    "batch_size", "seed", "timestep_range"):
             mine = self.config.as_dict()[key]
-            if saved.get(key) != mine:
+            if saved.get(key, False if key == "norms_biases" else None) != mine:   # older states: no norms
                 raise LoraValueError(f"Cannot continue {state_path}: it was trained with {key}={saved.get(key)!r}, this "
                                      f"run has {key}={mine!r}. Use the same setting, or start a new run (another "
                                      f"output name).")

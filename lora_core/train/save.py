@@ -194,7 +194,8 @@ def kohya_metadata(*, config, network, dataset=None, arch="SD1", prediction_type
         "ss_cache_latents": str(config.cache_latents),
         "ss_clip_skip": "None",
         "ss_training_comment": f"LoRA Core in-graph training; blocks={config.blocks or 'all'}; "
-                               f"targets={'+'.join(config.unet_kinds)}",
+                               f"targets={'+'.join(config.unet_kinds)}"
+                               f"{'+norms/biases' if getattr(config, 'norms_biases', False) else ''}",
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": names["modelspec.architecture"],
         "modelspec.implementation": names["modelspec.implementation"],
