@@ -14,7 +14,7 @@ steps, learning rate, rank and batch size 1 for: core's TrainLoraNode (every wei
 loss, its defaults otherwise), our LoRACoreTrain node with its defaults (kohya's attention/feed-forward/proj
 targets, alpha 8, min-SNR 5, eps loss, fp16 file), with unet_targets "all layers", and both of these with core's
 x0-space loss (loss_weighting "x0": how much of an x0-space gap is the weighting, and ours against core on the
-same objective). Each run's MODEL output
+same objective), and with unet_targets "all layers + norms/biases" (core's target set) at the other defaults. Each run's MODEL output
 is measured: the denoising error on the training latents through ComfyUI's apply_model, fixed noise, eight fixed
 sigmas (10.2 ... 0.26), in x0 space and in the model's own prediction space (eps), before and after, averaged
 over the seeds. x0 error weights each sigma by sigma^2 (the first sigma is most of it), eps error the low sigmas;
@@ -162,7 +162,9 @@ QUALITY_RUNS = (("ComfyUI TrainLoraNode", "core", "every weight + norms/biases")
                 # weighting and how much the target set (the node's loss_weighting input)
                 ("LoRA Core (kohya, x0 loss)", "attn+ff+proj@x0", "attn+ff+proj, core's x0 loss"),
                 # core's objective on every Linear/Conv (no norms, no biases): ours against core on the same loss
-                ("LoRA Core (all, x0 loss)", "all layers@x0", "all layers, core's x0 loss"))
+                ("LoRA Core (all, x0 loss)", "all layers@x0", "all layers, core's x0 loss"),
+                # core's target set (every Linear/Conv + their biases and the norms as full diffs), our defaults
+                ("LoRA Core (all+norms/biases)", "all layers + norms/biases", "all layers + norms/biases"))
 
 
 def _quality_dataset(nt, host):
