@@ -289,6 +289,7 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
 # SD3 / SD3.5 a diffusers folder)
 SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "SD3-Medium", "SD3.5-Medium",
                    "SD3.5-Large")
+SUPPORTED_ARCHS += ("Wan-T2V-14B", "Wan2.1-T2V-1.3B")   # diffusers_wan.py: Wan 2.1 text-to-video
 
 
 def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
