@@ -428,3 +428,34 @@ def test_scheduler_shift_reads_unipc_and_flowmatch_configs():
     assert scheduler_shift({}) == 8.0   # ComfyUI's WAN21 default
     with pytest.raises(LoraValueError, match="use_dynamic_shifting"):
         scheduler_shift({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+
+
+# ------------------------------------------------------------------------------------------ runs that must agree
+
+@pytest.fixture(scope="module")
+def one_process(workspace):
+    """4 SGD steps, global batch 2 (both videos) in one process."""
+    return run_main(workspace, wan_config(workspace, "wan-one", batch_size=2), "wan-one")
+
+
+def test_wan_two_processes_equal_one_with_the_same_global_batch(workspace, one_process):
+    from tests.test_train_distributed import max_diff, torchrun, writes
+
+    log = str(workspace / "writes-wan.log")
+    two = torchrun(wan_config(workspace, "wan-two", batch_size=1), str(workspace / "wan-two.json"), log)
+    assert two["world_size"] == 2 and two["global_batch"] == 2
+    ones = lora_tensors(one_process["final_path"])
+    diff = max_diff(lora_tensors(two["final_path"]), ones)
+    print(f"Wan, 2 gloo processes vs 1: max |LoRA diff| {diff:.2e}; losses {two['losses']} vs "
+          f"{one_process['losses']}")
+    assert diff <= PARITY_ATOL and max_diff(ones, {k: 0 * v for k, v in ones.items()}) > 0
+    assert two["losses"] == pytest.approx(one_process["losses"], abs=1e-6)
+    assert {rank for rank, _, _ in writes(log)} == {"0"}
+
+
+def test_wan_gradient_checkpointing_trains_the_same_lora(workspace, one_process):
+    from tests.test_train_distributed import max_diff
+
+    checkpointed = run_main(workspace, wan_config(workspace, "wan-ckpt", gradient_checkpointing=True), "wan-ckpt")
+    diff = max_diff(lora_tensors(checkpointed["final_path"]), lora_tensors(one_process["final_path"]))
+    assert diff <= PARITY_ATOL, diff
