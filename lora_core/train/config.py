@@ -1,7 +1,7 @@
 """The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
 options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
 
-    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 / SD3 folder (from_pretrained), or a
+    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 / SD3 / Wan 2.1 T2V folder, or a
                                         # single-file SD checkpoint / Flux transformer file (+ model_config)
     model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
     output_dir = "loras"                # created when missing
