@@ -459,3 +459,42 @@ def test_wan_gradient_checkpointing_trains_the_same_lora(workspace, one_process)
     checkpointed = run_main(workspace, wan_config(workspace, "wan-ckpt", gradient_checkpointing=True), "wan-ckpt")
     diff = max_diff(lora_tensors(checkpointed["final_path"]), lora_tensors(one_process["final_path"]))
     assert diff <= PARITY_ATOL, diff
+
+
+def test_wan_validation_loss_goes_to_the_file(workspace):
+    """validation_split holds one of the two videos out; its curve is in the header as the node writes it."""
+    result = run_main(workspace, wan_config(workspace, "wan-val", steps=2, batch_size=1, validation_split=0.5,
+                                            validate_every=1), "wan-val")
+    meta = file_metadata(result["final_path"])
+    curve = json.loads(meta["lora_core.validation_loss"])
+    assert meta["lora_core.validation_images"] == "1" and [step for step, _ in curve] == [0, 1, 2]   # step 0: the base model
+    assert all(value > 0 for _, value in curve)
+
+
+def test_wan_1_3b_width_is_the_1_3b_variant(workspace):
+    """A transformer 1536 wide (Wan 2.1 T2V 1.3B's width; one block, a narrow FFN to stay small) is the 1.3B
+    variant: `architecture = "Wan2.1-T2V-1.3B"` is accepted and the file has the blocks' musubi names."""
+    import shutil
+
+    from diffusers import WanTransformer3DModel
+
+    folder = workspace / "tiny-wan-1.3b"
+    shutil.copytree(workspace / "tiny-wan", folder, ignore=shutil.ignore_patterns("transformer"))
+    torch.manual_seed(6)
+    WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                          text_dim=tw.TEXT, ffn_dim=64, num_layers=1).save_pretrained(str(folder / "transformer"))
+    assert load(workspace, "tiny-wan-1.3b").arch.name == "Wan2.1-T2V-1.3B"
+    result = run_main(workspace, wan_config(workspace, "wan-13b", model="tiny-wan-1.3b", steps=1,
+                                            architecture="Wan2.1-T2V-1.3B"), "wan-13b")
+    modules = file_modules(result["final_path"])
+    assert modules == {f"lora_unet_blocks_0_{m}" for m in ("self_attn_q", "self_attn_k", "self_attn_v", "self_attn_o",
+                                                           "cross_attn_q", "cross_attn_k", "cross_attn_v",
+                                                           "cross_attn_o", "ffn_0", "ffn_2")}
+    assert file_metadata(result["final_path"])["ss_base_model_version"] == "wan"
+
+
+def test_wan_timestep_range_names_one_expert(workspace):
+    """timestep_range "high noise" (a Wan 2.2 T2V-A14B expert has the 14B layout): its range is written as the node
+    writes it (modelspec.timestep_range, read by lora_core.pairs)."""
+    result = run_main(workspace, wan_config(workspace, "wan-high", steps=1, timestep_range="high noise"), "wan-high")
+    assert file_metadata(result["final_path"])["modelspec.timestep_range"] == "875,1000"
