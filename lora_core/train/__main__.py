@@ -13,7 +13,8 @@ LoRA the node writes (LDM `lora_unet_*` / `lora_te_*` names, SDXL `lora_te1_*` /
 `lora_unet_double_blocks_N_img_attn_qkv` / `lora_unet_single_blocks_N_linear1` names, `lora_te1_` CLIP-L, `lora_te3_`
 T5, ss_base_model_version = flux1; Chroma: the same transformer names, `lora_te1_` T5, ss_base_model_version =
 chroma). The validation loss (validation_split / validation_folder) runs as in the node.
-SD3 / SD3.5 (diffusers folders) are diffusers_sd3.py's, through the one hook in build().
+SD3 / SD3.5 (diffusers folders) are diffusers_sd3.py's, Wan 2.1 T2V diffusers_wan.py's, each through one hook in
+build().
 """
 from __future__ import annotations
 
@@ -313,6 +314,10 @@ def build(run: cfgmod.RunConfig, dist: DistContext):
 
     if is_sd3_folder(run.model) or (run.model_config and is_sd3_folder(run.model_config)):
         return build_sd3(run, dist, nf4, sys.modules[__name__])   # diffusers_sd3.py: SD3 / SD3.5
+    from .diffusers_wan import build_wan, is_wan_folder
+
+    if is_wan_folder(run.model):
+        return build_wan(run, dist, nf4, sys.modules[__name__])   # diffusers_wan.py: Wan 2.1 T2V 14B / 1.3B
     model = load_model(run.model, run.model_config, dist.device, run.architecture)
     spec = model.arch.family.train_spec(model.arch)
     dataset, validation = load_dataset(run, spec, model.arch)

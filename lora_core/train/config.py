@@ -1,7 +1,7 @@
 """The config file of `python -m lora_core.train CONFIG` (TOML or JSON): the model, the dataset folder and the
 options of the "LoRA Training Dataset" and "LoRA Core Train" nodes, under the same names and defaults.
 
-    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 / SD3 folder (from_pretrained), or a
+    model = "models/my-sd15"            # a diffusers SD / SDXL / Flux.1 / SD3 / Wan 2.1 T2V folder, or a
                                         # single-file SD checkpoint / Flux transformer file (+ model_config)
     model_config = ""                   # single file only: a local diffusers folder with its configs (offline)
     output_dir = "loras"                # created when missing
@@ -300,6 +300,7 @@ def parse(data: dict, source: str = "<config>", base: Optional[str] = None) -> R
 # model_config; SD3 / SD3.5 a diffusers folder)
 SUPPORTED_ARCHS = ("SD1", "SD2", "SDXL", "Flux.1-dev", "Flux.1-schnell", "Chroma", "SD3-Medium", "SD3.5-Medium",
                    "SD3.5-Large")
+SUPPORTED_ARCHS += ("Wan-T2V-14B", "Wan2.1-T2V-1.3B")   # diffusers_wan.py: Wan 2.1 text-to-video
 
 
 def resolve_architecture(name: str, source: str = "config") -> Optional[str]:
