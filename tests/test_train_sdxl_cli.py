@@ -233,7 +233,8 @@ def test_sdxl_architecture_errors(workspace, tmp_path, capsys):
     good = {"model": "m", "dataset": {"folder": "imgs"}}
     assert cfgmod.parse({**good, "architecture": "pony"}, "c.toml").architecture == "pony"
     for name, fragments in (("sdxxl", ["architecture = 'sdxxl' is not an architecture", "Did you mean 'sdxl'?"]),
-                            ("sd3", ["architecture = 'sd3' is SD3-Medium, which this trainer does not train",
+                            ("qwen-image", ["architecture = 'qwen-image' is Qwen-Image, which this trainer does "
+                                            "not train",
                                         "SD1 / SD2 / SDXL / Flux.1-dev", "LoRA Core Train node"])):
         with pytest.raises(LoraValueError) as info:
             cfgmod.parse({**good, "architecture": name}, "c.toml")
@@ -247,10 +248,11 @@ def test_sdxl_architecture_errors(workspace, tmp_path, capsys):
         load_model(str(workspace / "tiny-sdxl"), "", torch.device("cpu"), "flux")
     # Through the CLI: exit code 2 and the message on stderr.
     config = tmp_path / "c.toml"
-    config.write_text(f'model = "{workspace / "tiny-sdxl"}"\narchitecture = "wan"\n[dataset]\nfolder = "imgs"\n')
+    config.write_text(f'model = "{workspace / "tiny-sdxl"}"\narchitecture = "hunyuan-video"\n[dataset]\n'
+                      f'folder = "imgs"\n')
     assert main([str(config)]) == 2
     err = capsys.readouterr().err
-    assert "architecture = 'wan' is Wan" in err and "SD1 / SD2 / SDXL" in err
+    assert "architecture = 'hunyuan-video' is HunyuanVideo" in err and "SD1 / SD2 / SDXL" in err
     # A half SDXL folder (text_encoder_2 without tokenizer_2) is named as such.
     broken = tmp_path / "half-sdxl"
     broken.mkdir()
