@@ -246,33 +246,57 @@ def t5_targets(text_encoder_2, prefix: str = "lora_te3", component: str = "te3")
             if isinstance(module, torch.nn.Linear) and name.startswith("encoder.block.")]
 
 
-def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
-    """(trainer, dataset) for a diffusers Flux.1 or Chroma model (lora_core.train.diffusers_flux)."""
-    from .diffusers_flux import (ChromaDiffusersBackend, FluxDiffusersBackend, chroma_text_encoder, flux_objective,
-                                 flux_targets, flux_text_encoder, load_flux)
-    from .objective import parse_timestep_range
-
-    t = run.train
-    model = load_flux(run.model, run.model_config, dist.device)
-    arch, family = model.arch, model.arch.family
+def check_architecture(run: cfgmod.RunConfig, arch) -> None:
+    """The config's `architecture` (unless auto) must be the model's: a clear error naming both otherwise."""
     wanted = resolve_architecture(run.architecture, run.source)
     if wanted is not None and wanted != arch.name:
         raise LoraValueError(f"Model {run.model} is {arch.name} but the config says architecture = "
                              f"{run.architecture!r} ({wanted}): fix the model path, or set architecture = "
                              f"\"{arch.name}\" or \"auto\".")
+
+
+def refuse_locon(run: cfgmod.RunConfig, arch, why: str = "") -> None:
+    """LoCon trains a UNet's convolutions: refused on a DiT (`why`: a sentence to add before the fix)."""
+    if run.train["algorithm"] == "LoCon":
+        raise LoraValueError(f"{run.source}: [train] algorithm = \"LoCon\": LoCon adds the convolution layers of a "
+                             f"UNet; {arch.title} has none to train{why}. Choose LoRA.")
+
+
+def refuse_guidance(run: cfgmod.RunConfig, arch, why: str = "") -> None:
+    """A guidance value other than the default, on a model without a guidance input."""
+    value = run.train["guidance"]
+    if value != cfgmod.TRAIN["guidance"].default:
+        raise LoraValueError(f"{run.source}: [train] guidance = {value:g}: guidance is the input of a "
+                             f"guidance-distilled model (Flux.1 dev); {arch.title} has none{why}. Remove the key.")
+
+
+def timestep_range_of(run: cfgmod.RunConfig, ranges: dict, objective=None):
+    """The config's timestep_range (and, with `objective`, its timestep_sampling checked), errors naming the key."""
+    from .objective import parse_timestep_range
+
+    try:
+        if objective is not None:
+            objective.resolve_sampling(run.train["timestep_sampling"])
+        return parse_timestep_range(run.train["timestep_range"], ranges)
+    except LoraValueError as error:
+        raise LoraValueError(f"{run.source}: [train] {error}") from None
+
+
+def build_flux(run: cfgmod.RunConfig, dist: DistContext, nf4):
+    """(trainer, dataset) for a diffusers Flux.1 or Chroma model (lora_core.train.diffusers_flux)."""
+    from .diffusers_flux import (ChromaDiffusersBackend, FluxDiffusersBackend, chroma_text_encoder, flux_objective,
+                                 flux_targets, flux_text_encoder, load_flux)
+    t = run.train
+    model = load_flux(run.model, run.model_config, dist.device)
+    arch, family = model.arch, model.arch.family
+    check_architecture(run, arch)
     spec = family.train_spec(arch, model.spec)
     dataset, validation = load_dataset(run, spec, arch)
     kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
-    if t["algorithm"] == "LoCon":
-        raise LoraValueError(f"{run.source}: [train] algorithm = \"LoCon\": LoCon adds the convolution layers of a "
-                             f"UNet; {arch.title} has none to train. Choose LoRA.")
+    refuse_locon(run, arch)
     present = {m.block for m in family.modules(model.spec, arch)}
     blocks, block_lr = _blocks(run, [b for b in arch.blocks if b in present])
-    ranges = family.timestep_ranges(arch) if hasattr(family, "timestep_ranges") else {}
-    try:
-        t_range = parse_timestep_range(t["timestep_range"], ranges)
-    except LoraValueError as error:
-        raise LoraValueError(f"{run.source}: [train] {error}") from None
+    t_range = timestep_range_of(run, family.timestep_ranges(arch) if hasattr(family, "timestep_ranges") else {})
     config = train_config(t, dist, kinds, blocks, block_lr, t_range)
     targets = flux_targets(model.transformer, arch, model.spec, spec, kinds, blocks)
     objective = flux_objective(model.scheduler_config, spec.timestep_sampling)

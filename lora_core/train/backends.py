@@ -2,6 +2,7 @@
 transformers CLIP text encoder. (ComfyUI's model is adapted in nodes/train.py.)"""
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -85,3 +86,13 @@ def unlock_inference_params(module: nn.Module) -> int:
                     sub._buffers[name] = buf.clone()
                     replaced += 1
     return replaced
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file (a diffusers config / model_index.json), or {} when it is missing or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

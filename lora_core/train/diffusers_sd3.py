@@ -29,7 +29,6 @@ latent channels, FlowMatchEulerDiscreteScheduler.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -40,6 +39,7 @@ from torch import nn
 from lora_core.errors import LoraFileError, LoraValueError
 
 from .injection import Target
+from .backends import read_json
 from .objective import Objective
 
 T5_MAX_TOKENS = 256          # StableDiffusion3Pipeline's max_sequence_length default
@@ -49,23 +49,14 @@ SD3_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer"
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 
 
-def _json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def is_sd3_folder(path: str) -> bool:
     """A diffusers SD3 folder: StableDiffusion3Pipeline's model_index.json, or a transformer/ whose config is an
     SD3Transformer2DModel's."""
     if not os.path.isdir(path):
         return False
-    if "StableDiffusion3" in str(_json(os.path.join(path, "model_index.json")).get("_class_name", "")):
+    if "StableDiffusion3" in str(read_json(os.path.join(path, "model_index.json")).get("_class_name", "")):
         return True
-    return _json(os.path.join(path, "transformer", "config.json")).get("_class_name") == "SD3Transformer2DModel"
+    return read_json(os.path.join(path, "transformer", "config.json")).get("_class_name") == "SD3Transformer2DModel"
 
 
 @dataclass
@@ -115,7 +106,7 @@ def load_sd3(path: str, device: torch.device) -> DiffusersSD3:
 
         text_encoder_3 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **load)
         tokenizer_3 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", **load)
-    scheduler_config = _json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     config = transformer.config
     if int(vae.config.latent_channels) != int(config.in_channels):
         raise LoraFileError(f"SD3 folder {path}: the VAE has {vae.config.latent_channels} latent channels but the "
@@ -261,25 +252,13 @@ def build_sd3(run, dist, nf4, cli):
     """(trainer, dataset) for a diffusers SD3 folder; `cli` is lora_core.train.__main__ (its dataset, config,
     block and trainer helpers, shared with the other families)."""
     from .injection import LoRANetwork, find_te_targets
-    from .objective import parse_timestep_range
-
     t = run.train
     model = load_sd3(run.model, dist.device)
     arch, family = model.arch, model.arch.family
-    wanted = cli.resolve_architecture(run.architecture, run.source)
-    if wanted is not None and wanted != arch.name:
-        raise LoraValueError(f"Model {run.model} is {arch.name} but the config says architecture = "
-                             f"{run.architecture!r} ({wanted}): fix the model path, or set architecture = "
-                             f"\"{arch.name}\" or \"auto\".")
+    cli.check_architecture(run, arch)
     spec = family.train_spec(arch, model.spec)
-    if t["guidance"] != cli.cfgmod.TRAIN["guidance"].default:
-        raise LoraValueError(f"{run.source}: [train] guidance = {t['guidance']:g}: guidance is the input of a "
-                             f"guidance-distilled model (Flux.1 dev); {arch.title} has none (classifier-free "
-                             f"guidance applies at sampling, not in training). Remove the key.")
-    if t["algorithm"] == "LoCon":
-        raise LoraValueError(f"{run.source}: [train] algorithm = \"LoCon\": LoCon adds the convolution layers of a "
-                             f"UNet; {arch.title} has none to train (\"all layers\" already trains its patch "
-                             f"conv). Choose LoRA.")
+    cli.refuse_guidance(run, arch, " (classifier-free guidance applies at sampling, not in training)")
+    cli.refuse_locon(run, arch, " (\"all layers\" already trains its patch conv)")
     with_t5 = t["train_text_encoder"] and t["text_encoders"] == "all"
     if with_t5 and model.text_encoder_3 is None:
         raise LoraValueError(f"{run.source}: [train] text_encoders = \"all\" trains T5 (lora_te3_) too, but "
@@ -287,11 +266,7 @@ def build_sd3(run, dist, nf4, cli):
                              f"\"kohya default\" (CLIP-L and CLIP-G).")
     objective = sd3_objective(model.scheduler_config, spec.timestep_sampling,
                               os.path.join(run.model, "scheduler", "scheduler_config.json"))
-    try:
-        objective.resolve_sampling(t["timestep_sampling"])
-        t_range = parse_timestep_range(t["timestep_range"], {})
-    except LoraValueError as error:
-        raise LoraValueError(f"{run.source}: [train] {error}") from None
+    t_range = cli.timestep_range_of(run, {}, objective)
     dataset, validation = cli.load_dataset(run, spec, arch)
     kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
     present = {m.block for m in family.modules(model.spec, arch)}

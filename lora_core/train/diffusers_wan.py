@@ -37,7 +37,6 @@ FlowMatchEulerDiscreteScheduler with `shift`).
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from torch import nn
 
 from lora_core.errors import LoraFileError, LoraValueError
 
+from .backends import read_json
 from .objective import Objective
 
 MAX_TOKENS = 512             # WanPipeline's max_sequence_length default (and ComfyUI's WAN21 context padding)
@@ -57,23 +57,14 @@ WAN_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TRAINED = ("Wan-T2V-14B", "Wan2.1-T2V-1.3B")
 
 
-def _json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def is_wan_folder(path: str) -> bool:
     """A diffusers Wan folder: a Wan*Pipeline's model_index.json, or a transformer/ whose config is a Wan
     transformer's (WanTransformer3DModel, WanVACETransformer3DModel, ...)."""
     if not os.path.isdir(path):
         return False
-    if str(_json(os.path.join(path, "model_index.json")).get("_class_name", "")).startswith("Wan"):
+    if str(read_json(os.path.join(path, "model_index.json")).get("_class_name", "")).startswith("Wan"):
         return True
-    return str(_json(os.path.join(path, "transformer", "config.json")).get("_class_name", "")).startswith("Wan")
+    return str(read_json(os.path.join(path, "transformer", "config.json")).get("_class_name", "")).startswith("Wan")
 
 
 @dataclass
@@ -90,8 +81,8 @@ class DiffusersWan:
 def refuse_other_wans(path: str) -> None:
     """A clear error for the Wan folders this trainer does not train (see the module docstring), from the configs
     alone (nothing is loaded)."""
-    index = _json(os.path.join(path, "model_index.json"))
-    config = _json(os.path.join(path, "transformer", "config.json"))
+    index = read_json(os.path.join(path, "model_index.json"))
+    config = read_json(os.path.join(path, "transformer", "config.json"))
     pipeline, klass = str(index.get("_class_name", "")), str(config.get("_class_name", ""))
     node = "train it with the LoRA Core Train node in ComfyUI"
     if "VACE" in pipeline or "VACE" in klass:
@@ -138,7 +129,7 @@ def load_wan(path: str, device: torch.device) -> DiffusersWan:
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", **load)
     text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", **load)
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **load)
-    scheduler_config = _json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     config = transformer.config
     if int(vae.config.z_dim) != int(config.in_channels):
         raise LoraFileError(f"Wan folder {path}: the VAE has {vae.config.z_dim} latent channels but the transformer "
@@ -278,34 +269,20 @@ def build_wan(run, dist, nf4, cli):
     """(trainer, dataset) for a diffusers Wan 2.1 T2V folder; `cli` is lora_core.train.__main__ (its dataset,
     config, block and trainer helpers)."""
     from .injection import LoRANetwork
-    from .objective import parse_timestep_range
-
     t = run.train
     model = load_wan(run.model, dist.device)
     arch, family = model.arch, model.arch.family
-    wanted = cli.resolve_architecture(run.architecture, run.source)
-    if wanted is not None and wanted != arch.name:
-        raise LoraValueError(f"Model {run.model} is {arch.name} but the config says architecture = "
-                             f"{run.architecture!r} ({wanted}): fix the model path, or set architecture = "
-                             f"\"{arch.name}\" or \"auto\".")
+    cli.check_architecture(run, arch)
     spec = family.train_spec(arch, model.spec)
-    if t["guidance"] != cli.cfgmod.TRAIN["guidance"].default:
-        raise LoraValueError(f"{run.source}: [train] guidance = {t['guidance']:g}: guidance is the input of a "
-                             f"guidance-distilled model (Flux.1 dev); {arch.title} has none. Remove the key.")
-    if t["algorithm"] == "LoCon":
-        raise LoraValueError(f"{run.source}: [train] algorithm = \"LoCon\": LoCon adds the convolution layers of a "
-                             f"UNet; {arch.title} has none to train. Choose LoRA.")
+    cli.refuse_guidance(run, arch)
+    cli.refuse_locon(run, arch)
     if t["train_text_encoder"]:
         raise LoraValueError(f"{run.source}: [train] train_text_encoder = true: the command-line trainer trains "
                              f"the Wan transformer only (musubi-tuner trains no UMT5 LoRA either). Set "
                              f"train_text_encoder = false, or train UMT5 with the LoRA Core Train node.")
     objective = wan_objective(model.scheduler_config, spec.timestep_sampling,
                               os.path.join(run.model, "scheduler", "scheduler_config.json"))
-    try:
-        objective.resolve_sampling(t["timestep_sampling"])
-        t_range = parse_timestep_range(t["timestep_range"], family.timestep_ranges(arch))
-    except LoraValueError as error:
-        raise LoraValueError(f"{run.source}: [train] {error}") from None
+    t_range = cli.timestep_range_of(run, family.timestep_ranges(arch), objective)
     dataset, validation = cli.load_dataset(run, spec, arch)
     kinds = tuple(spec.target_sets.get(t["unet_targets"], ()))
     present = {m.block for m in family.modules(model.spec, arch)}
