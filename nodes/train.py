@@ -14,6 +14,7 @@ import torch
 import lora_core.train as lt
 from lora_core.errors import LoraValueError
 from lora_core.train.blocks import parse_block_list, parse_block_lr
+from lora_core.train.config import TARGET_CHOICES, resolve_targets
 from lora_core.train.plot import loss_curve_rgb
 from lora_core.types import LoraFile
 
@@ -25,8 +26,8 @@ CATEGORY = "LoRA Core/Training"
 # Target choices; what each trains is the model family's (TrainSpec.target_sets): the first is the family's common
 # trainer default (kohya's: SD attn+ff+proj; Flux.1 / Chroma every Linear of the double/single blocks), "all
 # layers" every weight-carrying Linear/Conv of the denoiser, "all layers + norms/biases" those with their biases
-# and the norms as full diffs (core's Train LoRA node's set; lora_core.train.config.resolve_targets).
-from lora_core.train.config import TARGET_CHOICES, resolve_targets  # noqa: E402
+# and the norms as full diffs (core's Train LoRA node's set): TARGET_CHOICES and resolve_targets in
+# lora_core.train.config.
 RUN_MODES = ("new run", "continue")
 TEXT_ENCODER_CHOICES = ("kohya default", "all")
 

@@ -407,10 +407,12 @@ class LoraTrainer:
         """Continue a run: weights, optimizer, step, losses, session id and RNG from a state file."""
         state = load_state(state_path)
         saved = state["config"]
+        # a key an older state lacks is the setting's default (the option did not exist: the run trained as that)
+        defaults = TrainConfig().as_dict()
         for key in ("algorithm", "rank", "alpha", "unet_kinds", "norms_biases", "blocks", "train_text_encoder",
                     "batch_size", "seed", "timestep_range"):
             mine = self.config.as_dict()[key]
-            if saved.get(key, False if key == "norms_biases" else None) != mine:   # older states: no norms
+            if saved.get(key, defaults[key]) != mine:
                 raise LoraValueError(f"Cannot continue {state_path}: it was trained with {key}={saved.get(key)!r}, this "
                                      f"run has {key}={mine!r}. Use the same setting, or start a new run (another "
                                      f"output name).")
